@@ -1,0 +1,1 @@
+"""Fairness evaluations: synthesis plans, bias measurement, downstream fairness, reports."""

@@ -1,0 +1,34 @@
+"""The built-in samplers. Each computes the update rule of its namesake in k-diffusion
+(``ddim``, ``ddpm`` and ``unipc``: in diffusers); shared math is in `updates`."""
+
+from __future__ import annotations
+
+import toolkit
+from plugins.samplers.ddim import DDIM, DDPM
+from plugins.samplers.dpmpp import DPMPP2M, DPMPP2MSDE, DPMPP3MSDE, DPMPPSDE, DPMPP2SAncestral
+from plugins.samplers.euler import DPM2, DPM2Ancestral, Euler, EulerAncestral, Heun
+from plugins.samplers.lms import LMS
+from plugins.samplers.unipc import UniPC
+
+SAMPLERS = (
+    DDIM,
+    DDPM,
+    Euler,
+    EulerAncestral,
+    Heun,
+    DPM2,
+    DPM2Ancestral,
+    LMS,
+    DPMPP2SAncestral,
+    DPMPPSDE,
+    DPMPP2M,
+    DPMPP2MSDE,
+    DPMPP3MSDE,
+    UniPC,
+)
+
+
+@toolkit.hookimpl
+def register_samplers(register: toolkit.hookspecs.Register) -> None:
+    for sampler in SAMPLERS:
+        register(sampler)

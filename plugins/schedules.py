@@ -1,0 +1,231 @@
+"""Built-in noise schedules: ``steps + 1`` strictly decreasing sigmas ending in 0.
+
+``leading``, ``trailing`` and ``linspace`` reproduce the sigmas diffusers'
+``EulerDiscreteScheduler`` computes for that ``timestep_spacing`` (Lin et al. 2023, table 2);
+``karras``, ``exponential``, ``polyexponential`` and ``vp`` follow k-diffusion;
+``beta`` is Lee et al. 2024 as diffusers' ``use_beta_sigmas``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import toolkit
+from toolkit._lazy import lazy_import
+from toolkit.errors import DtkError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from toolkit.noise import NoiseLevels
+else:
+    np = lazy_import("numpy")
+    torch = lazy_import("torch")
+
+
+def _check_steps(name: str, steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise DtkError(f"schedule {name!r} needs a whole number of steps >= 1, got {steps!r}")
+
+
+def _finish(name: str, sigmas: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Append the final 0 and check the contract: strictly decreasing, finite, positive."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    if not bool(torch.isfinite(sigmas).all()) or not bool((sigmas[:-1] > 0).all()):
+        raise DtkError(f"schedule {name!r} produced a non-finite or non-positive sigma")
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise DtkError(
+            f"schedule {name!r} with {len(sigmas) - 1} steps repeats a noise level; "
+            "use fewer steps or another schedule"
+        )
+    return sigmas
+
+
+def _discrete(name: str, noise: NoiseLevels) -> np.ndarray:
+    if noise.sigmas is None:
+        raise DtkError(
+            f"schedule {name!r} spaces a model's discrete training timesteps; this model is "
+            "continuous-time: use karras, exponential or polyexponential"
+        )
+    return noise.sigmas.numpy()
+
+
+def _range(
+    noise: NoiseLevels, sigma_min: float | None, sigma_max: float | None
+) -> tuple[float, float]:
+    low = noise.sigma_min if sigma_min is None else sigma_min
+    high = noise.sigma_max if sigma_max is None else sigma_max
+    if not 0 < low < high:
+        raise DtkError(f"need 0 < sigma_min < sigma_max, got {low} and {high}")
+    return low, high
+
+
+def _at_timesteps(train_sigmas: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    # diffusers interpolates sigma linearly between integer timesteps
+    return np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+
+
+class Leading:
+    """Timesteps ``0, k, 2k, ...`` (k = T // steps) taken from the top, plus `offset`.
+
+    The spacing of the original DDPM/DDIM and Stable Diffusion (which uses ``offset=1``).
+    """
+
+    name = "leading"
+
+    def __init__(self, offset: int = 0) -> None:
+        self.offset = offset
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        sigmas = _discrete(self.name, noise)
+        ratio = len(sigmas) // steps
+        if ratio == 0:
+            raise DtkError(f"schedule 'leading' cannot take {steps} of {len(sigmas)} timesteps")
+        timesteps = (np.arange(0, steps) * ratio).round()[::-1].astype(np.float32) + self.offset
+        if timesteps.max() > len(sigmas) - 1:
+            raise DtkError(f"schedule 'leading': offset {self.offset} passes the last timestep")
+        return _finish(self.name, _at_timesteps(sigmas, timesteps))
+
+
+class Trailing:
+    """Timesteps counted down from the last one, ``T-1, T-1-k, ...`` (k = T / steps).
+
+    Starts at the model's noisiest level, which few-step sampling needs.
+    """
+
+    name = "trailing"
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        sigmas = _discrete(self.name, noise)
+        ratio = len(sigmas) / steps
+        timesteps = np.arange(len(sigmas), 0, -ratio).round().astype(np.float32) - 1
+        return _finish(self.name, _at_timesteps(sigmas, timesteps))
+
+
+class Linspace:
+    """Evenly spaced (fractional) timesteps from ``T-1`` down to 0: diffusers' Euler default."""
+
+    name = "linspace"
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        sigmas = _discrete(self.name, noise)
+        timesteps = np.linspace(0, len(sigmas) - 1, steps, dtype=np.float32)[::-1]
+        return _finish(self.name, _at_timesteps(sigmas, timesteps))
+
+
+class Karras:
+    """Karras et al. 2022, eq. 5: sigmas evenly spaced in ``sigma^(1/rho)``."""
+
+    name = "karras"
+
+    def __init__(
+        self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None
+    ) -> None:
+        if rho <= 0:
+            raise DtkError("karras: rho must be positive")
+        self.rho, self.sigma_min, self.sigma_max = rho, sigma_min, sigma_max
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        low, high = _range(noise, self.sigma_min, self.sigma_max)
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        min_inv_rho, max_inv_rho = low ** (1 / self.rho), high ** (1 / self.rho)
+        return _finish(self.name, (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** self.rho)
+
+
+class Exponential:
+    """Sigmas evenly spaced in log sigma."""
+
+    name = "exponential"
+
+    def __init__(self, sigma_min: float | None = None, sigma_max: float | None = None) -> None:
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        low, high = _range(noise, self.sigma_min, self.sigma_max)
+        log_sigmas = torch.linspace(math.log(high), math.log(low), steps, dtype=torch.float64)
+        return _finish(self.name, log_sigmas.exp())
+
+
+class Polyexponential:
+    """Log sigma following a polynomial ramp of power `rho` (``rho=1`` is exponential)."""
+
+    name = "polyexponential"
+
+    def __init__(
+        self, rho: float = 1.0, sigma_min: float | None = None, sigma_max: float | None = None
+    ) -> None:
+        if rho <= 0:
+            raise DtkError("polyexponential: rho must be positive")
+        self.rho, self.sigma_min, self.sigma_max = rho, sigma_min, sigma_max
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        low, high = _range(noise, self.sigma_min, self.sigma_max)
+        ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** self.rho
+        return _finish(
+            self.name, torch.exp(ramp * (math.log(high) - math.log(low)) + math.log(low))
+        )
+
+
+class Beta:
+    """Lee et al. 2024, "Beta sampling is all you need": sigma quantiles of a Beta(a, b).
+
+    Puts more steps at both ends of the noise range; as diffusers' ``use_beta_sigmas``.
+    """
+
+    name = "beta"
+
+    def __init__(
+        self,
+        alpha: float = 0.6,
+        beta: float = 0.6,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+    ) -> None:
+        if alpha <= 0 or beta <= 0:
+            raise DtkError("beta: alpha and beta must be positive")
+        self.alpha, self.beta = alpha, beta
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        from scipy import stats
+
+        _check_steps(self.name, steps)
+        low, high = _range(noise, self.sigma_min, self.sigma_max)
+        quantiles = stats.beta.ppf(1 - np.linspace(0, 1, steps), self.alpha, self.beta)
+        return _finish(self.name, low + quantiles * (high - low))
+
+
+class VP:
+    """The continuous VP-SDE's noise levels (Song et al. 2021), as k-diffusion's ``vp``."""
+
+    name = "vp"
+
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> None:
+        if not 0 < eps_s < 1:
+            raise DtkError("vp: eps_s must be in (0, 1)")
+        self.beta_d, self.beta_min, self.eps_s = beta_d, beta_min, eps_s
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        t = torch.linspace(1, self.eps_s, steps, dtype=torch.float64)
+        return _finish(
+            self.name, torch.sqrt(torch.exp(self.beta_d * t**2 / 2 + self.beta_min * t) - 1)
+        )
+
+
+SCHEDULES = (Leading, Trailing, Linspace, Karras, Exponential, Polyexponential, Beta, VP)
+
+
+@toolkit.hookimpl
+def register_schedules(register: toolkit.hookspecs.Register) -> None:
+    for schedule in SCHEDULES:
+        register(schedule)

@@ -1,0 +1,92 @@
+"""diffusion-toolkit: diffusion-model generation where every moving part is a plugin.
+
+The public API::
+
+    import toolkit
+    toolkit.plugins()                          # DataFrame of every registered plugin
+    toolkit.sampler("dpmpp_2m", **options)     # an instance, options validated
+    toolkit.schedule("karras", rho=7.0)        # likewise guidance, safety_filter,
+                                               # attribute_classifier
+    toolkit.NoiseLevels.from_alphas_cumprod(a) # a model's training noise levels
+
+Importing `toolkit` does not import torch; that happens when something computes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from toolkit.errors import (
+    DtkError,
+    OptionError,
+    PluginClashError,
+    PluginError,
+    PluginLoadWarning,
+    UnknownPluginError,
+)
+from toolkit.hookspecs import hookimpl
+from toolkit.noise import NoiseLevels
+from toolkit.protocols import AttributeClassifier, Sampler, Schedule
+from toolkit.registry import get_registry
+
+if TYPE_CHECKING:
+    import pandas
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttributeClassifier",
+    "DtkError",
+    "NoiseLevels",
+    "OptionError",
+    "PluginClashError",
+    "PluginError",
+    "PluginLoadWarning",
+    "Sampler",
+    "Schedule",
+    "UnknownPluginError",
+    "attribute_classifier",
+    "guidance",
+    "hookimpl",
+    "plugins",
+    "safety_filter",
+    "sampler",
+    "schedule",
+]
+
+
+def plugins(kind: str | None = None) -> pandas.DataFrame:
+    """Every registered plugin (and every plugin that failed to load) as a DataFrame.
+
+    Columns: ``name``, ``kind``, ``distribution``, ``version``, ``status`` (``ok``, ``clash``,
+    ``error``, ``disabled`` or ``not installed``) and ``error``. `kind` keeps one kind.
+    """
+    import pandas
+
+    columns = ["name", "kind", "distribution", "version", "status", "error"]
+    return pandas.DataFrame(get_registry().rows(kind), columns=columns)
+
+
+def sampler(name: str, /, **options: Any) -> Sampler:
+    """An instance of sampler `name` (or ``dist:name``) with validated `options`."""
+    return get_registry().create("sampler", name, options)
+
+
+def schedule(name: str, /, **options: Any) -> Schedule:
+    """An instance of noise schedule `name` (or ``dist:name``) with validated `options`."""
+    return get_registry().create("schedule", name, options)
+
+
+def guidance(name: str, /, **options: Any) -> Any:
+    """An instance of guidance method `name` (or ``dist:name``) with validated `options`."""
+    return get_registry().create("guidance", name, options)
+
+
+def safety_filter(name: str, /, **options: Any) -> Any:
+    """An instance of safety filter `name` (or ``dist:name``) with validated `options`."""
+    return get_registry().create("safety_filter", name, options)
+
+
+def attribute_classifier(name: str, /, **options: Any) -> AttributeClassifier:
+    """An instance of attribute classifier `name` (or ``dist:name``) with validated `options`."""
+    return get_registry().create("attribute_classifier", name, options)

@@ -1,0 +1,199 @@
+"""Plugin options: read from a class's ``__init__`` signature, validated and converted.
+
+A plugin's options are the keyword arguments of its ``__init__``. Their annotations decide
+how values are checked (Python API) and converted from ``KEY=VALUE`` strings (command line).
+Supported annotations: ``bool``, ``int``, ``float``, ``str``, ``pathlib.Path``,
+``Literal[...]``, ``X | None`` and ``list[X]``/``tuple[X, ...]`` of those (comma-separated
+on the command line). An unannotated option accepts any value as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import pathlib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from toolkit.errors import OptionError
+
+_MISSING = inspect.Parameter.empty
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """One option of a plugin: its name, type annotation and default (if any)."""
+
+    name: str
+    annotation: Any
+    default: Any = _MISSING
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    def describe(self) -> str:
+        text = f"{self.name}: {type_name(self.annotation)}"
+        if not self.required:
+            text += f" = {self.default!r}"
+        return text
+
+
+def option_specs(cls: type) -> dict[str, OptionSpec]:
+    """The options of plugin class `cls`, in signature order."""
+    init = cls.__init__
+    if init is object.__init__:
+        return {}
+    signature = inspect.signature(init)
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # unresolvable annotation: fall back to the raw ones
+        hints = {}
+    specs = {}
+    for param in list(signature.parameters.values())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        annotation = hints.get(param.name, param.annotation)
+        specs[param.name] = OptionSpec(param.name, annotation, param.default)
+    return specs
+
+
+def type_name(annotation: Any) -> str:
+    if annotation is _MISSING:
+        return "any"
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(annotation))
+    if origin in (list, tuple):
+        return f"list of {type_name(typing.get_args(annotation)[0])}"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_options(cls: type) -> str:
+    specs = option_specs(cls)
+    if not specs:
+        return "it takes no options"
+    return "accepted: " + ", ".join(spec.describe() for spec in specs.values())
+
+
+def validate_options(
+    cls: type, options: Mapping[str, Any], *, kind: str, name: str, from_strings: bool = False
+) -> dict[str, Any]:
+    """Check `options` against `cls`'s signature; convert strings if `from_strings`.
+
+    Returns the options as keyword arguments for ``cls(**options)``. Raises `OptionError`
+    naming the plugin and listing the accepted options.
+    """
+    specs = option_specs(cls)
+    where = f"{kind} {name!r}"
+    unknown = [key for key in options if key not in specs]
+    if unknown:
+        raise OptionError(f"unknown option {unknown[0]!r} for {where}; {describe_options(cls)}")
+    result = {}
+    for key, value in options.items():
+        spec = specs[key]
+        try:
+            result[key] = _coerce(value, spec.annotation, from_strings)
+        except (TypeError, ValueError) as exc:
+            raise OptionError(
+                f"bad value {value!r} for option {key!r} of {where}: {exc}; {describe_options(cls)}"
+            ) from None
+    missing = [s.name for s in specs.values() if s.required and s.name not in result]
+    if missing:
+        raise OptionError(f"{where} needs option {missing[0]!r}; {describe_options(cls)}")
+    return result
+
+
+def parse_key_values(pairs: Iterable[str], *, what: str = "option") -> dict[str, str]:
+    """Split ``KEY=VALUE`` strings (as given on the command line) into a dict."""
+    result: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise OptionError(f"{what} {pair!r} is not of the form KEY=VALUE")
+        if key in result:
+            raise OptionError(f"{what} {key!r} is given twice")
+        result[key] = value.strip()
+    return result
+
+
+def _coerce(value: Any, annotation: Any, from_strings: bool) -> Any:
+    if annotation is _MISSING or annotation is Any:
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if type(None) in args and (value is None or (from_strings and value == "none")):
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, from_strings)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError(f"expected {type_name(annotation)}")
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        for choice in choices:
+            as_text = from_strings and isinstance(value, str) and str(choice) == value
+            if value == choice or as_text:
+                return choice
+        raise ValueError("expected one of " + ", ".join(repr(c) for c in choices))
+    if origin in (list, tuple):
+        item = typing.get_args(annotation)[0]
+        if from_strings and isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise TypeError(f"expected {type_name(annotation)}")
+        items = [_coerce(v.strip() if isinstance(v, str) else v, item, from_strings) for v in value]
+        return origin(items)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if from_strings and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise TypeError("expected true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise TypeError("expected an integer")
+        if isinstance(value, int):
+            return value
+        if from_strings and isinstance(value, str):
+            return int(value)
+        raise TypeError("expected an integer")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise TypeError("expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if from_strings and isinstance(value, str):
+            number = float(value)
+            if math.isnan(number):
+                raise ValueError("expected a number, not nan")
+            return number
+        raise TypeError("expected a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError("expected a string")
+    if annotation is pathlib.Path:
+        if isinstance(value, (str, pathlib.PurePath)):
+            return pathlib.Path(value)
+        raise TypeError("expected a path")
+    if isinstance(annotation, type) and isinstance(value, annotation):
+        return value
+    if from_strings and isinstance(annotation, type) and isinstance(value, str):
+        return annotation(value)
+    raise TypeError(f"expected {type_name(annotation)}")
