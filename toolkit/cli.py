@@ -6,6 +6,7 @@ Keep module-level imports light: ``dtk --help`` and ``dtk plugins`` must not imp
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 import warnings
 from typing import Any
@@ -80,11 +81,163 @@ def plugins_command(kind: str | None, as_json: bool) -> None:
         click.echo("no plugins found (is diffusion-toolkit installed with pip?)", err=True)
         return
     columns = ["name", "kind", "distribution", "version", "status", "error"]
-    table = [[str(row[c] or "") for c in columns] for row in rows]
+    # one line per row: multi-line errors (pluggy validation messages) are joined
+    table = [[" ".join(str(row[c] or "").split()) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
     click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
     for r in table:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def _split_filter_options(pairs: tuple[str, ...], filters: tuple[str, ...]) -> dict:
+    """``--filter-option NAME.KEY=VALUE`` (or ``KEY=VALUE`` when one filter is given)."""
+    from toolkit.options import parse_key_values
+
+    result: dict[str, dict[str, str]] = {}
+    for key, value in parse_key_values(pairs, what="--filter-option").items():
+        name, dot, option = key.partition(".")
+        if not dot:
+            if len(filters) != 1:
+                raise DtkError(
+                    f"--filter-option {key}=...: write FILTER.{key}=... when several or no "
+                    "--filter are given"
+                )
+            name, option = filters[0], key
+        result.setdefault(name, {})[option] = value
+    return result
+
+
+@cli.command("generate")
+@click.option(
+    "--model",
+    type=click.Path(path_type=pathlib.Path),
+    help="A local diffusers model folder (pipeline or UNet2DModel). Default: the shipped model.",
+)
+@click.option(
+    "--condition",
+    "conditions",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An attribute value for every sample, e.g. --condition digit=3. Repeatable; "
+    "attributes left out are unspecified.",
+)
+@click.option("-n", "--num", "n", type=int, default=16, show_default=True, help="Samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sample i uses seed+i.")
+@click.option("--sampler", default="dpmpp_2m", show_default=True, help="Sampler plugin.")
+@click.option("--sampler-option", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@click.option("--schedule", default="karras", show_default=True, help="Schedule plugin.")
+@click.option("--schedule-option", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@click.option("--steps", type=int, default=20, show_default=True, help="Sampling steps.")
+@click.option(
+    "--guidance",
+    default=None,
+    help="Guidance plugin. Default: cfg (scale 2) when conditioned on a model with a null "
+    "label, else none.",
+)
+@click.option("--guidance-option", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@click.option(
+    "--filter", "filters", multiple=True, metavar="NAME", help="Safety filter; repeatable."
+)
+@click.option("--filter-option", multiple=True, metavar="[NAME.]KEY=VALUE", help="Repeatable.")
+@click.option(
+    "--on-flag",
+    type=click.Choice(["drop", "blank", "tag"]),
+    default="drop",
+    show_default=True,
+    help="What happens to an image a filter flags (all verdicts are recorded).",
+)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto = cuda, mps, cpu.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="The network's precision (the sampler's state stays float32).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=pathlib.Path),
+    default=pathlib.Path("dtk-out"),
+    show_default=True,
+    help="The dataset folder; rerunning the same command resumes it.",
+)
+@click.option("--shard", metavar="K/N", help="Generate only sample indices i with i % N == K.")
+@click.option(
+    "--grid", type=click.Path(path_type=pathlib.Path), help="Also write a contact-sheet PNG."
+)
+@click.option("--trust-pickle", is_flag=True, help="Allow pickled (.bin) weights.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def generate_command(**kw: Any) -> None:
+    """Generate a dataset of images with any registered sampler, schedule, guidance
+    and filters.
+
+    The output folder holds class subfolders of PNGs, metadata.csv (one row per image),
+    rejected.csv and run.json; it loads with datasets' "imagefolder". Rerunning the same
+    command (or with a larger -n) resumes without redoing or duplicating a sample.
+    Sample i starts from seed+i, so it does not depend on --batch-size or --shard.
+
+    \b
+    Examples:
+      dtk generate --condition digit=7 -n 16 --grid grid.png
+      dtk generate --model ./my-ddpm --sampler ddim --schedule leading --steps 50
+      dtk generate --sampler dpmpp_2m_sde --sampler-option solver_type=heun
+      dtk generate --filter blocklist --filter-option words=violent,gore
+      torchrun --nproc-per-node 4 $(which dtk) generate -n 50000 --out big
+    """
+    from toolkit.conditions import parse_conditions
+    from toolkit.generate import generate
+    from toolkit.options import parse_key_values
+
+    try:
+        metadata = generate(
+            kw["model"],
+            out=kw["out"],
+            conditions=parse_conditions(kw["conditions"]),
+            n=kw["n"],
+            seed=kw["seed"],
+            sampler=kw["sampler"],
+            sampler_options=parse_key_values(kw["sampler_option"], what="--sampler-option"),
+            schedule=kw["schedule"],
+            schedule_options=parse_key_values(kw["schedule_option"], what="--schedule-option"),
+            steps=kw["steps"],
+            guidance=kw["guidance"],
+            guidance_options=parse_key_values(kw["guidance_option"], what="--guidance-option"),
+            filters=kw["filters"],
+            filter_options=_split_filter_options(kw["filter_option"], kw["filters"]),
+            on_flag=kw["on_flag"],
+            batch_size=kw["batch_size"],
+            device=kw["device"],
+            dtype=kw["dtype"],
+            shard=kw["shard"],
+            grid=kw["grid"],
+            trust_pickle=kw["trust_pickle"],
+            progress=not kw["quiet"],
+            options_from_strings=True,
+        )
+    except DtkError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(f"{len(metadata)} images in {kw['out']}", err=True)
+
+
+@cli.command("merge")
+@click.argument("out", type=click.Path(path_type=pathlib.Path, file_okay=False, exists=True))
+def merge_command(out: pathlib.Path) -> None:
+    """Join the metadata of shards (``--shard K/N`` jobs) into OUT/metadata.csv."""
+    from toolkit.output import OutputFolder
+
+    folder = OutputFolder(out)
+    try:
+        run = folder.read_run()
+        if run is None:
+            raise DtkError(f"{out} is not a dtk output folder (no run.json)")
+        metadata = folder.merge()
+    except DtkError as exc:
+        raise UserError(str(exc)) from None
+    missing = run.get("n", 0) - len(folder.records())
+    click.echo(f"{len(metadata)} images in {out}", err=True)
+    if missing > 0:
+        click.echo(f"{missing} samples not generated yet (rerun the missing shards)", err=True)
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ A plugin's options are the keyword arguments of its ``__init__``. Their annotati
 how values are checked (Python API) and converted from ``KEY=VALUE`` strings (command line).
 Supported annotations: ``bool``, ``int``, ``float``, ``str``, ``pathlib.Path``,
 ``Literal[...]``, ``X | None`` and ``list[X]``/``tuple[X, ...]`` of those (comma-separated
-on the command line). An unannotated option accepts any value as given.
+on the command line). An unannotated option, or one whose annotation does not resolve at run
+time (a name imported only under ``TYPE_CHECKING``), accepts any value as given.
 """
 
 from __future__ import annotations
@@ -50,10 +51,7 @@ def option_specs(cls: type) -> dict[str, OptionSpec]:
     if init is object.__init__:
         return {}
     signature = inspect.signature(init)
-    try:
-        hints = typing.get_type_hints(init)
-    except Exception:  # unresolvable annotation: fall back to the raw ones
-        hints = {}
+    hints = _type_hints(init)
     specs = {}
     for param in list(signature.parameters.values())[1:]:
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
@@ -61,6 +59,28 @@ def option_specs(cls: type) -> dict[str, OptionSpec]:
         annotation = hints.get(param.name, param.annotation)
         specs[param.name] = OptionSpec(param.name, annotation, param.default)
     return specs
+
+
+def _type_hints(init: Any) -> dict[str, Any]:
+    """`init`'s resolved annotations, one by one where some do not resolve.
+
+    A plugin module that imports torch only under ``TYPE_CHECKING`` (as it should, to keep
+    ``dtk plugins`` fast) has annotations like ``"torch.device | None"`` that cannot be
+    evaluated; they stay strings (accepted as given) without spoiling the other options.
+    """
+    try:
+        return typing.get_type_hints(init)
+    except Exception:
+        pass
+    namespace = getattr(init, "__globals__", {})
+    hints = {}
+    for key, raw in getattr(init, "__annotations__", {}).items():
+        holder = types.SimpleNamespace(__annotations__={key: raw})
+        try:
+            hints.update(typing.get_type_hints(holder, globalns=namespace))
+        except Exception:
+            hints[key] = raw
+    return hints
 
 
 def type_name(annotation: Any) -> str:
@@ -95,11 +115,16 @@ def validate_options(
     """
     specs = option_specs(cls)
     where = f"{kind} {name!r}"
+    open_ended = accepts_extra_options(cls)
     unknown = [key for key in options if key not in specs]
-    if unknown:
+    if unknown and not open_ended:
         raise OptionError(f"unknown option {unknown[0]!r} for {where}; {describe_options(cls)}")
     result = {}
     for key, value in options.items():
+        if key not in specs:
+            # passed through to a **kwargs plugin, which validates it itself
+            result[key] = _guess(value) if from_strings else value
+            continue
         spec = specs[key]
         try:
             result[key] = _coerce(value, spec.annotation, from_strings)
@@ -111,6 +136,27 @@ def validate_options(
     if missing:
         raise OptionError(f"{where} needs option {missing[0]!r}; {describe_options(cls)}")
     return result
+
+
+def accepts_extra_options(cls: type) -> bool:
+    """Whether `cls.__init__` takes ``**kwargs`` (options it checks itself)."""
+    if cls.__init__ is object.__init__:
+        return False
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return any(p.kind == p.VAR_KEYWORD for p in parameters)
+
+
+def _guess(text: Any) -> Any:
+    """A command-line value for an untyped option: JSON if it parses (numbers, true/false,
+    lists), else the string itself."""
+    import json
+
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def parse_key_values(pairs: Iterable[str], *, what: str = "option") -> dict[str, str]:
@@ -128,8 +174,8 @@ def parse_key_values(pairs: Iterable[str], *, what: str = "option") -> dict[str,
 
 
 def _coerce(value: Any, annotation: Any, from_strings: bool) -> Any:
-    if annotation is _MISSING or annotation is Any:
-        return value
+    if annotation is _MISSING or annotation is Any or isinstance(annotation, str):
+        return value  # unannotated, or an annotation that does not resolve: as given
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)

@@ -120,7 +120,7 @@ class Registry:
         value = self._environ.get("DTK_LOAD_PLUGINS")
         if value is None:
             return None
-        return {canonical_distribution(v) for v in value.split(",") if v.strip()}
+        return {canonical_distribution(v.strip()) for v in value.split(",") if v.strip()}
 
     def load(self) -> Registry:
         if self._loaded:
@@ -149,11 +149,14 @@ class Registry:
             plugin_name = f"{dist}:{ep.name}"
             try:
                 module = ep.load()
-                manager.register(module, name=plugin_name)
                 try:
+                    manager.register(module, name=plugin_name)
                     manager.check_pending()
                 except Exception:
-                    manager.unregister(name=plugin_name)
+                    # register() may fail half-way (a hook with a bad signature), leaving the
+                    # plugin's earlier hooks behind: take all of them out.
+                    if manager.get_plugin(plugin_name) is module:
+                        manager.unregister(name=plugin_name)
                     raise
             except Exception as exc:
                 self._fail(ep.name, dist, version, "failed to load", exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import toolkit
 from plugins.samplers.ddim import DDIM, DDPM
+from plugins.samplers.diffusers_adapter import DiffusersScheduler
 from plugins.samplers.dpmpp import DPMPP2M, DPMPP2MSDE, DPMPP3MSDE, DPMPPSDE, DPMPP2SAncestral
 from plugins.samplers.euler import DPM2, DPM2Ancestral, Euler, EulerAncestral, Heun
 from plugins.samplers.lms import LMS
@@ -25,6 +26,7 @@ SAMPLERS = (
     DPMPP2MSDE,
     DPMPP3MSDE,
     UniPC,
+    DiffusersScheduler,
 )
 
 

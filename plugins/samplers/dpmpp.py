@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 def _first_order(x: torch.Tensor, sigma: float, sigma_next: float, denoised: Any) -> Any:
     """The exact step of the linear ODE with the data prediction held constant (DDIM)."""
+    if sigma_next == 0:
+        return denoised  # the limit h -> inf
     h = lam(sigma_next) - lam(sigma)
     return (sigma_next / sigma) * x - math.expm1(-h) * denoised
 

@@ -1,0 +1,145 @@
+"""Model adapters: a diffusers UNet becomes a sigma-space denoiser ``D(x, sigma) -> x0``.
+
+Karras et al. 2022, table 1, for a VP (DDPM-trained) network ``F``: the input is scaled by
+``c_in = 1 / sqrt(sigma^2 + 1)``, the timestep is the one whose training sigma is ``sigma``
+(`NoiseLevels.sigma_to_t`), and the output becomes a clean-image estimate by
+``x - sigma * F`` (epsilon), ``x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * F``
+(v-prediction) or ``F`` itself (sample prediction).
+
+`GuidedDenoiser` then evaluates every conditioning a guidance method asks for in ONE batched
+forward pass and lets the guidance combine the estimates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from toolkit._lazy import lazy_import
+from toolkit.errors import DtkError
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.model import LoadedModel
+    from toolkit.noise import NoiseLevels
+else:
+    torch = lazy_import("torch")
+
+COND, UNCOND = "cond", "uncond"
+
+
+def sigma_batch(sigma: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """`sigma` (float, 0-d or [B] tensor) as a float32 [B] tensor on `device`."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(batch)
+    return sigma
+
+
+def sigma_scalar(sigma: Any) -> float:
+    """One float for a step's sigma (samplers pass one sigma for the whole batch)."""
+    if hasattr(sigma, "ndim") and sigma.ndim > 0:
+        return float(sigma.reshape(-1)[0])
+    return float(sigma)
+
+
+class UNetDenoiser:
+    """``D(x, sigma, class_labels)`` for a `LoadedModel` (VP, discrete timesteps)."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.unet = model.unet
+        self.noise_levels: NoiseLevels = model.noise_levels
+        self.prediction_type = model.prediction_type
+        self.dtype = next(self.unet.parameters()).dtype
+
+    def __call__(
+        self, x: torch.Tensor, sigma: Any, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        sigma = sigma_batch(sigma, x.shape[0], x.device)
+        s = sigma.view(-1, *([1] * (x.ndim - 1)))
+        c_in = 1 / (s**2 + 1).sqrt()
+        t = self.noise_levels.sigma_to_t(sigma)
+        out = self.unet((x * c_in).to(self.dtype), t, class_labels=class_labels, return_dict=False)[
+            0
+        ].to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        if self.prediction_type == "v_prediction":
+            return x / (s**2 + 1) - s * c_in * out
+        return out
+
+
+class GuidedDenoiser:
+    """The denoiser a sampler sees: guidance applied, one batched forward per call.
+
+    `labels` are the per-sample class labels (None for an unconditional model);
+    `null_label` is the label with every attribute unspecified (None if the model has none).
+    """
+
+    def __init__(
+        self,
+        denoiser: UNetDenoiser,
+        guidance: Any,
+        labels: torch.Tensor | None,
+        null_label: int | None,
+    ) -> None:
+        self.denoiser = denoiser
+        self.guidance = guidance
+        self.labels = labels
+        self.null_label = null_label
+        self.noise_levels = denoiser.noise_levels
+        self.scheduler_config = denoiser.model.scheduler_config  # for the diffusers adapter
+        self.forwards = 0  # number of network calls, for tests and benchmarks
+
+    def _labels_for(self, branch: str, batch: int, device: torch.device) -> torch.Tensor | None:
+        if self.labels is None:
+            return None
+        if branch == COND:
+            return self.labels.to(device)
+        if branch == UNCOND:
+            return torch.full((batch,), self.null_label, dtype=torch.long, device=device)
+        raise DtkError(f"guidance {self.guidance.name!r} asked for unknown branch {branch!r}")
+
+    def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
+        branches = tuple(active_branches(self.guidance, sigma_scalar(sigma)))
+        batch = x.shape[0]
+        xs = x if len(branches) == 1 else torch.cat([x] * len(branches))
+        labels = [self._labels_for(b, batch, x.device) for b in branches]
+        label_batch = None if labels[0] is None else torch.cat(labels)
+        if hasattr(sigma, "ndim") and sigma.ndim > 0:
+            sigma = torch.cat([sigma] * len(branches))
+        self.forwards += 1
+        denoised = self.denoiser(xs, sigma, label_batch).split(batch)
+        preds: Mapping[str, torch.Tensor] = dict(zip(branches, denoised))
+        return self.guidance(preds, sigma_scalar(sigma))
+
+
+def active_branches(guidance: Any, sigma: float) -> tuple[str, ...]:
+    active = getattr(guidance, "active", None)
+    return tuple(active(sigma)) if active is not None else tuple(guidance.branches)
+
+
+def check_guidance(guidance: Any, model: LoadedModel, conditional_request: bool) -> None:
+    """Refuse, before any compute, guidance the model or request cannot support."""
+    branches = set(guidance.branches)
+    unknown = branches - {COND, UNCOND}
+    if unknown:
+        raise DtkError(f"guidance {guidance.name!r} asks for unknown branches {sorted(unknown)}")
+    if UNCOND in branches:
+        if model.labels is None:
+            raise DtkError(
+                f"guidance {guidance.name!r} needs a class-conditional model; "
+                f"{model.path} is unconditional: use --guidance none"
+            )
+        if model.labels.null_label is None:
+            raise DtkError(
+                f"guidance {guidance.name!r} needs the model's unconditional (null) label, and "
+                f"{model.path} has none: use --guidance none"
+            )
+        if not conditional_request:
+            raise DtkError(
+                f"guidance {guidance.name!r} needs a condition to guide towards: "
+                "give --condition KEY=VALUE, or use --guidance none"
+            )

@@ -1,0 +1,379 @@
+"""`generate`: a model folder -> a dataset folder of images, through the plugins.
+
+The data flow (docs/architecture.md): load the model (`toolkit.model`), wrap it as a
+sigma-space denoiser with guidance (`toolkit.denoiser`), take sigmas from the schedule
+plugin, integrate with the sampler plugin from per-sample noise, judge with the safety
+filter plugins (`toolkit.safety`), write images and metadata atomically (`toolkit.output`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from toolkit._lazy import lazy_import
+from toolkit.conditions import folder_name
+from toolkit.denoiser import GuidedDenoiser, UNetDenoiser, check_guidance
+from toolkit.distributed import Shard, barrier, resolve_shard
+from toolkit.errors import DtkError
+from toolkit.images import contact_sheet, to_pixels, to_unit
+from toolkit.model import LoadedModel, load_model
+from toolkit.output import WRITTEN, OutputFolder, atomic_write, check_writable
+from toolkit.registry import Registry, get_registry
+from toolkit.safety import ON_FLAG, SampleRequest, Verdict, is_request_stage, run_filter
+
+if TYPE_CHECKING:
+    import pandas
+    import torch
+else:
+    torch = lazy_import("torch")
+
+DTYPES = ("float32", "float16", "bfloat16")
+#: run.json keys that must agree for a rerun to resume an existing folder
+IDENTITY = ("model", "conditions", "seed", "sampler", "schedule", "steps", "guidance", "filters",
+            "on_flag", "dtype")  # fmt: skip
+
+
+def default_model() -> pathlib.Path | None:
+    """The generator shipped with the package, if this installation has one."""
+    path = pathlib.Path(__file__).parent / "assets" / "generator"
+    return (
+        path if (path / "config.json").is_file() or (path / "model_index.json").is_file() else None
+    )
+
+
+def resolve_device(name: str, shard: Shard | None = None) -> torch.device:
+    """``auto`` = cuda, then mps, then cpu; under torchrun each rank takes its local GPU."""
+    import os
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DtkError(f"--device {name!r}: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DtkError("--device cuda: no CUDA device is available")
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+@dataclasses.dataclass
+class _Plugin:
+    name: str
+    options: dict[str, Any]
+    instance: Any
+    provenance: dict[str, str]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "options": self.options}
+
+
+def _plugin(
+    registry: Registry, kind: str, name: str, options: Mapping[str, Any] | None, strings: bool
+) -> _Plugin:
+    options = dict(options or {})
+    instance = registry.create(kind, name, options, from_strings=strings)
+    provenance = registry.get(kind, name).provenance()
+    return _Plugin(name, options, instance, provenance)
+
+
+def _per_sample_conditions(
+    conditions: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None, n: int
+) -> list[dict[str, str]]:
+    if conditions is None:
+        return [{} for _ in range(n)]
+    if isinstance(conditions, Mapping):
+        return [{k: str(v) for k, v in conditions.items()} for _ in range(n)]
+    conditions = list(conditions)
+    if len(conditions) != n:
+        raise DtkError(f"got {len(conditions)} per-sample conditions for n={n} samples")
+    return [{k: str(v) for k, v in c.items()} for c in conditions]
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DtkError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+def generate(
+    model: str | pathlib.Path | None = None,
+    *,
+    out: str | pathlib.Path,
+    conditions: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    n: int = 16,
+    seed: int = 0,
+    sampler: str = "dpmpp_2m",
+    sampler_options: Mapping[str, Any] | None = None,
+    schedule: str = "karras",
+    schedule_options: Mapping[str, Any] | None = None,
+    steps: int = 20,
+    guidance: str | None = None,
+    guidance_options: Mapping[str, Any] | None = None,
+    filters: Sequence[str] = (),
+    filter_options: Mapping[str, Mapping[str, Any]] | None = None,
+    on_flag: str = "drop",
+    batch_size: int = 16,
+    device: str = "auto",
+    dtype: str = "float32",
+    shard: str | Shard | None = None,
+    grid: str | pathlib.Path | None = None,
+    trust_pickle: bool = False,
+    progress: bool = True,
+    options_from_strings: bool = False,
+) -> pandas.DataFrame:
+    """Generate `n` samples from `model` into the dataset folder `out`; the same run as
+    ``dtk generate``. Returns the metadata of every written image (this run's and any
+    earlier run's in the same folder).
+
+    `conditions` is one mapping for all samples (``{"digit": "3"}``) or one per sample.
+    `guidance` None picks ``cfg`` (scale 2) for a conditioned request on a model with a null
+    label, else ``none``. Sample ``i`` starts from
+    ``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i))``.
+    Plugin options are checked against each plugin's signature; with
+    `options_from_strings` they are converted from ``KEY=VALUE`` strings first.
+    """
+    # 1. Everything a user can get wrong is checked before any file is touched.
+    _check_positive("n", n)
+    _check_positive("steps", steps)
+    _check_positive("batch size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DtkError(f"seed must be a whole number >= 0, got {seed!r}")
+    if on_flag not in ON_FLAG:
+        raise DtkError(f"on_flag must be one of {', '.join(ON_FLAG)}, got {on_flag!r}")
+    if dtype not in DTYPES:
+        raise DtkError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out = pathlib.Path(out)
+    check_writable(out)
+
+    registry = get_registry()
+    strings = options_from_strings
+    sampler_p = _plugin(registry, "sampler", sampler, sampler_options, strings)
+    schedule_p = _plugin(registry, "schedule", schedule, schedule_options, strings)
+    filter_options = dict(filter_options or {})
+    unknown = set(filter_options) - set(filters)
+    if unknown:
+        raise DtkError(f"options given for filters not requested: {', '.join(sorted(unknown))}")
+    filter_ps = [
+        _plugin(registry, "safety_filter", f, filter_options.get(f), strings) for f in filters
+    ]
+
+    if model is None:
+        model = default_model()
+        if model is None:
+            raise DtkError("no --model given, and this installation ships no default model")
+    model_path = pathlib.Path(model)
+    shard_ = resolve_shard(shard, "cpu" if device == "cpu" else _device_type_hint(device))
+    torch_device = resolve_device(device, shard_)
+    torch_dtype = getattr(torch, dtype)
+    loaded = load_model(
+        model_path, trust_pickle=trust_pickle, device=torch_device, dtype=torch_dtype
+    )
+
+    per_sample = _per_sample_conditions(conditions, n)
+    labels = _labels(loaded, per_sample)
+    conditional = any(per_sample)
+    if guidance is None:
+        usable = loaded.labels is not None and loaded.labels.null_label is not None
+        guidance, guidance_options = (
+            ("cfg", {"scale": 2.0}) if conditional and usable else ("none", {})
+        )
+    guidance_p = _plugin(registry, "guidance", guidance, guidance_options, strings)
+    check_guidance(guidance_p.instance, loaded, conditional)
+    sigmas = schedule_p.instance(steps, loaded.noise_levels)
+
+    attribute_order = loaded.labels.names if loaded.labels else []
+    run = {
+        "command": "generate",
+        "model": str(model_path.resolve()),
+        "model_info": loaded.describe(),
+        "conditions": per_sample[0]
+        if isinstance(conditions, Mapping) or conditions is None
+        else per_sample,
+        "n": n,
+        "seed": seed,
+        "sampler": sampler_p.describe(),
+        "schedule": schedule_p.describe(),
+        "steps": steps,
+        "sigmas": [float(s) for s in sigmas],
+        "guidance": guidance_p.describe(),
+        "filters": [f.describe() for f in filter_ps],
+        "on_flag": on_flag,
+        "dtype": dtype,
+        "plugins": [p.provenance for p in (sampler_p, schedule_p, guidance_p, *filter_ps)],
+        "versions": _versions(),
+    }
+
+    # 2. The folder: claim it (or resume it), then generate what is missing.
+    folder = OutputFolder(out)
+    if shard_.is_main or not shard_.distributed:
+        folder.claim(run, IDENTITY)
+    barrier(shard_)
+    done = folder.done()
+    todo = [i for i in range(n) if shard_.owns(i) and i not in done]
+    common = {
+        "model": str(model_path),
+        "sampler": sampler,
+        "sampler_options": json.dumps(sampler_p.options, sort_keys=True, default=str),
+        "schedule": schedule,
+        "schedule_options": json.dumps(schedule_p.options, sort_keys=True, default=str),
+        "steps": steps,
+        "guidance": guidance,
+        "guidance_options": json.dumps(guidance_p.options, sort_keys=True, default=str),
+    }
+    requests = {i: SampleRequest(index=i, seed=seed + i, conditions=per_sample[i]) for i in todo}
+    request_filters = [f for f in filter_ps if is_request_stage(f.instance)]
+    image_filters = [f for f in filter_ps if not is_request_stage(f.instance)]
+    shape = loaded.sample_shape
+    sigma_max = float(sigmas[0])
+    progress_bar = _progress(len(todo), progress and shard_.is_main, shard_)
+
+    with folder.part_writer(shard_.name) as writer, torch.inference_mode():
+        # request-stage filters refuse before any compute
+        batch_requests = [requests[i] for i in todo]
+        refusals = _judge(request_filters, None, batch_requests)
+        to_compute = []
+        for request, verdicts in zip(batch_requests, refusals):
+            if any(v.flagged for v in verdicts.values()):
+                record = _record(request, common, attribute_order, verdicts, "refused")
+                writer.write(record, None)
+                progress_bar.update(1)
+            else:
+                to_compute.append(request)
+        writer.flush()
+
+        denoiser = UNetDenoiser(loaded)
+        for start in range(0, len(to_compute), batch_size):
+            batch = to_compute[start : start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
+            eps = torch.stack([torch.randn(shape, generator=g) for g in generators])
+            x = (eps * math.sqrt(sigma_max**2 + 1)).to(torch_device)
+
+            def noise(sigma: float, sigma_next: float, _gens=generators) -> torch.Tensor:
+                draws = [torch.randn(shape, generator=g) for g in _gens]
+                return torch.stack(draws).to(torch_device)
+
+            batch_labels = None if labels is None else labels[[r.index for r in batch]]
+            guided = GuidedDenoiser(
+                denoiser,
+                guidance_p.instance,
+                batch_labels,
+                loaded.labels.null_label if loaded.labels else None,
+            )
+            x0 = sampler_p.instance(guided, x, sigmas, noise=noise)
+            images = to_unit(x0)
+            verdicts = _judge(image_filters, images, batch)
+            pixels = to_pixels(images)
+            for k, request in enumerate(batch):
+                flagged = any(v.flagged for v in verdicts[k].values())
+                status = "ok" if not flagged else {"drop": "dropped", "blank": "blank",
+                                                   "tag": "tagged"}[on_flag]  # fmt: skip
+                record = _record(request, common, attribute_order, verdicts[k], status)
+                image = pixels[k] if status != "blank" else pixels[k] * 0
+                writer.write(record, image if status in WRITTEN else None)
+            writer.flush()
+            progress_bar.update(len(batch))
+    progress_bar.close()
+
+    barrier(shard_)
+    metadata = folder.merge() if shard_.is_main or not shard_.distributed else None
+    if grid is not None and shard_.is_main:
+        _write_grid(folder, pathlib.Path(grid), metadata)
+    if metadata is None:
+        import pandas
+
+        metadata = pandas.DataFrame()
+    return metadata
+
+
+def _device_type_hint(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
+
+
+def _labels(loaded: LoadedModel, per_sample: list[dict[str, str]]) -> torch.Tensor | None:
+    if loaded.labels is None:
+        if any(per_sample):
+            raise DtkError(f"{loaded.path} is unconditional; it takes no --condition")
+        return None
+    cache: dict[tuple, int] = {}
+    values = []
+    for condition in per_sample:
+        key = tuple(sorted(condition.items()))
+        if key not in cache:
+            cache[key] = loaded.labels.label(condition)
+        values.append(cache[key])
+    return torch.tensor(values, dtype=torch.long, device=loaded.unet.device)
+
+
+def _judge(
+    filters: Sequence[_Plugin], images: torch.Tensor | None, requests: Sequence[SampleRequest]
+) -> list[dict[str, Verdict]]:
+    verdicts: list[dict[str, Verdict]] = [{} for _ in requests]
+    for flt in filters:
+        for k, verdict in enumerate(run_filter(flt.name, flt.instance, images, requests)):
+            verdicts[k][flt.name] = verdict
+    return verdicts
+
+
+def _record(
+    request: SampleRequest,
+    common: Mapping[str, Any],
+    attribute_order: Iterable[str],
+    verdicts: Mapping[str, Verdict],
+    status: str,
+) -> dict[str, Any]:
+    folder = folder_name(request.conditions, list(attribute_order))
+    record: dict[str, Any] = {
+        "file_name": f"{folder}/{request.index:06d}.png",
+        "index": request.index,
+        "seed": request.seed,
+    }
+    for name in attribute_order:
+        record[name] = request.conditions.get(name, "")
+    record.update(common)
+    for name, verdict in verdicts.items():
+        record[f"filter_{name}_flagged"] = verdict.flagged
+        record[f"filter_{name}_score"] = verdict.score
+        record[f"filter_{name}_reason"] = verdict.reason
+    record["status"] = status
+    return record
+
+
+def _write_grid(folder: OutputFolder, path: pathlib.Path, metadata: Any) -> None:
+    if metadata is None or metadata.empty:
+        return
+    files = [folder.root / f for f in metadata["file_name"].head(64)]
+    atomic_write(path, contact_sheet(files))
+
+
+def _progress(total: int, enabled: bool, shard: Shard) -> Any:
+    from tqdm.auto import tqdm
+
+    label = "generating" if shard.count == 1 else f"generating ({shard.index}/{shard.count})"
+    return tqdm(total=total, desc=label, unit="img", file=sys.stderr, disable=not enabled)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    versions = {}
+    for dist in ("diffusion-toolkit", "torch", "diffusers"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = ""
+    return versions

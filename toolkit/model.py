@@ -1,0 +1,152 @@
+"""Loading a local diffusers model folder into a `LoadedModel`.
+
+Two layouts are accepted:
+
+* a pipeline folder as ``DDPMPipeline.save_pretrained`` writes it: ``model_index.json``,
+  ``unet/`` and ``scheduler/``;
+* a bare ``UNet2DModel`` folder (``config.json`` + weights) with ``scheduler_config.json``
+  beside the weights.
+
+An optional ``toolkit.json`` (next to ``model_index.json`` or in the UNet folder) names the
+model's conditioning attributes (see `toolkit.conditions`). Weights load from safetensors;
+pickled ``.bin`` weights only with ``trust_pickle=True``, because unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import TYPE_CHECKING, Any
+
+from toolkit._lazy import lazy_import
+from toolkit.conditions import LabelSpace
+from toolkit.errors import DtkError
+from toolkit.noise import NoiseLevels
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+PICKLED_WEIGHTS = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.ckpt")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A UNet with everything needed to turn it into a sigma-space denoiser."""
+
+    path: pathlib.Path
+    unet: Any
+    noise_levels: NoiseLevels
+    prediction_type: str
+    scheduler_config: dict[str, Any]
+    labels: LabelSpace | None
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        config = self.unet.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (config.in_channels, height, width)
+
+    @property
+    def conditional(self) -> bool:
+        return self.labels is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "class": type(self.unet).__name__,
+            "prediction_type": self.prediction_type,
+            "sample_shape": list(self.sample_shape),
+            "attributes": self.labels.to_json()["attributes"] if self.labels else [],
+        }
+
+
+def find_unet_folder(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path | None]:
+    """(unet folder, scheduler config file, toolkit.json or None) of a model folder."""
+    if not path.exists():
+        raise DtkError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise DtkError(f"model path {path} is not a folder")
+    if (path / "model_index.json").is_file():
+        unet_dir = path / "unet"
+        scheduler = path / "scheduler" / "scheduler_config.json"
+        extra = [path / "toolkit.json", unet_dir / "toolkit.json"]
+    else:
+        unet_dir = path
+        scheduler = path / "scheduler_config.json"
+        extra = [path / "toolkit.json"]
+    if not (unet_dir / "config.json").is_file():
+        raise DtkError(
+            f"{path} is not a diffusers model folder: expected model_index.json with unet/ "
+            "and scheduler/, or a UNet2DModel folder with config.json and scheduler_config.json"
+        )
+    if not scheduler.is_file():
+        raise DtkError(f"{path}: missing scheduler config ({scheduler.relative_to(path)})")
+    toolkit_json = next((p for p in extra if p.is_file()), None)
+    return unet_dir, scheduler, toolkit_json
+
+
+def load_model(
+    path: str | pathlib.Path, *, trust_pickle: bool = False, device: Any = "cpu", dtype: Any = None
+) -> LoadedModel:
+    """Load a UNet2DModel folder (see the module docstring); clear errors for bad folders."""
+    from diffusers import UNet2DModel
+
+    path = pathlib.Path(path)
+    unet_dir, scheduler_file, toolkit_json = find_unet_folder(path)
+    try:
+        unet_config = json.loads((unet_dir / "config.json").read_text())
+        scheduler_config = json.loads(scheduler_file.read_text())
+    except ValueError as exc:
+        raise DtkError(f"{path}: corrupt config file: {exc}") from None
+    if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise DtkError(
+            f"{path}: the UNet is a {unet_config['_class_name']}; this loader takes UNet2DModel"
+        )
+    if (unet_dir / SAFE_WEIGHTS).is_file():
+        use_safetensors = True
+    elif any((unet_dir / name).is_file() for name in PICKLED_WEIGHTS):
+        if not trust_pickle:
+            raise DtkError(
+                f"{unet_dir} has only pickled weights, and unpickling can run arbitrary code; "
+                "convert them to safetensors, or pass --trust-pickle if you trust the source"
+            )
+        use_safetensors = False
+    else:
+        raise DtkError(f"{unet_dir}: no weights ({SAFE_WEIGHTS})")
+
+    try:
+        unet = UNet2DModel.from_pretrained(
+            unet_dir,
+            use_safetensors=use_safetensors,
+            local_files_only=True,
+            low_cpu_mem_usage=False,
+            torch_dtype=dtype,
+        )
+    except Exception as exc:  # diffusers raises many types for a damaged folder
+        raise DtkError(f"{unet_dir}: cannot load the UNet: {type(exc).__name__}: {exc}") from None
+    unet.eval().requires_grad_(False)
+    unet.to(device=device)
+
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise DtkError(f"{path}: unsupported prediction_type {prediction_type!r}")
+    noise_levels = NoiseLevels.from_scheduler_config(scheduler_config)
+
+    num_classes = unet.config.num_class_embeds
+    labels = LabelSpace.from_json(toolkit_json) if toolkit_json else None
+    if labels is not None and num_classes is None:
+        raise DtkError(f"{toolkit_json} names attributes but the UNet takes no class labels")
+    if labels is None and num_classes is not None:
+        labels = LabelSpace.single_class(num_classes)
+    if labels is not None and labels.num_labels > num_classes:
+        raise DtkError(
+            f"{toolkit_json}: its attributes need {labels.num_labels} labels but the UNet "
+            f"has {num_classes} class embeddings"
+        )
+    return LoadedModel(path, unet, noise_levels, prediction_type, scheduler_config, labels)
