@@ -19,7 +19,6 @@ import dataclasses
 import importlib.metadata
 import os
 import re
-import traceback
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -125,7 +124,17 @@ class Registry:
     def load(self) -> Registry:
         if self._loaded:
             return self
+        try:
+            self._load()
+        except BaseException:
+            # strict mode re-raised: leave no half-loaded registry behind
+            self._registrations, self._problems = [], []
+            self._errors_by_registration = {}
+            raise
         self._loaded = True
+        return self
+
+    def _load(self) -> None:
         entry_points = self._entry_points
         if entry_points is None:
             entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
@@ -172,7 +181,7 @@ class Registry:
                     f"DTK_LOAD_PLUGINS names {missing!r}, which is not an installed dtk "
                     "plugin distribution",
                     PluginLoadWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
 
         for kind, hook_name in KINDS.items():
@@ -181,7 +190,6 @@ class Registry:
                 dist, version = owners[impl.plugin_name]
                 self._call_hook(impl, kind, hook_name, dist, version)
         self._mark_clashes()
-        return self
 
     def _call_hook(self, impl: Any, kind: str, hook_name: str, dist: str, version: str) -> None:
         pending: list[Registration] = []
@@ -222,8 +230,6 @@ class Registry:
             PluginLoadWarning,
             stacklevel=4,
         )
-        if os.environ.get("DTK_DEBUG_PLUGINS"):
-            traceback.print_exception(exc)
 
     def _mark_clashes(self) -> None:
         by_key: dict[tuple[str, str], list[Registration]] = {}
