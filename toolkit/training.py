@@ -1,0 +1,253 @@
+"""`dtk train`: a class-conditional diffusers ``UNet2DModel`` trained on a dataset folder.
+
+Each attribute is dropped to "unspecified" independently with probability `p_drop` during
+training, so one model samples every subset of its attributes (and classifier-free guidance
+has its null label). Labels use the product encoding of `toolkit.conditions`. Epsilon
+prediction, AdamW with a short warm-up, an EMA of the weights (the shipped weights), periodic
+checkpoints that `--resume` continues from, a wall-clock or step budget, one fixed seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from toolkit._lazy import lazy_import
+from toolkit.conditions import Attribute, LabelSpace
+from toolkit.dataset_folder import load_image_folder
+from toolkit.errors import DtkError
+from toolkit.output import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
+
+BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str
+    attributes: list[str]
+    out: str
+    steps: int | None = 2000
+    max_minutes: float | None = None
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: int = 100
+    ema_decay: float = 0.999
+    p_drop: float = 0.15
+    seed: int = 0
+    size: int = 16
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    checkpoint_every: int = 500
+
+    def check(self) -> None:
+        if not self.attributes:
+            raise DtkError("give at least one --attribute (a metadata column to condition on)")
+        if self.steps is None and self.max_minutes is None:
+            raise DtkError("give --steps or --max-minutes")
+        if self.steps is not None and self.steps < 1:
+            raise DtkError("--steps must be >= 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise DtkError("--max-minutes must be positive")
+        if self.batch_size < 1:
+            raise DtkError("--batch-size must be >= 1")
+        if not 0 <= self.p_drop < 1:
+            raise DtkError("--p-drop must be in [0, 1)")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise DtkError(f"--beta-schedule must be one of {', '.join(BETA_SCHEDULES)}")
+        if self.size % 4:
+            raise DtkError("--size must be a multiple of 4")
+
+
+def build_unet(config: TrainConfig, num_labels: int) -> Any:
+    """The default architecture: three resolutions, attention at the lowest (size / 4)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=config.size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=num_labels,
+    )
+
+
+def label_space(dataset: Any, attributes: Sequence[str]) -> LabelSpace:
+    for attribute in attributes:
+        if "" in dataset.values(attribute):
+            raise DtkError(f"{dataset.root}: some images have no {attribute!r} value")
+    return LabelSpace(tuple(Attribute(a, tuple(dataset.values(a)), True) for a in attributes))
+
+
+def _drop_labels(codes: torch.Tensor, space: LabelSpace, p: float, g: torch.Generator) -> Any:
+    """Product-encoded labels with each attribute dropped to "unspecified" w.p. `p`."""
+    label = torch.zeros(codes.shape[0], dtype=torch.long)
+    stride = 1
+    for k, attribute in enumerate(space.attributes):
+        index = codes[:, k].clone()
+        if p > 0:
+            drop = torch.rand(codes.shape[0], generator=g) < p
+            index[drop] = len(attribute.values)
+        label += index * stride
+        stride *= attribute.radix
+    return label
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> pathlib.Path:
+    """Train and write a model folder `config.out` that `dtk generate` loads."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    config.check()
+    out = pathlib.Path(config.out)
+    checkpoint = out.with_name(out.name + ".checkpoint")
+    if resume and not (checkpoint / "state.json").is_file():
+        raise DtkError(f"nothing to resume: no checkpoint at {checkpoint}")
+    if not resume and (out.exists() or checkpoint.exists()):
+        raise DtkError(f"--out {out} (or its checkpoint) exists; choose another or pass --resume")
+    dataset = load_image_folder(config.data, config.attributes, size=config.size)
+    space = label_space(dataset, config.attributes)
+    codes = torch.stack(
+        [dataset.codes(a.name, a.values) for a in space.attributes], dim=1
+    )  # [N, A]
+    x_all = dataset.images * 2 - 1
+
+    torch.manual_seed(config.seed)
+    g = torch.Generator().manual_seed(config.seed)
+    unet = build_unet(config, space.num_labels)
+    ema = build_unet(config, space.num_labels)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule
+    )
+    alphas_cumprod = scheduler.alphas_cumprod
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    step, elapsed = 0, 0.0
+    if resume:
+        state = json.loads((checkpoint / "state.json").read_text())
+        if state["config"] != _jsonable(config):
+            raise DtkError(f"{checkpoint} was made with other settings; cannot --resume it")
+        unet.load_state_dict(load_file(checkpoint / "model.safetensors"))
+        ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        g.set_state(torch.load(checkpoint / "rng.pt", weights_only=True))
+        step, elapsed = state["step"], state["elapsed"]
+
+    total = config.steps
+    budget = None if config.max_minutes is None else config.max_minutes * 60
+    bar = tqdm(total=total, initial=step, desc="training", unit="step", file=sys.stderr,
+               disable=not progress)  # fmt: skip
+    started = time.monotonic() - elapsed
+    losses: list[float] = []
+    unet.train()
+    while (total is None or step < total) and (
+        budget is None or time.monotonic() - started < budget
+    ):
+        idx = torch.randint(0, len(x_all), (config.batch_size,), generator=g)
+        x0 = x_all[idx]
+        labels = _drop_labels(codes[idx], space, config.p_drop, g)
+        t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = torch.nn.functional.mse_loss(unet(x_t, t, class_labels=labels).sample, eps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            _save_checkpoint(checkpoint, unet, ema, optimizer, g, step,
+                             time.monotonic() - started, config)  # fmt: skip
+    bar.close()
+
+    # The model folder, written beside its final place and renamed into it.
+    ema.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(staging)
+        (staging / "toolkit.json").write_text(json.dumps(space.to_json(), indent=2) + "\n")
+        record = {
+            "command": "dtk train " + " ".join(sys.argv[2:])
+            if sys.argv[1:2] == ["train"]
+            else None,
+            "config": _jsonable(config),
+            "steps_done": step,
+            "minutes": round((time.monotonic() - started) / 60, 2),
+            "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])) if losses else None,
+            "parameters": sum(p.numel() for p in ema.parameters()),
+        }
+        (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _save_checkpoint(checkpoint, unet, ema, optimizer, g, step, time.monotonic() - started, config)
+    return out
+
+
+def _jsonable(config: TrainConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    data["block_out_channels"] = list(config.block_out_channels)
+    return data
+
+
+def _save_checkpoint(
+    folder: pathlib.Path,
+    unet: Any,
+    ema: Any,
+    optimizer: Any,
+    g: torch.Generator,
+    step: int,
+    elapsed: float,
+    config: TrainConfig,
+) -> None:
+    import io
+
+    from safetensors.torch import save
+
+    def tensor_bytes(obj: Any) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        return buffer.getvalue()
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "model.safetensors", save(unet.state_dict()))
+    atomic_write(folder / "ema.safetensors", save(ema.state_dict()))
+    atomic_write(folder / "optimizer.pt", tensor_bytes(optimizer.state_dict()))
+    atomic_write(folder / "rng.pt", tensor_bytes(g.get_state()))
+    state = {"step": step, "elapsed": elapsed, "config": _jsonable(config)}
+    atomic_write(folder / "state.json", (json.dumps(state, indent=2) + "\n").encode())
