@@ -145,7 +145,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     step, elapsed = 0, 0.0
     if resume:
         state = json.loads((checkpoint / "state.json").read_text())
-        if state["config"] != _jsonable(config):
+        if _identity(state["config"]) != _identity(_jsonable(config)):
             raise DtkError(f"{checkpoint} was made with other settings; cannot --resume it")
         unet.load_state_dict(load_file(checkpoint / "model.safetensors"))
         ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
@@ -217,6 +217,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         raise
     _save_checkpoint(checkpoint, unet, ema, optimizer, g, step, time.monotonic() - started, config)
     return out
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share (the budget may grow)."""
+    return {
+        k: v for k, v in config.items() if k not in ("steps", "max_minutes", "checkpoint_every")
+    }
 
 
 def _jsonable(config: TrainConfig) -> dict[str, Any]:
