@@ -113,7 +113,7 @@ def test_spacings_need_discrete_models(name):
 
 def test_more_steps_than_timesteps_is_a_clear_error():
     levels = NoiseLevels.from_scheduler_config({"num_train_timesteps": 10})
-    with pytest.raises(DtkError, match="repeats a noise level|cannot take"):
+    with pytest.raises(DtkError, match=r"repeats a noise level|cannot take"):
         toolkit.schedule("trailing")(40, levels)
     with pytest.raises(DtkError, match="cannot take"):
         toolkit.schedule("leading")(40, levels)
