@@ -236,8 +236,6 @@ def generate(
     requests = {i: SampleRequest(index=i, seed=seed + i, conditions=per_sample[i]) for i in todo}
     request_filters = [f for f in filter_ps if is_request_stage(f.instance)]
     image_filters = [f for f in filter_ps if not is_request_stage(f.instance)]
-    shape = loaded.sample_shape
-    sigma_max = float(sigmas[0])
     progress_bar = _progress(len(todo), progress and shard_.is_main, shard_)
 
     with folder.part_writer(shard_.name) as writer, torch.inference_mode():
@@ -257,23 +255,16 @@ def generate(
         denoiser = UNetDenoiser(loaded)
         for start in range(0, len(to_compute), batch_size):
             batch = to_compute[start : start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
-            eps = torch.stack([torch.randn(shape, generator=g) for g in generators])
-            x = (eps * math.sqrt(sigma_max**2 + 1)).to(torch_device)
-
-            def noise(sigma: float, sigma_next: float, _gens=generators) -> torch.Tensor:
-                draws = [torch.randn(shape, generator=g) for g in _gens]
-                return torch.stack(draws).to(torch_device)
-
             batch_labels = None if labels is None else labels[[r.index for r in batch]]
-            guided = GuidedDenoiser(
+            images = sample_images(
                 denoiser,
+                sampler_p.instance,
                 guidance_p.instance,
-                batch_labels,
-                loaded.labels.null_label if loaded.labels else None,
+                sigmas,
+                seeds=[r.seed for r in batch],
+                labels=batch_labels,
+                null_label=loaded.labels.null_label if loaded.labels else None,
             )
-            x0 = sampler_p.instance(guided, x, sigmas, noise=noise)
-            images = to_unit(x0)
             verdicts = _judge(image_filters, images, batch)
             pixels = to_pixels(images)
             for k, request in enumerate(batch):
@@ -296,6 +287,36 @@ def generate(
 
         metadata = pandas.DataFrame()
     return metadata
+
+
+def sample_images(
+    denoiser: UNetDenoiser,
+    sampler: Any,
+    guidance: Any,
+    sigmas: torch.Tensor,
+    *,
+    seeds: Sequence[int],
+    labels: torch.Tensor | None = None,
+    null_label: int | None = None,
+) -> torch.Tensor:
+    """One batch through guidance and sampler: float images ``[B, C, H, W]`` in [0, 1].
+
+    Sample ``k`` starts from ``torch.randn(shape, generator=Generator("cpu").manual_seed(
+    seeds[k]))`` scaled to the prior at ``sigmas[0]``, and its generator alone supplies its
+    later noise, so a sample's result does not depend on the batch it is in.
+    """
+    device = next(denoiser.unet.parameters()).device
+    shape = denoiser.model.sample_shape
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    eps = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    x = (eps * math.sqrt(float(sigmas[0]) ** 2 + 1)).to(device)
+
+    def noise(sigma: float, sigma_next: float) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+    guided = GuidedDenoiser(denoiser, guidance, labels, null_label)
+    with torch.inference_mode():
+        return to_unit(sampler(guided, x, sigmas, noise=noise))
 
 
 def _device_type_hint(device: str) -> str:
