@@ -250,8 +250,8 @@ def generate_command(**kw: Any) -> None:
 )
 @click.option(
     "--beta-schedule",
-    type=click.Choice(["squaredcos_cap_v2", "linear", "scaled_linear"]),
-    default="squaredcos_cap_v2",
+    type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2"]),
+    default="linear",
     show_default=True,
 )
 @click.option("--size", type=int, default=16, show_default=True, help="Image side in pixels.")
@@ -332,6 +332,14 @@ def merge_command(out: pathlib.Path) -> None:
     click.echo(f"{len(metadata)} images in {out}", err=True)
     if missing > 0:
         click.echo(f"{missing} samples not generated yet (rerun the missing shards)", err=True)
+
+
+# Commands kept in their own modules (imports stay light: no torch).
+from toolkit.commands_classifier import train_classifier_command  # noqa: E402
+from toolkit.commands_data import data_group  # noqa: E402
+
+cli.add_command(data_group)
+cli.add_command(train_classifier_command)
 
 
 def main() -> None:

@@ -37,11 +37,22 @@ PARTS = pathlib.Path(".dtk") / "parts"
 WRITTEN = ("ok", "tagged", "blank")  # statuses whose image is on disk
 
 
+def _file_mode() -> int:
+    # mkstemp makes 0600 files; a dataset should get the usual mode (0666 less the umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write(path: pathlib.Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

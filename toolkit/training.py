@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 else:
     torch = lazy_import("torch")
 
-BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 0
     size: int = 16
     block_out_channels: tuple[int, ...] = (32, 64, 64)
-    beta_schedule: str = "squaredcos_cap_v2"
+    beta_schedule: str = "linear"
     num_train_timesteps: int = 1000
     checkpoint_every: int = 500
 
