@@ -31,20 +31,9 @@ SAMPLE_SHAPE = (2, 3, 8, 8)
 
 def tiny_unet(seed: int = 0) -> Any:
     """A small random `diffusers.UNet2DModel` (eps prediction), eval mode, float32."""
-    from diffusers import UNet2DModel
+    from tiny_models import tiny_unet as make
 
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
-    return unet.eval().float().requires_grad_(False)
+    return make(seed=seed).float().requires_grad_(False)
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
