@@ -48,6 +48,21 @@ def test_train_writes_a_model_that_generate_loads(data, tmp_path):
     assert record["steps_done"] == 20 and record["config"]["seed"] == 0
     unet_config = json.loads((out / "unet" / "config.json").read_text())
     assert unet_config["num_class_embeds"] == 4 * 3  # (3 digits + unspecified) x (2 + 1)
+    # the class embedding is additive over attributes: the digit=d minus digit=d' offset is
+    # the same whatever the group (so a rare group composes with every digit)
+    from safetensors.torch import load_file
+
+    table = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")[
+        "class_embedding.weight"
+    ]
+
+    def label(digit: int, group: int) -> int:  # product encoding, radices 4 and 3
+        return digit + 4 * group
+
+    for group in (1, 2):
+        torch.testing.assert_close(
+            table[label(0, group)] - table[label(2, group)], table[label(0, 0)] - table[label(2, 0)]
+        )
     metadata = generate(out, out=tmp_path / "gen", conditions={"digit": "2"}, n=2, steps=3,
                         progress=False)  # fmt: skip
     assert list(metadata["digit"].astype(str)) == ["2", "2"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -18,18 +19,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from toolkit._lazy import lazy_import
+import torch  # this module is imported only to train
+
 from toolkit.conditions import Attribute, LabelSpace
 from toolkit.dataset_folder import load_image_folder
 from toolkit.errors import DtkError
 from toolkit.output import atomic_write
-
-if TYPE_CHECKING:
-    import torch
-else:
-    torch = lazy_import("torch")
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -90,6 +87,36 @@ def build_unet(config: TrainConfig, num_labels: int) -> Any:
     )
 
 
+class FactorizedEmbedding(torch.nn.Module):
+    """Class embedding of a product-encoded label as a SUM of per-attribute embeddings.
+
+    With one vector per (digit, group) combination, a rare combination (a minority group's
+    "3") would be learned from its few images alone. Summing a digit vector and a group
+    vector shares what the model learns about each attribute across all the others, so the
+    minority style composes with every digit. For saving, `materialize` writes the sums of
+    all combinations into the plain ``nn.Embedding`` a diffusers ``UNet2DModel`` has.
+    """
+
+    def __init__(self, space: LabelSpace, dim: int) -> None:
+        super().__init__()
+        self.radices = [a.radix for a in space.attributes]
+        self.tables = torch.nn.ModuleList(torch.nn.Embedding(r, dim) for r in self.radices)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        total = 0
+        for radix, table in zip(self.radices, self.tables):
+            labels, index = labels.div(radix, rounding_mode="floor"), labels.remainder(radix)
+            total = total + table(index)
+        return total
+
+    def materialize(self) -> torch.nn.Embedding:
+        count = math.prod(self.radices)
+        embedding = torch.nn.Embedding(count, self.tables[0].embedding_dim)
+        with torch.no_grad():
+            embedding.weight.copy_(self.forward(torch.arange(count)))
+        return embedding
+
+
 def label_space(dataset: Any, attributes: Sequence[str]) -> LabelSpace:
     for attribute in attributes:
         if "" in dataset.values(attribute):
@@ -135,6 +162,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     g = torch.Generator().manual_seed(config.seed)
     unet = build_unet(config, space.num_labels)
     ema = build_unet(config, space.num_labels)
+    dim = unet.class_embedding.embedding_dim
+    unet.class_embedding = FactorizedEmbedding(space, dim)
+    ema.class_embedding = FactorizedEmbedding(space, dim)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     scheduler = DDPMScheduler(
@@ -193,6 +223,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
     # The model folder, written beside its final place and renamed into it.
     ema.eval()
+    factorized = ema.class_embedding
+    ema.class_embedding = factorized.materialize()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -215,6 +247,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    ema.class_embedding = factorized
     _save_checkpoint(checkpoint, unet, ema, optimizer, g, step, time.monotonic() - started, config)
     return out
 
