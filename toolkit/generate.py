@@ -47,7 +47,7 @@ def default_model() -> pathlib.Path | None:
     )
 
 
-def resolve_device(name: str, shard: Shard | None = None) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     """``auto`` = cuda, then mps, then cpu; under torchrun each rank takes its local GPU."""
     import os
 
@@ -175,8 +175,8 @@ def generate(
         if model is None:
             raise DtkError("no --model given, and this installation ships no default model")
     model_path = pathlib.Path(model)
-    shard_ = resolve_shard(shard, "cpu" if device == "cpu" else _device_type_hint(device))
-    torch_device = resolve_device(device, shard_)
+    torch_device = resolve_device(device)
+    shard_ = resolve_shard(shard, torch_device.type)
     torch_dtype = getattr(torch, dtype)
     loaded = load_model(
         model_path, trust_pickle=trust_pickle, device=torch_device, dtype=torch_dtype
@@ -317,12 +317,6 @@ def sample_images(
     guided = GuidedDenoiser(denoiser, guidance, labels, null_label)
     with torch.inference_mode():
         return to_unit(sampler(guided, x, sigmas, noise=noise))
-
-
-def _device_type_hint(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device.split(":")[0]
 
 
 def _labels(loaded: LoadedModel, per_sample: list[dict[str, str]]) -> torch.Tensor | None:

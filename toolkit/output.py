@@ -165,7 +165,8 @@ class OutputFolder:
         """Join the part logs into metadata.csv and rejected.csv; returns the metadata."""
         import pandas
 
-        records = [self.records()[i] for i in sorted(self.records())]
+        by_index = self.records()
+        records = [by_index[i] for i in sorted(by_index)]
         written = [r for r in records if r["status"] in WRITTEN]
         rejected = [r for r in records if r["status"] not in WRITTEN]
         metadata = _frame(written, columns_first)

@@ -248,7 +248,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         shutil.rmtree(staging, ignore_errors=True)
         raise
     ema.class_embedding = factorized
-    _save_checkpoint(checkpoint, unet, ema, optimizer, g, step, time.monotonic() - started, config)
+    if not (config.checkpoint_every and step % config.checkpoint_every == 0):  # else saved
+        _save_checkpoint(checkpoint, unet, ema, optimizer, g, step, time.monotonic() - started,
+                         config)  # fmt: skip
     return out
 
 
