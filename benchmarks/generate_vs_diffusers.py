@@ -21,7 +21,7 @@ import time
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from toolkit.generate import generate
+from toolkit.generation import generate
 
 
 def build_model(root: pathlib.Path, size: int) -> pathlib.Path:

@@ -22,7 +22,7 @@ import torch
 
 import toolkit
 from toolkit.denoiser import UNetDenoiser
-from toolkit.generate import default_model, sample_images
+from toolkit.generation import default_model, sample_images
 from toolkit.model import load_model
 
 TWO_CALLS = {"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"}

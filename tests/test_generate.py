@@ -15,7 +15,7 @@ from tiny_models import save_bare_unet, save_pipeline
 
 import toolkit
 from toolkit.cli import cli
-from toolkit.generate import generate
+from toolkit.generation import generate
 
 
 @pytest.fixture(scope="module")

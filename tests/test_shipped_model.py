@@ -12,7 +12,7 @@ from PIL import Image
 import toolkit
 from toolkit.cli import cli
 from toolkit.denoiser import UNetDenoiser
-from toolkit.generate import default_model, sample_images
+from toolkit.generation import default_model, sample_images
 from toolkit.model import load_model
 
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from toolkit.cli import cli
-from toolkit.generate import generate
+from toolkit.generation import generate
 
 
 @pytest.fixture(scope="module")

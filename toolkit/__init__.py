@@ -8,8 +8,11 @@ The public API::
     toolkit.schedule("karras", rho=7.0)        # likewise guidance, safety_filter,
                                                # attribute_classifier
     toolkit.NoiseLevels.from_alphas_cumprod(a) # a model's training noise levels
+    toolkit.generate(model, out=..., ...)      # the same run as `dtk generate`
+    toolkit.load_image_folder(path, ["digit"]) # a dataset folder as tensors + metadata
 
-Importing `toolkit` does not import torch; that happens when something computes.
+The names in `__all__` are the whole public API: `evaluations/` and third-party code use
+only these. Importing `toolkit` does not import torch; that happens when something computes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttributeClassifier",
     "DtkError",
+    "ImageDataset",
     "NoiseLevels",
     "OptionError",
     "PluginClashError",
@@ -45,13 +49,22 @@ __all__ = [
     "Sampler",
     "Schedule",
     "UnknownPluginError",
+    "atomic_write",
     "attribute_classifier",
+    "default_model",
+    "generate",
     "guidance",
     "hookimpl",
+    "label_space",
+    "load_image_folder",
     "plugins",
+    "read_metadata",
+    "resolve_device",
     "safety_filter",
     "sampler",
     "schedule",
+    "target_distribution",
+    "write_colored_digits",
 ]
 
 
@@ -90,3 +103,29 @@ def safety_filter(name: str, /, **options: Any) -> Any:
 def attribute_classifier(name: str, /, **options: Any) -> AttributeClassifier:
     """An instance of attribute classifier `name` (or ``dist:name``) with validated `options`."""
     return get_registry().create("attribute_classifier", name, options)
+
+
+# Heavier parts of the API load on first use, so `import toolkit` stays light.
+_LAZY = {
+    "generate": ("toolkit.generation", "generate"),
+    "default_model": ("toolkit.generation", "default_model"),
+    "resolve_device": ("toolkit.generation", "resolve_device"),
+    "load_image_folder": ("toolkit.dataset_folder", "load_image_folder"),
+    "read_metadata": ("toolkit.dataset_folder", "read_metadata"),
+    "ImageDataset": ("toolkit.dataset_folder", "ImageDataset"),
+    "atomic_write": ("toolkit.output", "atomic_write"),
+    "label_space": ("toolkit.model", "label_space"),
+    "target_distribution": ("toolkit.targets", "target_distribution"),
+    "write_colored_digits": ("toolkit.colored_digits", "write"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'toolkit' has no attribute {name!r}")

@@ -33,7 +33,56 @@ def _show_plugin_warning(message: Any, category: Any, *args: Any, **kwargs: Any)
 _default_showwarning = warnings.showwarning
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: entry-point group of extra ``dtk`` subcommands (name = a click command); `evaluations`
+#: adds ``eval``, ``synthesize`` and ``demo`` through it, so `toolkit` never imports them
+COMMANDS_GROUP = "dtk.commands"
+
+
+class DtkGroup(click.Group):
+    """The ``dtk`` group: subcommands from `COMMANDS_GROUP` entry points join the built-in
+    ones (loaded when listed or called), and a `DtkError` from any subcommand is a user
+    error: one line, exit status 2."""
+
+    def _entry_points(self) -> dict[str, Any]:
+        from importlib.metadata import entry_points
+
+        found = {}
+        for entry in entry_points(group=COMMANDS_GROUP):
+            if entry.name not in self.commands:
+                found.setdefault(entry.name, entry)
+        return found
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self._entry_points()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands:
+            return self.commands[name]
+        entry = self._entry_points().get(name)
+        if entry is None:
+            return None
+        try:
+            command = entry.load()
+        except Exception as exc:  # a broken extension must not break the rest of dtk
+            click.echo(
+                f"dtk: warning: command {name!r} ({entry.value}) failed to load: "
+                f"{type(exc).__name__}: {exc}",
+                err=True,
+            )
+            return None
+        if not isinstance(command, click.Command):
+            click.echo(f"dtk: warning: {entry.value} is not a click command", err=True)
+            return None
+        return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DtkError as exc:
+            raise UserError(str(exc)) from None
+
+
+@click.group(cls=DtkGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="diffusion-toolkit", prog_name="dtk")
 def cli() -> None:
     """diffusion-toolkit: diffusion-model generation and fairness tooling.
@@ -186,7 +235,7 @@ def generate_command(**kw: Any) -> None:
       torchrun --nproc-per-node 4 $(which dtk) generate -n 50000 --out big
     """
     from toolkit.conditions import parse_conditions
-    from toolkit.generate import generate
+    from toolkit.generation import generate
     from toolkit.options import parse_key_values
 
     try:

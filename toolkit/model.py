@@ -91,6 +91,20 @@ def find_unet_folder(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pa
     return unet_dir, scheduler, toolkit_json
 
 
+def label_space(path: str | pathlib.Path) -> LabelSpace | None:
+    """The attributes a model folder is conditioned on, read without loading its weights
+    (None for an unconditional model)."""
+    path = pathlib.Path(path)
+    unet_dir, _, toolkit_json = find_unet_folder(path)
+    if toolkit_json is not None:
+        return LabelSpace.from_json(toolkit_json)
+    try:
+        num_classes = json.loads((unet_dir / "config.json").read_text()).get("num_class_embeds")
+    except ValueError as exc:
+        raise DtkError(f"{path}: corrupt config file: {exc}") from None
+    return LabelSpace.single_class(num_classes) if num_classes else None
+
+
 def load_model(
     path: str | pathlib.Path, *, trust_pickle: bool = False, device: Any = "cpu", dtype: Any = None
 ) -> LoadedModel:

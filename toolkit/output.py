@@ -113,6 +113,9 @@ class OutputFolder:
         extends the dataset).
         """
         existing = self.read_run()
+        text = json.dumps(run, indent=2, default=str) + "\n"
+        # compare as stored: a path option and its string are the same run
+        run = json.loads(text)
         if existing is not None:
             differing = [k for k in identity_keys if existing.get(k) != run.get(k)]
             if differing:
@@ -122,7 +125,7 @@ class OutputFolder:
                 )
             if existing.get("n", 0) >= run.get("n", 0):
                 return
-        atomic_write(self.run_file, (json.dumps(run, indent=2, default=str) + "\n").encode())
+        atomic_write(self.run_file, text.encode())
 
     # -- samples -------------------------------------------------------------------------
 

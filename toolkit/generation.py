@@ -182,15 +182,16 @@ def generate(
         model_path, trust_pickle=trust_pickle, device=torch_device, dtype=torch_dtype
     )
 
-    per_sample = _per_sample_conditions(conditions, n)
-    labels = _labels(loaded, per_sample)
-    conditional = any(per_sample)
+    requested = _per_sample_conditions(conditions, n)
     if guidance is None:
         usable = loaded.labels is not None and loaded.labels.null_label is not None
         guidance, guidance_options = (
-            ("cfg", {"scale": 2.0}) if conditional and usable else ("none", {})
+            ("cfg", {"scale": 2.0}) if any(requested) and usable else ("none", {})
         )
     guidance_p = _plugin(registry, "guidance", guidance, guidance_options, strings)
+    per_sample = assign_conditions(guidance_p.instance, loaded, requested, seed)
+    labels = _labels(loaded, per_sample)
+    conditional = any(per_sample)
     check_guidance(guidance_p.instance, loaded, conditional)
     sigmas = schedule_p.instance(steps, loaded.noise_levels)
 
@@ -199,9 +200,9 @@ def generate(
         "command": "generate",
         "model": str(model_path.resolve()),
         "model_info": loaded.describe(),
-        "conditions": per_sample[0]
+        "conditions": requested[0]
         if isinstance(conditions, Mapping) or conditions is None
-        else per_sample,
+        else requested,
         "n": n,
         "seed": seed,
         "sampler": sampler_p.describe(),
@@ -317,6 +318,33 @@ def sample_images(
     guided = GuidedDenoiser(denoiser, guidance, labels, null_label)
     with torch.inference_mode():
         return to_unit(sampler(guided, x, sigmas, noise=noise))
+
+
+def assign_conditions(
+    guidance: Any, loaded: LoadedModel, requested: list[dict[str, str]], seed: int
+) -> list[dict[str, str]]:
+    """Each sample's condition after the guidance's `assign` hook, if it has one.
+
+    A guidance method may complete every sample's condition itself (``fair`` draws the
+    audited attribute's value from a target distribution):
+    ``assign(condition, seed, attributes) -> condition``, where `attributes` maps each of the
+    model's attribute names to its values and `seed` is the sample's own seed, so the choice
+    does not depend on batch, shard or rank.
+    """
+    assign = getattr(guidance, "assign", None)
+    if assign is None:
+        return requested
+    if loaded.labels is None:
+        raise DtkError(
+            f"guidance {guidance.name!r} chooses attribute values, and {loaded.path} is "
+            "unconditional"
+        )
+    attributes = {a.name: list(a.values) for a in loaded.labels.attributes}
+    assigned = []
+    for i, condition in enumerate(requested):
+        result = assign(dict(condition), seed + i, attributes)
+        assigned.append({str(k): str(v) for k, v in result.items()})
+    return assigned
 
 
 def _labels(loaded: LoadedModel, per_sample: list[dict[str, str]]) -> torch.Tensor | None:

@@ -1,0 +1,272 @@
+"""`dtk eval bias`: how far a generator's outputs are from a target distribution.
+
+Images come from a model (generated here, with the audited attribute left unspecified) or
+from any folder. An attribute-classifier plugin labels each image; predictions below
+`min_confidence` count as ``unknown``. One count table per attribute (every label listed,
+zero counts included) is the single source of every figure: shares with Wilson intervals,
+Fairness Discrepancy, KL, total variation, mean absolute deviation (bootstrap intervals),
+bias amplification against a reference folder, and shares corrected for the classifier's
+own errors when a labeled calibration folder is given (`evaluations.metrics`).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import toolkit
+from evaluations import metrics
+from evaluations.common import (
+    load_images,
+    natural_key,
+    now,
+    provenance,
+    versions,
+    write_csv,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    import pandas
+    import torch
+
+UNKNOWN = "unknown"
+
+
+def audit_bias(
+    out: str | pathlib.Path,
+    *,
+    images: str | pathlib.Path | None = None,
+    model: str | pathlib.Path | None = None,
+    conditions: Mapping[str, str] | None = None,
+    n: int = 400,
+    seed: int = 0,
+    generation: Mapping[str, Any] | None = None,
+    attributes: Sequence[str] = ("group",),
+    classifier: str = "cnn",
+    min_confidence: float = 0.7,
+    target: str | Mapping[str, float] = "uniform",
+    reference: str | pathlib.Path | None = None,
+    by: str | None = None,
+    calibration: str | pathlib.Path | None = None,
+    n_boot: int = 2000,
+    progress: bool = True,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Audit the images in `images`, or `n` images generated from `model` (default: the
+    shipped generator) with `conditions`, for each of `attributes`. Writes
+    ``results.json``, CSVs and (with `report`) ``report.html``/``report.md`` to `out`;
+    returns the results.
+
+    `target` is ``uniform``, shares (``light=0.5,dark=0.5``) or ``reference`` (the shares of
+    the `reference` folder). `generation` holds `toolkit.generate` keyword arguments
+    (sampler, steps, guidance, ...).
+    """
+    out = pathlib.Path(out)
+    attributes = list(dict.fromkeys(attributes))
+    if not attributes:
+        raise toolkit.DtkError("give at least one --attribute to audit")
+    if not 0 <= min_confidence <= 1:
+        raise toolkit.DtkError("--min-confidence must be in [0, 1]")
+    if n_boot < 100:
+        raise toolkit.DtkError("--bootstrap must be at least 100 resamples")
+    target_is_reference = isinstance(target, str) and target.strip().lower() == "reference"
+    if target_is_reference and reference is None:
+        raise toolkit.DtkError("--target reference needs --reference DIR")
+    classifiers = {a: toolkit.attribute_classifier(classifier, attribute=a) for a in attributes}
+    for attribute, instance in classifiers.items():
+        if instance.attribute != attribute:
+            raise toolkit.DtkError(
+                f"classifier {classifier!r} predicts {instance.attribute!r}, not {attribute!r}"
+            )
+        if not target_is_reference:  # check the spelling before any compute
+            toolkit.target_distribution(target, instance.labels, what="--target")
+    if conditions:
+        fixed = sorted(set(conditions) & set(attributes))
+        if fixed:
+            raise toolkit.DtkError(
+                f"the audited attribute {fixed[0]!r} is fixed by --condition; leave it "
+                "unspecified so the audit sees what the model does on its own"
+            )
+
+    source: dict[str, Any]
+    if images is None:
+        folder = out / "samples"
+        toolkit.generate(
+            model, out=folder, conditions=_spread(model, conditions, by, n), n=n, seed=seed,
+            progress=progress, **dict(generation or {}),
+        )  # fmt: skip
+        source = {"model": str(model or toolkit.default_model()), "conditions": dict(conditions
+                  or {}), "n": n, "seed": seed, "generation": dict(generation or {})}  # fmt: skip
+    else:
+        folder = pathlib.Path(images)
+        source = {"images": str(folder)}
+    pixels, table = load_images(folder, [by] if by else [])
+    by_values = None if by is None else table[by].astype(str).tolist()
+
+    reference_data = None if reference is None else load_images(reference)
+    calibration_data = None if calibration is None else load_images(calibration, attributes)
+
+    predictions = table[["file_name"] + ([by] if by else [])].copy()
+    results: dict[str, Any] = {}
+    for attribute, instance in classifiers.items():
+        labels = list(instance.labels)
+        predicted, confidence = _predict(instance, pixels, min_confidence)
+        predictions[f"{attribute}_predicted"] = predicted
+        predictions[f"{attribute}_confidence"] = confidence
+        reference_counts = None
+        if reference_data is not None:
+            reference_counts = _reference_counts(
+                reference_data, attribute, instance, labels, min_confidence
+            )
+        if target_is_reference:
+            assert reference_counts is not None
+            known = reference_counts.drop(UNKNOWN)
+            if known.sum() == 0:
+                raise toolkit.DtkError(f"--reference holds no image with a known {attribute}")
+            shares = {k: float(v) / float(known.sum()) for k, v in known.items()}
+        else:
+            shares = toolkit.target_distribution(target, labels, what="--target")
+        confusion = None
+        if calibration_data is not None:
+            confusion = _confusion(calibration_data, attribute, instance, labels, min_confidence)
+        counts = metrics.count_table(predicted, labels, by=by_values, unknown=UNKNOWN)
+        overall = counts["all"] if by is not None else counts["count"]
+        summary = metrics.summarize(
+            overall, shares, reference_counts=reference_counts, confusion=confusion,
+            n_boot=n_boot, seed=seed,
+        )  # fmt: skip
+        if by is not None:
+            summary["by"] = {
+                str(value): metrics.summarize(counts[value], shares, n_boot=n_boot, seed=seed)
+                for value in counts.columns
+                if value != "all"
+            }
+        summary["classifier"] = provenance("attribute_classifier", classifier)
+        results[attribute] = summary
+        write_csv(out / f"counts_{attribute}.csv", counts.rename_axis(attribute), index=True)
+        write_csv(out / f"shares_{attribute}.csv", shares_frame(summary))
+
+    result = {
+        "command": "eval bias",
+        "created": now(),
+        "config": {
+            **source,
+            "out": str(out),
+            "attributes": attributes,
+            "classifier": classifier,
+            "min_confidence": min_confidence,
+            "target": target if isinstance(target, str) else dict(target),
+            "reference": None if reference is None else str(reference),
+            "by": by,
+            "calibration": None if calibration is None else str(calibration),
+            "bootstrap": n_boot,
+        },
+        "plugins": _plugins_used(classifier, source),
+        "versions": versions(),
+        "attributes": results,
+    }
+    write_csv(out / "predictions.csv", predictions)
+    write_json(out / "results.json", result)
+    if report:
+        from evaluations.bias_report import write_bias_report
+
+        write_bias_report(out, result, folder, predictions)
+    return result
+
+
+def _spread(
+    model: str | pathlib.Path | None, conditions: Mapping[str, str] | None, by: str | None, n: int
+) -> list[dict[str, str]] | dict[str, str] | None:
+    """With ``--by ATTR`` on generated images, sample ``i`` asks for ATTR's ``i % k``-th value
+    (unless the conditions fix it), so every value gets its share of the ``n`` samples."""
+    if by is None or (conditions and by in conditions):
+        return dict(conditions) if conditions else None
+    space = toolkit.label_space(model if model is not None else toolkit.default_model())
+    if space is None:
+        raise toolkit.DtkError(f"--by {by}: the model is unconditional")
+    values = space.attribute(by).values
+    return [{**(conditions or {}), by: values[i % len(values)]} for i in range(n)]
+
+
+def _predict(
+    classifier: Any, pixels: torch.Tensor, min_confidence: float
+) -> tuple[list[str], list[float]]:
+    """Per image: the most probable label, or ``unknown`` below `min_confidence`."""
+    probabilities = classifier.predict_proba(pixels).float().cpu()
+    confidence, index = probabilities.max(dim=1)
+    labels = list(classifier.labels)
+    predicted = [
+        labels[i] if c >= min_confidence else UNKNOWN
+        for i, c in zip(index.tolist(), confidence.tolist())
+    ]
+    return predicted, [round(c, 6) for c in confidence.tolist()]
+
+
+def _reference_counts(
+    data: tuple[torch.Tensor, pandas.DataFrame],
+    attribute: str,
+    classifier: Any,
+    labels: list[str],
+    min_confidence: float,
+) -> pandas.Series:
+    """The reference folder's counts: its own labels if it has the column, else the
+    classifier's predictions (so both sides carry the same classifier errors)."""
+    pixels, table = data
+    if attribute in table.columns:
+        values = table[attribute].astype(str).tolist()
+        foreign = sorted(set(values) - set(labels), key=natural_key)
+        if foreign:
+            raise toolkit.DtkError(
+                f"--reference: {attribute} values {foreign} are not the classifier's labels "
+                f"({', '.join(labels)})"
+            )
+    else:
+        values, _ = _predict(classifier, pixels, min_confidence)
+    return metrics.count_table(values, labels, unknown=UNKNOWN)["count"]
+
+
+def _confusion(
+    data: tuple[torch.Tensor, pandas.DataFrame],
+    attribute: str,
+    classifier: Any,
+    labels: list[str],
+    min_confidence: float,
+) -> Any:
+    pixels, table = data
+    truth = table[attribute].astype(str).tolist()
+    predicted, _ = _predict(classifier, pixels, min_confidence)
+    # unknown predictions are left out of the audited shares, so of the calibration too
+    kept = [(t, p) for t, p in zip(truth, predicted) if p != UNKNOWN]
+    if not kept:
+        raise toolkit.DtkError(f"--calibration: no image got a confident {attribute} prediction")
+    return metrics.confusion_matrix([t for t, _ in kept], [p for _, p in kept], labels)
+
+
+def shares_frame(summary: Mapping[str, Any]) -> pandas.DataFrame:
+    """One row per label: count, share, its 95% interval, the target (and corrected share)."""
+    import pandas
+
+    corrected = (summary.get("corrected") or {}).get("groups", {})
+    reference = summary.get("reference") or {}
+    rows = []
+    for label, group in summary["groups"].items():
+        row = {"label": label, **group}
+        if reference:
+            row["reference_share"] = reference.get(label)
+        if corrected:
+            row["corrected_share"] = corrected.get(label, {}).get("share")
+        rows.append(row)
+    return pandas.DataFrame(rows)
+
+
+def _plugins_used(classifier: str, source: Mapping[str, Any]) -> list[dict[str, str]]:
+    used = [provenance("attribute_classifier", classifier)]
+    generation = source.get("generation") or {}
+    if "model" in source:
+        used.append(provenance("sampler", generation.get("sampler", "dpmpp_2m")))
+        used.append(provenance("schedule", generation.get("schedule", "karras")))
+        if generation.get("guidance"):
+            used.append(provenance("guidance", generation["guidance"]))
+    return used

@@ -1,0 +1,360 @@
+"""``dtk eval bias``, ``dtk eval downstream``, ``dtk synthesize`` and ``dtk demo``.
+
+They join ``dtk`` through the ``dtk.commands`` entry-point group (pyproject.toml), so
+`toolkit` never imports `evaluations`. Keep module-level imports light (no torch): ``dtk
+--help`` lists these commands. A `toolkit.DtkError` raised here is reported by ``dtk`` as
+one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterable
+from typing import Any
+
+import click
+
+import toolkit
+
+PATH = click.Path(path_type=pathlib.Path)
+EXISTING = click.Path(path_type=pathlib.Path, exists=True, file_okay=False)
+
+
+def _key_values(pairs: Iterable[str], what: str) -> dict[str, str]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise toolkit.DtkError(f"{what} must look like KEY=VALUE, got {pair!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def generation_options(
+    guidance_help: str = "cfg, scale 2, when conditioned; else none", steps: int = 20
+) -> Any:
+    """The options that say how images are generated (a subset of ``dtk generate``'s)."""
+
+    def decorate(function: Any) -> Any:
+        options = [
+            click.option(
+                "--sampler", default="dpmpp_2m", show_default=True, help="Sampler plugin."
+            ),
+            click.option(
+                "--schedule", default="karras", show_default=True, help="Schedule plugin."
+            ),
+            click.option(
+                "--steps", type=int, default=steps, show_default=True, help="Sampling steps."
+            ),
+            click.option(
+                "--guidance", default=None, help=f"Guidance plugin (default: {guidance_help})."
+            ),
+            click.option(
+                "--guidance-option", multiple=True, metavar="KEY=VALUE", help="Repeatable."
+            ),
+            click.option("--batch-size", type=int, default=64, show_default=True),
+            click.option(
+                "--device", default="auto", show_default=True, help="auto = cuda, mps, cpu."
+            ),
+        ]
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+def _generation(kw: dict[str, Any]) -> dict[str, Any]:
+    generation = {
+        "sampler": kw.pop("sampler"),
+        "schedule": kw.pop("schedule"),
+        "steps": kw.pop("steps"),
+        "batch_size": kw.pop("batch_size"),
+        "device": kw.pop("device"),
+        "options_from_strings": True,
+    }
+    guidance, guidance_options = kw.pop("guidance"), kw.pop("guidance_option")
+    if guidance is not None:
+        generation["guidance"] = guidance
+        generation["guidance_options"] = _key_values(guidance_options, "--guidance-option")
+    elif guidance_options:
+        raise toolkit.DtkError("--guidance-option needs --guidance NAME")
+    return generation
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Fairness evaluations: bias audits of a generator's outputs, and downstream fairness
+    of classifiers trained with synthetic data."""
+
+
+@eval_group.command("bias")
+@click.option("--model", type=PATH, help="Generator folder to audit. Default: the shipped one.")
+@click.option("--images", type=EXISTING, help="Audit this image folder instead of generating.")
+@click.option(
+    "--condition", "conditions", multiple=True, metavar="KEY=VALUE",
+    help="Fixed attribute for every generated sample (leave the audited attribute out).",
+)  # fmt: skip
+@click.option("-n", "--num", "n", type=int, default=400, show_default=True, help="Samples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@generation_options()
+@click.option(
+    "--attribute", "attributes", multiple=True, default=("group",), show_default=True,
+    help="Attribute to audit; repeatable.",
+)  # fmt: skip
+@click.option(
+    "--classifier", default="cnn", show_default=True,
+    help="Attribute-classifier plugin (created with attribute=NAME).",
+)  # fmt: skip
+@click.option(
+    "--min-confidence", type=float, default=0.7, show_default=True,
+    help="Predictions less confident than this count as 'unknown'.",
+)  # fmt: skip
+@click.option(
+    "--target", default="uniform", show_default=True,
+    help="uniform, shares like light=0.5,dark=0.5, or 'reference' (the --reference shares).",
+)  # fmt: skip
+@click.option(
+    "--reference", type=EXISTING,
+    help="A reference (e.g. training) dataset folder: adds bias amplification.",
+)  # fmt: skip
+@click.option("--by", help="Break the shares down by this condition (metadata) column.")
+@click.option(
+    "--calibration", type=EXISTING,
+    help="Labeled dataset folder: estimate the classifier's confusion matrix and report "
+    "shares corrected for its errors.",
+)  # fmt: skip
+@click.option("--bootstrap", "n_boot", type=int, default=2000, show_default=True)
+@click.option("--out", type=PATH, default=pathlib.Path("dtk-bias"), show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def bias_command(**kw: Any) -> None:
+    """How biased are a generator's outputs? Classify each image's ATTRIBUTE, count, and
+    compare the shares to a target.
+
+    Writes OUT/results.json (per attribute: groups with count, share and 95% interval;
+    Fairness Discrepancy, KL, total variation, mean absolute deviation and, with
+    --reference, bias amplification), predictions.csv, counts and shares CSVs, report.html
+    and report.md.
+
+    \b
+    Examples:
+      dtk eval bias --out audit                        # the shipped generator, no condition
+      dtk eval bias --by digit --reference train --out audit
+      dtk eval bias --images other-generator-output/ --target light=0.7,dark=0.3
+    """
+    from evaluations.bias import audit_bias
+
+    if kw["images"] is not None and kw["model"] is not None:
+        raise toolkit.DtkError("give --model or --images, not both")
+    generation = _generation(kw)
+    quiet = kw.pop("quiet")
+    result = audit_bias(
+        kw.pop("out"),
+        conditions=_key_values(kw.pop("conditions"), "--condition"),
+        generation=generation,
+        progress=not quiet,
+        **kw,
+    )
+    _summary(result)
+
+
+def _summary(result: dict[str, Any]) -> None:
+    for attribute, summary in result["attributes"].items():
+        parts = [
+            f"{label} {g['share']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}]"
+            for label, g in summary["groups"].items()
+            if g["share"] is not None
+        ]
+        fd = summary["metrics"]["fairness_discrepancy"]["value"]
+        fd_text = "n/a" if fd is None else f"{fd:.3f}"
+        click.echo(f"{attribute}: {'; '.join(parts)}; FD {fd_text}", err=True)
+    click.echo(f"report: {pathlib.Path(result['config']['out']) / 'report.html'}", err=True)
+
+
+@click.command("synthesize")
+@click.option(
+    "--data", type=EXISTING,
+    help="Real dataset folder with attribute columns. Default: the colored-digits train split.",
+)  # fmt: skip
+@click.option("--model", type=PATH, help="Generator trained on it. Default: the shipped one.")
+@click.option("--attribute", default="group", show_default=True, help="The group attribute.")
+@click.option(
+    "--by", default="digit", show_default=True,
+    help="Balance within each value of this column ('' for the whole set).",
+)  # fmt: skip
+@click.option(
+    "--target", default="balanced", show_default=True,
+    help="balanced, or shares like light=0.5,dark=0.5.",
+)  # fmt: skip
+@click.option("--budget", type=int, help="Generate exactly N images, where they help most.")
+@click.option(
+    "--filters", default="label_consistency,memorization", show_default=True,
+    help="Comma-separated synthesis filters ('' for none).",
+)  # fmt: skip
+@click.option("--consistency-threshold", type=float, default=0.5, show_default=True)
+@click.option("--memorization-threshold", type=float, default=0.03, show_default=True)
+@click.option(
+    "--max-rounds", type=int, default=8, show_default=True,
+    help="Generation rounds (the first plus retries of rejected samples).",
+)  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True)
+@generation_options("cfg, scale 0.75: varied samples, which the filters check", steps=20)
+@click.option("--out", type=PATH, default=pathlib.Path("dtk-synthetic"), show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def synthesize_command(**kw: Any) -> None:
+    """Make the missing data: plan per class x group, generate, filter, retry.
+
+    Prints the plan (have / want / generate per cell), then generates each cell's images
+    conditioned on its class and group. The label_consistency filter makes the attribute
+    classifiers confirm both values; memorization rejects near copies of training images.
+    Rejected samples are regenerated with new seeds, up to --max-rounds.
+
+    Writes OUT/synthetic/ (a dataset folder, column synthetic=True), OUT/combined.csv (real +
+    synthetic, ready for training), plan.csv, results.json, report.html and report.md.
+    Rerunning the same command resumes.
+
+    \b
+    Examples:
+      dtk synthesize --out synth                       # balance the colored-digits groups
+      dtk synthesize --data my-data --model my-gen --attribute group --by label --out synth
+      dtk synthesize --budget 500 --target light=0.6,dark=0.4 --out synth
+    """
+    from evaluations.synthesis import synthesize
+
+    generation = _generation(kw)
+    filters = [f.strip() for f in kw.pop("filters").split(",") if f.strip()]
+    quiet = kw.pop("quiet")
+    out = kw.pop("out")
+    by = kw.pop("by") or None
+
+    def show_plan(plan: Any) -> None:
+        click.echo(f"plan ({int(plan['generate'].sum())} images to generate):", err=True)
+        click.echo(plan.to_string(index=False), err=True)
+
+    result = synthesize(out, by=by, filters=filters, generation=generation,
+                        progress=not quiet, on_plan=show_plan, **kw)  # fmt: skip
+    shortfall = f", {result['shortfall']} short of the plan" if result["shortfall"] else ""
+    click.echo(
+        f"{result['accepted']} of {result['planned']} planned images accepted{shortfall}; "
+        f"synthetic data in {out / 'synthetic'}, manifest {out / 'combined.csv'}",
+        err=True,
+    )
+
+
+DEFAULT_METHODS = "real,oversample,jitter,synthetic,pretrain_finetune"
+
+
+@eval_group.command("downstream")
+@click.option(
+    "--real", type=EXISTING,
+    help="Real training dataset folder. Default: the colored-digits train split.",
+)  # fmt: skip
+@click.option(
+    "--test", type=EXISTING,
+    help="Test dataset folder holding every group. Default: the colored-digits test split.",
+)  # fmt: skip
+@click.option(
+    "--synthetic", type=EXISTING,
+    help="Synthetic dataset folder (e.g. OUT/synthetic of dtk synthesize).",
+)  # fmt: skip
+@click.option("--label", default="digit", show_default=True, help="What the classifier predicts.")
+@click.option("--attribute", default="group", show_default=True, help="The group attribute.")
+@click.option("--seeds", type=int, default=5, show_default=True, help="Runs per method.")
+@click.option("--models", default="cnn", show_default=True, help="Comma-separated: cnn, logreg.")
+@click.option(
+    "--methods", default=DEFAULT_METHODS, show_default=True,
+    help="Comma-separated training methods (synthetic ones need --synthetic).",
+)  # fmt: skip
+@click.option("--steps", type=int, help="Optimizer steps per run (default: per model).")
+@click.option(
+    "--threads", type=int, default=1, show_default=True,
+    help="torch threads while training (these small networks run fastest on one).",
+)  # fmt: skip
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", type=PATH, default=pathlib.Path("dtk-downstream"), show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def downstream_command(**kw: Any) -> None:
+    """Does synthetic data make a classifier fairer? Train a LABEL classifier under each
+    method, several seeds each, and compare accuracy per ATTRIBUTE group on the test set.
+
+    \b
+    Methods:
+      real               the real data only
+      oversample         the minority duplicated up to the majority (trivial baseline)
+      jitter             generic color-jitter augmentation (reported win or lose)
+      synthetic          real + synthetic pooled
+      pretrain_finetune  synthetic first, then real
+
+    Reports accuracy, worst-group accuracy and the gap (fairlearn MetricFrame), mean and 95%
+    interval over seeds, and the gap reduction against real-only, paired by seed. Writes
+    OUT/results.json, runs.csv, summary.csv, report.html and report.md.
+
+    \b
+    Example:
+      dtk synthesize --out synth
+      dtk eval downstream --synthetic synth/synthetic --out downstream
+    """
+    from evaluations.downstream_job import evaluate_downstream, summary_table
+
+    out = kw["out"]
+    real, test = kw["real"], kw["test"]
+    if real is None:
+        real = out / "data" / "train"
+        toolkit.write_colored_digits(real, "train", progress=not kw["quiet"])
+    if test is None:
+        test = out / "data" / "test"
+        toolkit.write_colored_digits(test, "test", progress=not kw["quiet"])
+    methods = [m.strip() for m in kw["methods"].split(",") if m.strip()]
+    if kw["synthetic"] is None:
+        dropped = [m for m in methods if m in ("synthetic", "pretrain_finetune")]
+        if dropped and kw["methods"] != DEFAULT_METHODS:  # asked for by name
+            raise toolkit.DtkError(f"method {dropped[0]!r} needs --synthetic DIR")
+        methods = [m for m in methods if m not in dropped]
+    data = evaluate_downstream(
+        out, real, test, kw["synthetic"], label=kw["label"], attribute=kw["attribute"],
+        methods=methods, models=[m.strip() for m in kw["models"].split(",") if m.strip()],
+        seeds=kw["seeds"], steps=kw["steps"], device=kw["device"], threads=kw["threads"],
+        progress=not kw["quiet"],
+    )  # fmt: skip
+    click.echo(summary_table(data).to_string(index=False), err=True)
+    click.echo(f"report: {out / 'report.html'}", err=True)
+
+
+@click.command("demo")
+@click.option("--out", type=PATH, default=pathlib.Path("dtk-demo"), show_default=True)
+@click.option("-n", "--num", "n", type=int, default=400, show_default=True,
+              help="Samples per audit.")  # fmt: skip
+@click.option("--seeds", type=int, default=5, show_default=True, help="Downstream runs per method.")
+@click.option("--sampler", default="dpmpp_2m", show_default=True)
+@click.option("--steps", type=int, default=10, show_default=True)
+@click.option(
+    "--budget", type=int,
+    help="Cap the synthetic images, for a quicker look (default: balance every digit).",
+)  # fmt: skip
+@click.option("--device", default="auto", show_default=True, help="auto = cuda, mps, cpu.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def demo_command(**kw: Any) -> None:
+    """The fairness workflow end to end on the embedded default, in a few minutes on a CPU:
+    audit the shipped generator, fix its bias with fair guidance, synthesize the missing
+    minority data, and test whether it makes a digit classifier fairer.
+
+    Writes OUT/report.html (start there), report.md and results.json, and one folder per
+    stage (audit/, audit-fair/, synthesize/, downstream/) with its own report. Rerunning
+    resumes the generation stages.
+    """
+    from evaluations.demo import run_demo
+
+    out = kw.pop("out")
+    result = run_demo(out, progress=not kw.pop("quiet"), **kw)
+    head = result["headline"]
+    generated = head["generated_minority_share"]["share"]
+    guided = head["fair_guidance_minority_share"]["share"]
+    click.echo(f"minority share: training {head['training_minority_share']:.3f}, generated "
+               f"{generated:.3f}, with fair guidance {guided:.3f}", err=True)  # fmt: skip
+    for method in ("real", "oversample", "jitter", "synthetic", "pretrain_finetune"):
+        figures = head.get(f"cnn_{method}")
+        if figures:
+            click.echo(f"cnn {method:>17}: accuracy {figures['accuracy']:.3f}, gap "
+                       f"{figures['gap']:.3f}", err=True)  # fmt: skip
+    click.echo(f"report: {out / 'report.html'} ({sum(result['seconds'].values()):.0f} s)",
+               err=True)  # fmt: skip

@@ -1,0 +1,443 @@
+"""Statistics of a bias audit: prediction counts, share intervals and distribution metrics.
+
+An audit classifies generated images for one attribute and compares the distribution of the
+confident predictions (its *shares*) with a target distribution. Shares are always taken over
+known predictions; low-confidence predictions are counted in a separate ``unknown`` bucket.
+Share arrays are indexed by label along their last axis, so every metric also evaluates a
+whole stack of bootstrap replicates at once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import fairlearn.metrics
+import numpy as np
+import pandas as pd
+from scipy.stats import norm
+
+from toolkit import DtkError
+
+__all__ = [
+    "bias_amplification",
+    "bootstrap_intervals",
+    "confusion_matrix",
+    "corrected_shares",
+    "count_table",
+    "fairness_discrepancy",
+    "kl_divergence",
+    "mean_absolute_deviation",
+    "project_to_simplex",
+    "summarize",
+    "total_variation",
+    "wilson_interval",
+]
+
+METRICS = ("fairness_discrepancy", "kl_divergence", "total_variation", "mean_absolute_deviation")
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+# --------------------------------------------------------------------------------------------
+# Counting
+
+
+def _natural_key(value: str) -> tuple[int, float, str]:
+    # Numbers first and by value, so the digit columns read 0, 1, ..., 10 rather than 0, 1, 10.
+    if _NUMBER.fullmatch(value):
+        return (0, float(value), value)
+    return (1, 0.0, value)
+
+
+def _check_labels(labels: Sequence[str], unknown: str) -> list[str]:
+    labels = list(labels)
+    if len(set(labels)) != len(labels):
+        raise DtkError(f"duplicate labels in {labels}")
+    if unknown in labels:
+        raise DtkError(f"{unknown!r} is reserved for low-confidence predictions, not a label")
+    return labels
+
+
+def _known_or_unknown(predicted: Sequence[Any], labels: list[str], unknown: str) -> np.ndarray:
+    values = np.array([unknown if _missing(v) else v for v in predicted], dtype=object)
+    allowed = {*labels, unknown}
+    stray = sorted({str(v) for v in values if v not in allowed})
+    if stray:
+        raise DtkError(f"predictions {stray} are not among the labels {labels}")
+    return values
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def count_table(
+    predicted: Sequence[str | None],
+    labels: Sequence[str],
+    *,
+    by: Sequence[Any] | None = None,
+    unknown: str = "unknown",
+) -> pd.DataFrame:
+    """Count predictions per label, optionally broken down by a second per-image variable.
+
+    ``predicted`` holds a label or ``None``/``unknown`` (low confidence) per image. The result
+    has one row per label in ``labels`` order, zero counts included, then the ``unknown`` row.
+    Without ``by`` it has the single column ``count``; with ``by`` one column per distinct
+    value (as a string, numbers in numeric order) followed by ``all``.
+    """
+    labels = _check_labels(labels, unknown)
+    values = _known_or_unknown(predicted, labels, unknown)
+    rows = pd.Index([*labels, unknown], name="label")
+    if by is not None:
+        by = np.array([str(b) for b in by], dtype=object)
+        if len(by) != len(values):
+            raise DtkError(f"`by` has {len(by)} values for {len(values)} predictions")
+    if len(values) == 0:
+        # MetricFrame cannot group an empty sample.
+        columns = ["all"] if by is not None else ["count"]
+        return pd.DataFrame(0, index=rows, columns=columns)
+
+    # The metric ignores y_true/y_pred: only the group sizes matter.
+    dummy = np.zeros(len(values))
+    frame = fairlearn.metrics.MetricFrame(
+        metrics={"count": fairlearn.metrics.count},
+        y_true=dummy,
+        y_pred=dummy,
+        sensitive_features=pd.Series(values, name="label"),
+        control_features=None if by is None else pd.Series(by, name="by"),
+    )
+    counts = frame.by_group["count"]
+    if by is None:
+        table = counts.reindex(rows).fillna(0).astype(int).to_frame("count")
+    else:
+        columns = sorted(set(by), key=_natural_key)
+        table = counts.unstack(level="by").reindex(index=rows, columns=columns)
+        table = table.fillna(0).astype(int)
+        table["all"] = table.sum(axis=1)
+    table.index.name = "label"
+    table.columns.name = None
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Share intervals and distribution metrics
+
+
+def wilson_interval(count: Any, total: Any, confidence: float = 0.95) -> tuple[Any, Any]:
+    """Wilson score interval for the proportion ``count / total``; elementwise over arrays.
+
+    A zero total carries no information and gets the whole range ``(0, 1)``.
+    """
+    count = np.asarray(count, dtype=float)
+    total = np.asarray(total, dtype=float)
+    z = norm.ppf(0.5 + confidence / 2)
+    empty = total <= 0
+    n = np.where(empty, 1.0, total)
+    p = count / n
+    denominator = 1 + z**2 / n
+    center = (p + z**2 / (2 * n)) / denominator
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denominator
+    # At 0/n and n/n the closed form is exactly 0 or 1, but only up to rounding.
+    low = np.where(empty | (count <= 0), 0.0, np.clip(center - half, 0.0, 1.0))
+    high = np.where(empty | (count >= total), 1.0, np.clip(center + half, 0.0, 1.0))
+    if low.ndim == 0:
+        return float(low), float(high)
+    return low, high
+
+
+def _pair(p: Any, t: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(p, dtype=float)
+    t = np.asarray(t, dtype=float)
+    if p.shape[-1:] != t.shape[-1:]:
+        raise ValueError(f"shares over {p.shape[-1:]} labels against a target over {t.shape[-1:]}")
+    return p, t
+
+
+def fairness_discrepancy(p: Any, t: Any) -> Any:
+    """Euclidean distance ‖p − t‖₂ between shares and target (Choi et al. 2020)."""
+    p, t = _pair(p, t)
+    return np.linalg.norm(p - t, axis=-1)
+
+
+def kl_divergence(p: Any, t: Any) -> Any:
+    """KL(p ‖ t) = Σ p log(p / t) in nats, 0 log 0 = 0; infinite where t = 0 < p."""
+    p, t = _pair(p, t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # Testing p == 0 rather than p > 0 lets nan shares propagate instead of counting as 0.
+        terms = np.where(p == 0, 0.0, p * np.log(p / t))
+    return terms.sum(axis=-1)
+
+
+def total_variation(p: Any, t: Any) -> Any:
+    """Total variation distance ½ Σ |p − t|."""
+    p, t = _pair(p, t)
+    return 0.5 * np.abs(p - t).sum(axis=-1)
+
+
+def mean_absolute_deviation(p: Any, t: Any) -> Any:
+    """Mean over labels of |p − t| (the DALL-Eval / HEIM bias measure)."""
+    p, t = _pair(p, t)
+    return np.abs(p - t).mean(axis=-1)
+
+
+def bias_amplification(p_gen: Any, p_ref: Any, t: Any) -> tuple[Any, Any]:
+    """Return ``(per_label, aggregate)``: |p_gen − t| − |p_ref − t| and its mean over labels.
+
+    The aggregate equals MAD(p_gen, t) − MAD(p_ref, t); positive means the generator's shares
+    lie further from the target than the reference (training-data) shares.
+    """
+    p_gen, t = _pair(p_gen, t)
+    p_ref, _ = _pair(p_ref, t)
+    per_label = np.abs(p_gen - t) - np.abs(p_ref - t)
+    return per_label, per_label.mean(axis=-1)
+
+
+def _all_metrics(p: np.ndarray, t: np.ndarray, p_ref: np.ndarray | None) -> dict[str, Any]:
+    values = {
+        "fairness_discrepancy": fairness_discrepancy(p, t),
+        "kl_divergence": kl_divergence(p, t),
+        "total_variation": total_variation(p, t),
+        "mean_absolute_deviation": mean_absolute_deviation(p, t),
+    }
+    if p_ref is not None:
+        values["bias_amplification"] = bias_amplification(p, p_ref, t)[1]
+    return values
+
+
+def _resample(counts: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    total = counts.sum()
+    return rng.multinomial(int(total), counts / total, size=n_boot) / total
+
+
+def bootstrap_intervals(
+    counts: Any,
+    target: Any,
+    *,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    reference_counts: Any | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of every aggregate metric under a multinomial bootstrap.
+
+    ``counts`` (known predictions per label) and, for ``bias_amplification``,
+    ``reference_counts`` are resampled independently with their own totals. The result is the
+    same for the same ``seed``. Metrics are non-negative and their plug-in estimates biased
+    upwards, so near a zero value the interval can lie entirely above the point estimate.
+    An empty count vector gives ``(nan, nan)``.
+    """
+    counts = np.asarray(counts, dtype=float)
+    target = np.asarray(target, dtype=float)
+    names = [*METRICS, *(["bias_amplification"] if reference_counts is not None else [])]
+    ref = None if reference_counts is None else np.asarray(reference_counts, dtype=float)
+    if counts.sum() <= 0 or (ref is not None and ref.sum() <= 0):
+        return {name: (math.nan, math.nan) for name in names}
+
+    rng = np.random.default_rng(seed)
+    shares = _resample(counts, n_boot, rng)
+    ref_shares = None if ref is None else _resample(ref, n_boot, rng)
+    replicates = _all_metrics(shares, target, ref_shares)
+    alpha = (1 - confidence) / 2
+    intervals = {}
+    for name in names:
+        # An order statistic rather than an interpolation: KL replicates can be infinite, and
+        # interpolating between two infinities gives nan.
+        low, high = np.quantile(replicates[name], [alpha, 1 - alpha], method="inverted_cdf")
+        intervals[name] = (float(low), float(high))
+    return intervals
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier-error correction (black-box shift estimation, Lipton et al. 2018)
+
+
+def confusion_matrix(
+    true: Sequence[str],
+    predicted: Sequence[str | None],
+    labels: Sequence[str],
+    *,
+    unknown: str = "unknown",
+) -> np.ndarray:
+    """Estimate ``C[i, j] = P(pred = labels[i] | true = labels[j])`` from calibration images.
+
+    Low-confidence (``None``/``unknown``) calibration predictions are dropped, matching the
+    audit shares, which are taken over known predictions only; each column sums to 1.
+    """
+    labels = _check_labels(labels, unknown)
+    true = list(true)
+    predicted = _known_or_unknown(predicted, labels, unknown)
+    if len(true) != len(predicted):
+        raise DtkError(f"{len(true)} true labels for {len(predicted)} calibration predictions")
+    stray = sorted({str(v) for v in true if v not in labels})
+    if stray:
+        raise DtkError(f"calibration labels {stray} are not among the labels {labels}")
+
+    index = {label: i for i, label in enumerate(labels)}
+    tallies = np.zeros((len(labels), len(labels)))
+    for t, p in zip(true, predicted):
+        if p != unknown:
+            tallies[index[p], index[t]] += 1
+    column_totals = tallies.sum(axis=0)
+    uncovered = [label for label, n in zip(labels, column_totals) if n == 0]
+    if uncovered:
+        raise DtkError(
+            f"no confidently classified calibration images of true label(s) {uncovered}: "
+            "the confusion matrix cannot be estimated"
+        )
+    return tallies / column_totals
+
+
+def project_to_simplex(v: Any) -> np.ndarray:
+    """Euclidean projection of a vector onto the probability simplex {q ≥ 0, Σ q = 1}.
+
+    Sort-based algorithm (Duchi et al. 2008; Wang & Carreira-Perpiñán 2013).
+    """
+    v = np.asarray(v, dtype=float)
+    u = np.sort(v)[::-1]
+    cumulative = np.cumsum(u) - 1
+    ranks = np.arange(1, len(v) + 1)
+    # The largest rank whose component stays positive after the shift fixes the threshold.
+    rho = ranks[u - cumulative / ranks > 0][-1]
+    theta = cumulative[rho - 1] / rho
+    return np.maximum(v - theta, 0.0)
+
+
+def corrected_shares(predicted_counts: Any, confusion: Any) -> np.ndarray:
+    """True label shares q solving ``C q = mu``, projected onto the probability simplex.
+
+    ``predicted_counts`` are the known predictions per label, in the confusion matrix's label
+    order (unknown predictions excluded); ``mu`` is their normalisation. Least squares keeps a
+    singular or ill-conditioned C solvable. No known predictions give all-nan shares.
+    """
+    counts = np.asarray(predicted_counts, dtype=float)
+    confusion = np.asarray(confusion, dtype=float)
+    if confusion.shape != (len(counts), len(counts)):
+        raise DtkError(
+            f"a {confusion.shape} confusion matrix does not fit counts over {len(counts)} labels"
+        )
+    if counts.sum() <= 0:
+        return np.full(len(counts), np.nan)
+    mu = counts / counts.sum()
+    q, *_ = np.linalg.lstsq(confusion, mu, rcond=None)
+    # Sampling noise in C and mu can push the solution off the simplex (negative shares).
+    return project_to_simplex(q)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+
+
+def _finite(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _label_counts(counts: Any, labels: list[str], what: str, unknown: str) -> np.ndarray:
+    series = pd.Series(counts, dtype=float) if isinstance(counts, Mapping) else counts
+    if not isinstance(series, pd.Series):
+        raise DtkError(f"{what} must be a pandas Series or mapping indexed by label")
+    series = series.drop(unknown, errors="ignore")
+    if set(series.index) != set(labels):
+        raise DtkError(f"{what} has labels {sorted(map(str, series.index))}, expected {labels}")
+    values = series.reindex(labels).to_numpy(dtype=float)
+    if (values < 0).any() or not np.isfinite(values).all():
+        raise DtkError(f"{what} must be non-negative finite counts")
+    return values
+
+
+def _target_shares(target: Mapping[str, float], labels: list[str]) -> np.ndarray:
+    if set(target) != set(labels):
+        raise DtkError(f"target has labels {sorted(target)}, expected {labels}")
+    shares = np.array([float(target[label]) for label in labels])
+    if (shares < 0).any() or not math.isclose(shares.sum(), 1.0, abs_tol=1e-6):
+        raise DtkError(f"target shares must be non-negative and sum to 1, got {dict(target)}")
+    return shares
+
+
+def summarize(
+    counts: pd.Series,
+    target: Mapping[str, float],
+    *,
+    reference_counts: pd.Series | Mapping[str, float] | None = None,
+    confusion: Any | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    unknown: str = "unknown",
+) -> dict[str, Any]:
+    """JSON-ready summary of one attribute's audit.
+
+    ``counts`` is indexed by label plus ``unknown`` (e.g. a column of `count_table`); its
+    order fixes the label order. ``target`` maps every label to its target share.
+    ``reference_counts`` (training-data counts per label) adds bias amplification and the
+    reference shares; ``confusion`` (`confusion_matrix` in label order) adds BBSE-corrected
+    shares and metrics. Undefined or infinite values (no known predictions, an infinite KL
+    divergence) are ``None``.
+    """
+    if not isinstance(counts, pd.Series):
+        raise DtkError("counts must be a pandas Series indexed by label and unknown")
+    labels = [label for label in counts.index if label != unknown]
+    known_counts = _label_counts(counts, labels, "counts", unknown)
+    n_unknown = int(counts.get(unknown, 0))
+    t = _target_shares(target, labels)
+    known = int(known_counts.sum())
+    total = known + n_unknown
+    shares = known_counts / known if known else np.full(len(labels), np.nan)
+
+    low, high = wilson_interval(known_counts, known, confidence)
+    summary: dict[str, Any] = {
+        "labels": [str(label) for label in labels],
+        "total": total,
+        "unknown": {"count": n_unknown, "share": n_unknown / total if total else None},
+        "groups": {
+            str(label): {
+                "count": int(known_counts[i]),
+                "share": _finite(shares[i]),
+                "ci_low": float(low[i]),
+                "ci_high": float(high[i]),
+                "target": float(t[i]),
+            }
+            for i, label in enumerate(labels)
+        },
+    }
+
+    ref_shares = None
+    ref = None
+    if reference_counts is not None:
+        ref = _label_counts(reference_counts, labels, "reference_counts", unknown)
+        if ref.sum() <= 0:
+            raise DtkError("reference_counts hold no known prediction")
+        ref_shares = ref / ref.sum()
+
+    values = _all_metrics(shares, t, ref_shares)
+    intervals = bootstrap_intervals(
+        known_counts, t, n_boot=n_boot, confidence=confidence, seed=seed, reference_counts=ref
+    )
+    summary["metrics"] = {
+        name: {
+            "value": _finite(value),
+            "ci_low": _finite(intervals[name][0]),
+            "ci_high": _finite(intervals[name][1]),
+        }
+        for name, value in values.items()
+    }
+    if ref_shares is not None:
+        summary["reference"] = {
+            str(label): float(share) for label, share in zip(labels, ref_shares)
+        }
+
+    if confusion is not None:
+        corrected = corrected_shares(known_counts, confusion)
+        summary["corrected"] = {
+            "groups": {
+                str(label): {"share": _finite(share)} for label, share in zip(labels, corrected)
+            },
+            "metrics": {
+                name: _finite(value)
+                for name, value in _all_metrics(corrected, t, ref_shares).items()
+            },
+        }
+    return summary

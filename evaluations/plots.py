@@ -1,0 +1,192 @@
+"""The two standard fairness plots, rendered with Agg to PNG bytes for `evaluations.report`.
+
+Figures are built from `matplotlib.figure.Figure` directly (never pyplot), under matplotlib's
+default style, so the same input gives the same bytes whatever the caller's rcParams.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import matplotlib
+import matplotlib.style
+import numpy as np
+import pandas
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import PercentFormatter
+
+__all__ = ["accuracy_plot", "shares_plot"]
+
+SIZE = (6.0, 3.5)  # inches
+DPI = 100
+BAR = "#9ecae1"
+EDGE = "#3182bd"
+TARGET = "#d62728"
+CORRECTED = "#2ca02c"
+PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3")
+RC = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "axes.grid.axis": "y",
+    "grid.alpha": 0.35,
+    "axes.axisbelow": True,
+}
+
+
+def _number(value: Any) -> float:
+    """`value` as a float; None, NaN and non-numbers become NaN."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number
+
+
+def _errors(means: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:
+    # matplotlib wants distances from the mean; an interval not enclosing it still plots
+    return np.clip(np.vstack([means - lows, highs - means]), 0.0, None)
+
+
+def _render(draw: Callable[[Figure], None]) -> bytes:
+    with matplotlib.style.context("default"), matplotlib.rc_context(RC):
+        fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        draw(fig)
+        buffer = io.BytesIO()
+        # no Software/timestamp metadata: identical inputs give identical files
+        fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _tick_labels(ax, labels: Sequence[str]) -> None:
+    ax.set_xticks(range(len(labels)))
+    crowded = len(labels) > 6 or sum(len(s) for s in labels) > 60
+    if crowded:
+        ax.set_xticklabels(labels, rotation=30, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticklabels(labels)
+
+
+def _no_data(ax) -> None:
+    ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+
+
+def shares_plot(
+    groups: Mapping[str, Mapping[str, Any]],
+    target: Mapping[str, float] | None,
+    *,
+    title: str = "",
+    corrected: Mapping[str, float] | None = None,
+) -> bytes:
+    """Share per label as bars with 95% intervals, the target and corrected shares marked."""
+    target = dict(target or {})
+    corrected = dict(corrected or {})
+    # a targeted label that never occurred is still a label, with share 0
+    labels = [str(k) for k in groups] + [str(k) for k in target if k not in groups]
+    stats = {str(k): v for k, v in groups.items()}
+    share = np.array([_number(stats.get(k, {}).get("share", 0.0)) for k in labels])
+    low = np.array([_number(stats.get(k, {}).get("ci_low")) for k in labels])
+    high = np.array([_number(stats.get(k, {}).get("ci_high")) for k in labels])
+    tgt = np.array([_number(target.get(k)) for k in labels])
+    cor = np.array([_number(corrected.get(k)) for k in labels])
+
+    def draw(fig: Figure) -> None:
+        ax = fig.add_subplot()
+        if title:
+            ax.set_title(title)
+        if not labels:
+            _no_data(ax)
+            return
+        x = np.arange(len(labels), dtype=float)
+        ax.bar(x, np.nan_to_num(share), width=0.6, color=BAR, edgecolor=EDGE, linewidth=0.8)
+        handles: list[Any] = [Patch(facecolor=BAR, edgecolor=EDGE, label="share")]
+        ci = np.isfinite(share) & np.isfinite(low) & np.isfinite(high)
+        if ci.any():
+            ax.errorbar(
+                x[ci], share[ci], yerr=_errors(share[ci], low[ci], high[ci]),
+                fmt="none", ecolor="black", elinewidth=1, capsize=4,
+            )  # fmt: skip
+            handles.append(
+                Line2D([], [], color="black", marker="|", markersize=8, label="95% interval")
+            )
+        has = np.isfinite(tgt)
+        if has.any():
+            ax.hlines(tgt[has], x[has] - 0.4, x[has] + 0.4, colors=TARGET, linestyles="--",
+                      linewidth=1.8)  # fmt: skip
+            handles.append(Line2D([], [], color=TARGET, linestyle="--", label="target"))
+        has = np.isfinite(cor)
+        if has.any():
+            ax.plot(x[has], cor[has], linestyle="none", marker="D", markersize=6,
+                    color=CORRECTED, markeredgecolor="white")  # fmt: skip
+            handles.append(
+                Line2D([], [], color=CORRECTED, marker="D", linestyle="none", label="corrected")
+            )
+        values = np.concatenate([share, high, tgt, cor])
+        top = np.nanmax(values[np.isfinite(values)], initial=0.0)
+        ax.set_ylim(0.0, min(1.05, max(top * 1.15, top + 0.02, 0.1)))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.set_ylabel("share")
+        _tick_labels(ax, labels)
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+        fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+
+    return _render(draw)
+
+
+def accuracy_plot(summary: pandas.DataFrame, *, groups: list[str], title: str = "") -> bytes:
+    """Mean accuracy of each group under each method, as grouped bars with 95% intervals."""
+    missing = [f"accuracy_{g}_mean" for g in groups if f"accuracy_{g}_mean" not in summary]
+    if "method" not in summary:
+        missing.insert(0, "method")
+    if missing:
+        raise ValueError(f"accuracy_plot: summary lacks column(s) {', '.join(missing)}")
+
+    def column(name: str) -> np.ndarray:
+        if name not in summary:
+            return np.full(len(summary), math.nan)
+        return np.array([_number(v) for v in summary[name]], dtype=float)
+
+    methods = [str(m) for m in summary["method"]]
+
+    def draw(fig: Figure) -> None:
+        ax = fig.add_subplot()
+        if title:
+            ax.set_title(title)
+        if not methods or not groups:
+            _no_data(ax)
+            return
+        x = np.arange(len(methods), dtype=float)
+        width = 0.8 / len(groups)
+        for i, group in enumerate(groups):
+            mean = column(f"accuracy_{group}_mean")
+            low, high = column(f"accuracy_{group}_ci_low"), column(f"accuracy_{group}_ci_high")
+            at = x - 0.4 + width * (i + 0.5)
+            color = PALETTE[i % len(PALETTE)]
+            ax.bar(at, np.nan_to_num(mean), width=width * 0.92, color=color, label=str(group))
+            ci = np.isfinite(mean) & np.isfinite(low) & np.isfinite(high)
+            if ci.any():
+                ax.errorbar(
+                    at[ci], mean[ci], yerr=_errors(mean[ci], low[ci], high[ci]),
+                    fmt="none", ecolor="black", elinewidth=0.9, capsize=3,
+                )  # fmt: skip
+            # an absent mean must not read as an accuracy of zero
+            for where in at[~np.isfinite(mean)]:
+                ax.text(where, 0.01, "n/a", ha="center", va="bottom", fontsize=7, color="0.4")
+        ax.set_ylim(0.0, 1.05)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.set_ylabel("accuracy")
+        _tick_labels(ax, methods)
+        fig.legend(loc="outside right upper", fontsize=8, frameon=False, title="group",
+                   title_fontsize=8)  # fmt: skip
+
+    return _render(draw)

@@ -1,0 +1,544 @@
+"""One report, two renderings: a self-contained ``report.html`` and a GitHub ``report.md``.
+
+::
+
+    report = Report("Bias audit: group")
+    report.heading("Shares")
+    report.text("Shares of `group` with **95%** intervals.")
+    report.table(df, caption="Shares", float_format="{:.3f}")
+    report.figure(png_bytes, caption="Shares by group", name="shares")
+    report.gallery("Samples by predicted group", {"light": paths, "dark": paths})
+    report.config({"run": ..., "plugins": ...})
+    report.write(folder)  # folder/report.html, folder/report.md, folder/figures/*.png
+
+The HTML embeds every image as a data URI and carries a Content-Security-Policy that
+forbids scripts and any fetch, so it can be mailed or archived as one file. The markdown
+links its images under ``figures/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import html
+import io
+import json
+import math
+import pathlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas
+from PIL import Image
+
+import toolkit
+
+__all__ = ["Report"]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+THUMB_MAX = 128  # embedded gallery images are downscaled to this; originals may be large
+THUMB_DISPLAY = 64  # small images are shown at an integer multiple reaching this size
+SHEET_COLUMNS = 8
+SHEET_CELL = 64
+SHEET_PAD = 2
+MISSING = "—"
+
+# Only inline styles and data: images: the file stays one file, and whatever slips past
+# escaping cannot run or phone home.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'none'"
+
+CSS = """
+:root { color-scheme: light; --fg: #1f2328; --muted: #59636e; --line: #d1d9e0;
+        --stripe: #f6f8fa; --accent: #0969da; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--fg); background: #fff; line-height: 1.5;
+       font: 16px/1.5 -apple-system, "Segoe UI", "Helvetica Neue", Arial, sans-serif; }
+header { padding: 1.5rem 2rem 1rem; border-bottom: 1px solid var(--line);
+         background: var(--stripe); }
+header h1 { margin: 0 0 .25rem; font-size: 1.75rem; }
+header .meta { margin: 0; color: var(--muted); font-size: .9rem; }
+main { max-width: 1100px; padding: 1rem 2rem 3rem; }
+h2 { margin-top: 2rem; padding-bottom: .25rem; border-bottom: 1px solid var(--line); }
+h3, h4 { margin-top: 1.5rem; }
+code, pre { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace;
+            font-size: .875em; }
+code { padding: .1em .3em; border-radius: 4px; background: var(--stripe); }
+pre { padding: 1rem; overflow-x: auto; border-radius: 6px; background: var(--stripe); }
+pre code { padding: 0; background: none; }
+.table-wrap { overflow-x: auto; margin: 1rem 0; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; font-size: .9rem; }
+caption { caption-side: top; text-align: left; padding-bottom: .4rem; color: var(--muted); }
+th, td { padding: .35rem .75rem; border: 1px solid var(--line); text-align: left; }
+th { background: var(--stripe); font-weight: 600; }
+tbody tr:nth-child(even) { background: #fbfcfd; }
+td.num, th.num { text-align: right; }
+figure { margin: 1.25rem 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
+figcaption { color: var(--muted); font-size: .9rem; margin-top: .35rem; }
+.gallery-group { margin: 1rem 0; }
+.gallery-group h4 { margin: 0 0 .4rem; font-size: 1rem; }
+.gallery-group .count { color: var(--muted); font-weight: normal; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 4px; }
+.thumbs img { image-rendering: pixelated; border: 1px solid var(--line); background: #fff; }
+.note { color: var(--muted); font-size: .9rem; font-style: italic; }
+details { margin: 1rem 0; border: 1px solid var(--line); border-radius: 6px; padding: .5rem 1rem; }
+summary { cursor: pointer; font-weight: 600; }
+"""
+
+
+# ---------------------------------------------------------------------------- escaping
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#!])")
+_CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.DOTALL)
+_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*", re.DOTALL)
+_ITALIC = re.compile(r"(?<![*\w])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![*\w])", re.DOTALL)
+
+
+def _md_plain(text: object) -> str:
+    """`text` as markdown that renders literally, on one line."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def _split_code(text: str) -> tuple[str, list[str]]:
+    # code spans are set aside first so that `**` inside them is not taken as bold
+    codes: list[str] = []
+
+    def keep(match: re.Match[str]) -> str:
+        codes.append(match.group(2))
+        return f"\x00{len(codes) - 1}\x00"
+
+    return _CODE_SPAN.sub(keep, text.replace("\x00", "")), codes
+
+
+def _inline_html(text: str) -> str:
+    """Minimal markdown (code spans, bold, italic) as escaped HTML."""
+    rest, codes = _split_code(text)
+    out = html.escape(rest, quote=False)
+    out = _BOLD.sub(r"<strong>\1</strong>", out)
+    out = _ITALIC.sub(r"<em>\1</em>", out)
+    return re.sub(
+        r"\x00(\d+)\x00",
+        lambda m: f"<code>{html.escape(codes[int(m.group(1))].strip(), quote=False)}</code>",
+        out,
+    )
+
+
+def _inline_md(text: str) -> str:
+    """Minimal markdown passed through, with raw HTML outside code spans neutralised."""
+    rest, codes = _split_code(text)
+    out = rest.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    def code(match: re.Match[str]) -> str:
+        body = codes[int(match.group(1))]
+        fence = "`" * (_longest_backtick_run(body) + 1)
+        pad = " " if body.startswith("`") or body.endswith("`") else ""
+        return f"{fence}{pad}{body}{pad}{fence}"
+
+    return re.sub(r"\x00(\d+)\x00", code, out)
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60]
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        raise ValueError("figure() wants PNG bytes")
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def _load_image(path: pathlib.Path) -> Image.Image:
+    with Image.open(path) as opened:
+        opened.load()
+        alpha = "A" in opened.getbands() or "transparency" in opened.info
+        image = opened.convert("RGBA" if alpha else "RGB")
+    if max(image.size) > THUMB_MAX:
+        image.thumbnail((THUMB_MAX, THUMB_MAX), Image.Resampling.LANCZOS)
+    return image
+
+
+def _encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _fit(size: tuple[int, int], box: int) -> tuple[int, int]:
+    w, h = size
+    if max(w, h) <= box:
+        # integer upscaling keeps pixel art crisp
+        scale = max(1, box // max(w, h))
+        return w * scale, h * scale
+    scale = box / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _contact_sheet(images: Sequence[Image.Image]) -> bytes:
+    columns = max(1, min(SHEET_COLUMNS, len(images)))
+    rows = max(1, math.ceil(len(images) / columns))
+    step = SHEET_CELL + SHEET_PAD
+    sheet = Image.new("RGB", (columns * step + SHEET_PAD, rows * step + SHEET_PAD), "#d1d9e0")
+    for i, image in enumerate(images):
+        size = _fit(image.size, SHEET_CELL)
+        small = image.size[0] < size[0]
+        resample = Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS
+        tile = image.resize(size, resample)
+        x = SHEET_PAD + (i % columns) * step + (SHEET_CELL - size[0]) // 2
+        y = SHEET_PAD + (i // columns) * step + (SHEET_CELL - size[1]) // 2
+        if tile.mode == "RGBA":
+            sheet.paste(tile.convert("RGB"), (x, y), tile)
+        else:
+            sheet.paste(tile, (x, y))
+    return _encode_png(sheet)
+
+
+# ---------------------------------------------------------------------------- blocks
+
+
+@dataclasses.dataclass
+class _Heading:
+    text: str
+    level: int
+
+    def html(self) -> str:
+        return f"<h{self.level}>{_inline_html(self.text)}</h{self.level}>"
+
+    def md(self) -> str:
+        return f"{'#' * self.level} {_inline_md(' '.join(self.text.split()))}"
+
+
+@dataclasses.dataclass
+class _Text:
+    text: str
+
+    def html(self) -> str:
+        return "\n".join(f"<p>{_inline_html(p)}</p>" for p in _paragraphs(self.text))
+
+    def md(self) -> str:
+        return "\n\n".join(_inline_md(p) for p in _paragraphs(self.text))
+
+
+@dataclasses.dataclass
+class _Table:
+    header: list[str]
+    rows: list[list[str]]
+    numeric: list[bool]
+    caption: str | None
+
+    def html(self) -> str:
+        def cell(tag: str, text: str, numeric: bool) -> str:
+            cls = ' class="num"' if numeric else ""
+            return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
+
+        head = "".join(cell("th", h, n) for h, n in zip(self.header, self.numeric))
+        body = "\n".join(
+            "<tr>" + "".join(cell("td", v, n) for v, n in zip(row, self.numeric)) + "</tr>"
+            for row in self.rows
+        )
+        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
+        return (
+            f'<div class="table-wrap"><table>{caption}\n<thead><tr>{head}</tr></thead>\n'
+            f"<tbody>\n{body}\n</tbody></table></div>"
+        )
+
+    def md(self) -> str:
+        def line(cells: Sequence[str]) -> str:
+            return "| " + " | ".join(_md_plain(c) if c else " " for c in cells) + " |"
+
+        rule = "| " + " | ".join("---:" if n else "---" for n in self.numeric) + " |"
+        lines = [line(self.header), rule, *(line(row) for row in self.rows)]
+        if self.caption:
+            lines.insert(0, f"*{_md_plain(self.caption)}*\n")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Figure:
+    png: bytes
+    caption: str
+    name: str
+
+    def html(self) -> str:
+        width, height = _png_size(self.png)
+        caption = f"<figcaption>{html.escape(self.caption)}</figcaption>" if self.caption else ""
+        return (
+            f'<figure><img src="{_data_uri(self.png)}" width="{width}" height="{height}" '
+            f'alt="{html.escape(self.caption or self.name)}">{caption}</figure>'
+        )
+
+    def md(self) -> str:
+        image = f"![{_md_plain(self.caption or self.name)}](figures/{self.name}.png)"
+        return f"{image}\n\n*{_md_plain(self.caption)}*" if self.caption else image
+
+    def files(self) -> dict[str, bytes]:
+        return {f"{self.name}.png": self.png}
+
+
+@dataclasses.dataclass
+class _GalleryGroup:
+    label: str
+    name: str
+    total: int
+    thumbs: list[bytes]
+    sizes: list[tuple[int, int]]
+    sheet: bytes | None
+    skipped: list[str]
+
+
+@dataclasses.dataclass
+class _Gallery:
+    title: str
+    groups: list[_GalleryGroup]
+
+    def html(self) -> str:
+        parts = [f'<section class="gallery"><h3>{html.escape(self.title)}</h3>']
+        for group in self.groups:
+            count = f"{len(group.thumbs)} of {group.total} shown"
+            parts.append(
+                f'<div class="gallery-group"><h4>{html.escape(group.label)} '
+                f'<span class="count">({count})</span></h4>'
+            )
+            alt = html.escape(group.label)
+            imgs = "".join(
+                f'<img src="{_data_uri(png)}" width="{w}" height="{h}" alt="{alt}">'
+                for png, (w, h) in zip(group.thumbs, group.sizes)
+            )
+            if imgs:
+                parts.append(f'<div class="thumbs">{imgs}</div>')
+            if note := _gallery_note(group):
+                parts.append(f'<p class="note">{html.escape(note)}</p>')
+            parts.append("</div>")
+        parts.append("</section>")
+        return "\n".join(parts)
+
+    def md(self) -> str:
+        parts = [f"### {_md_plain(self.title)}"]
+        for group in self.groups:
+            parts.append(
+                f"**{_md_plain(group.label)}** ({len(group.thumbs)} of {group.total} shown)"
+            )
+            if group.sheet is not None:
+                parts.append(f"![{_md_plain(group.label)}](figures/{group.name}.png)")
+            if note := _gallery_note(group):
+                parts.append(f"*{_md_plain(note)}*")
+        return "\n\n".join(parts)
+
+    def files(self) -> dict[str, bytes]:
+        return {f"{g.name}.png": g.sheet for g in self.groups if g.sheet is not None}
+
+
+def _gallery_note(group: _GalleryGroup) -> str:
+    if group.skipped:
+        listed = ", ".join(group.skipped[:5]) + (", …" if len(group.skipped) > 5 else "")
+        return f"Skipped {len(group.skipped)} missing or unreadable image(s): {listed}"
+    if not group.thumbs:
+        return "No images."
+    return ""
+
+
+@dataclasses.dataclass
+class _Config:
+    data: Any
+    title: str
+
+    def _json(self) -> str:
+        return json.dumps(self.data, indent=2, default=str, ensure_ascii=False)
+
+    def html(self) -> str:
+        return (
+            f"<details><summary>{html.escape(self.title)}</summary>"
+            f'<pre><code class="language-json">{html.escape(self._json())}</code></pre>'
+            "</details>"
+        )
+
+    def md(self) -> str:
+        body = self._json()
+        fence = "`" * max(3, _longest_backtick_run(body) + 1)
+        return f"### {_md_plain(self.title)}\n\n{fence}json\n{body}\n{fence}"
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def _format_cell(value: object, float_format: Callable[[float], str]) -> str:
+    if isinstance(value, (list, tuple, dict, set, np.ndarray)):
+        return str(value)
+    if value is None or (not isinstance(value, str) and pandas.isna(value)):
+        return MISSING
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (float, np.floating)):
+        return float_format(float(value))
+    return str(value)
+
+
+def _column_label(label: object) -> str:
+    if isinstance(label, tuple):
+        return " / ".join(str(part) for part in label if str(part))
+    return "" if label is None else str(label)
+
+
+def _build_table(
+    df: pandas.DataFrame, caption: str | None, float_format: str | Callable[[float], str]
+) -> _Table:
+    fmt = float_format.format if isinstance(float_format, str) else float_format
+    # a default RangeIndex is row numbering, not data
+    if df.index.names != [None] or not isinstance(df.index, pandas.RangeIndex):
+        names = [n if n is not None else "" for n in df.index.names]
+        frame = df.copy()
+        frame.index = frame.index.set_names([f"\x00index{i}" for i in range(len(names))])
+        frame = frame.reset_index()
+        header = names + [_column_label(c) for c in df.columns]
+    else:
+        frame = df
+        header = [_column_label(c) for c in df.columns]
+    numeric = [
+        pandas.api.types.is_numeric_dtype(frame.iloc[:, i])
+        and not pandas.api.types.is_bool_dtype(frame.iloc[:, i])
+        for i in range(frame.shape[1])
+    ]
+    rows = [[_format_cell(v, fmt) for v in row] for row in frame.itertuples(index=False)]
+    return _Table(header, rows, numeric, caption)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+class Report:
+    """A report built block by block and written as HTML and markdown."""
+
+    def __init__(self, title: str, created: datetime.datetime | str | None = None) -> None:
+        self.title = title
+        if created is None:
+            created = datetime.datetime.now(datetime.timezone.utc)
+        if isinstance(created, datetime.datetime):
+            created = created.isoformat(timespec="seconds")
+        self.created = created
+        self._blocks: list[Any] = []
+        self._names: set[str] = set()
+
+    def _unique_name(self, wanted: str) -> str:
+        base = _slug(wanted) or "figure"
+        name, n = base, 2
+        while name in self._names:
+            name, n = f"{base}-{n}", n + 1
+        self._names.add(name)
+        return name
+
+    def heading(self, text: str, level: int = 2) -> Report:
+        """A section heading, with the same inline markup as `text`."""
+        if not 1 <= level <= 6:
+            raise ValueError(f"heading level must be 1..6, not {level}")
+        self._blocks.append(_Heading(str(text), level))
+        return self
+
+    def text(self, text: str) -> Report:
+        """Paragraphs (split at blank lines) with `code`, **bold** and *italic*."""
+        self._blocks.append(_Text(str(text)))
+        return self
+
+    def table(
+        self,
+        df: pandas.DataFrame,
+        *,
+        caption: str | None = None,
+        float_format: str | Callable[[float], str] = "{:.3f}",
+    ) -> Report:
+        """A DataFrame; its index is shown when named or not a plain RangeIndex."""
+        self._blocks.append(_build_table(df, caption, float_format))
+        return self
+
+    def figure(self, png: bytes, *, caption: str = "", name: str | None = None) -> Report:
+        """A PNG image, written as ``figures/<name>.png`` next to report.md."""
+        _png_size(png)
+        self._blocks.append(_Figure(png, caption, self._unique_name(name or "figure")))
+        return self
+
+    def gallery(
+        self,
+        title: str,
+        groups: Mapping[str, Sequence[str | pathlib.Path]],
+        *,
+        max_per_group: int = 16,
+    ) -> Report:
+        """Up to `max_per_group` images per group; unreadable files are skipped and noted."""
+        built = []
+        for label, paths in groups.items():
+            images, skipped = [], []
+            paths = list(paths)
+            for path in paths:
+                if len(images) >= max_per_group:
+                    break
+                try:
+                    images.append(_load_image(pathlib.Path(path)))
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                    skipped.append(pathlib.Path(path).name)
+            built.append(
+                _GalleryGroup(
+                    label=str(label),
+                    name=self._unique_name(f"gallery-{_slug(title)}-{_slug(str(label))}"),
+                    total=len(paths),
+                    thumbs=[_encode_png(im) for im in images],
+                    sizes=[_fit(im.size, THUMB_DISPLAY) for im in images],
+                    sheet=_contact_sheet(images) if images else None,
+                    skipped=skipped,
+                )
+            )
+        self._blocks.append(_Gallery(str(title), built))
+        return self
+
+    def config(self, data: Mapping[str, Any], *, title: str = "Configuration") -> Report:
+        """The run's configuration, collapsed in HTML and a json block in markdown."""
+        self._blocks.append(_Config(data, title))
+        return self
+
+    def html(self) -> str:
+        """The report as one self-contained HTML page."""
+        body = "\n".join(block.html() for block in self._blocks)
+        title = html.escape(self.title)
+        return (
+            "<!doctype html>\n"
+            '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{title}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            f'<header><h1>{title}</h1><p class="meta">Generated '
+            f'<time datetime="{html.escape(self.created)}">{html.escape(self.created)}</time>'
+            "</p></header>\n"
+            f"<main>\n{body}\n</main>\n</body>\n</html>\n"
+        )
+
+    def markdown(self) -> str:
+        """The report as GitHub markdown; images are linked under ``figures/``."""
+        head = f"# {_md_plain(self.title)}\n\nGenerated {_md_plain(self.created)}"
+        return "\n\n".join([head, *(block.md() for block in self._blocks)]) + "\n"
+
+    def write(self, folder: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+        """Write report.html, report.md and figures/ into `folder`; return the two reports."""
+        folder = pathlib.Path(folder)
+        for block in self._blocks:
+            for name, data in getattr(block, "files", dict)().items():
+                toolkit.atomic_write(folder / "figures" / name, data)
+        html_path, md_path = folder / "report.html", folder / "report.md"
+        toolkit.atomic_write(html_path, self.html().encode("utf-8"))
+        toolkit.atomic_write(md_path, self.markdown().encode("utf-8"))
+        return html_path, md_path

@@ -1,0 +1,140 @@
+"""`dtk eval bias`: planted truth, the results contract, breakdowns, corrections, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas
+import pytest
+from click.testing import CliRunner
+
+import toolkit
+from evaluations import metrics
+from evaluations.bias import audit_bias
+from toolkit.cli import cli
+
+
+def dtk(*args):
+    return CliRunner().invoke(cli, [*map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bias-data")
+    folders = {}
+    for name, split, share in (("train05", "train", 0.05), ("train20", "train", 0.2),
+                               ("test", "test", None)):  # fmt: skip
+        kwargs = {"minority_share": share} if share is not None else {}
+        toolkit.write_colored_digits(root / name, split, **kwargs)
+        folders[name] = root / name
+    return folders
+
+
+@pytest.mark.parametrize("name", ["train05", "train20"])
+def test_planted_minority_share_is_recovered(data, tmp_path, name):
+    truth = (toolkit.read_metadata(data[name])["group"] == "dark").mean()
+    result = dtk("eval", "bias", "--images", data[name], "--out", tmp_path / "audit", "-q")
+    assert result.exit_code == 0, result.output
+    dark = json.loads((tmp_path / "audit" / "results.json").read_text())["attributes"]["group"]
+    dark = dark["groups"]["dark"]
+    assert abs(dark["share"] - truth) <= 0.03
+    assert dark["ci_low"] <= truth <= dark["ci_high"]
+
+
+def test_results_contract_and_files(data, tmp_path):
+    result = audit_bias(tmp_path, images=data["train05"], by="digit", reference=data["train05"],
+                        calibration=data["test"], progress=False)  # fmt: skip
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    group = saved["attributes"]["group"]
+    assert set(group["groups"]) == {"light", "dark"}
+    for entry in group["groups"].values():
+        assert {"count", "share", "ci_low", "ci_high", "target"} <= set(entry)
+        assert entry["ci_low"] <= entry["share"] <= entry["ci_high"]
+    known = sum(g["count"] for g in group["groups"].values())
+    assert known + group["unknown"]["count"] == group["total"] == 1367
+    for name in ("fairness_discrepancy", "kl_divergence", "total_variation",
+                 "mean_absolute_deviation", "bias_amplification"):  # fmt: skip
+        value = group["metrics"][name]
+        assert value["ci_low"] is not None and value["value"] is not None
+    # the metrics are views of the same counts
+    p = [group["groups"][k]["share"] for k in ("dark", "light")]
+    assert group["metrics"]["fairness_discrepancy"]["value"] == pytest.approx(
+        metrics.fairness_discrepancy(p, [0.5, 0.5])
+    )
+    # the reference is the same folder: its own labels vs the classifier's reading of them
+    reference = [group["reference"][k] for k in ("dark", "light")]
+    expected = metrics.mean_absolute_deviation(p, [0.5, 0.5]) - metrics.mean_absolute_deviation(
+        reference, [0.5, 0.5]
+    )
+    assert group["metrics"]["bias_amplification"]["value"] == pytest.approx(expected)
+    assert abs(expected) < 0.01
+    # a nearly perfect classifier: corrected shares are close to the raw ones
+    assert group["corrected"]["groups"]["dark"]["share"] == pytest.approx(p[0], abs=0.01)
+    assert set(group["by"]) == {str(d) for d in range(10)}
+    assert saved["plugins"][0]["name"] == "cnn" and saved["plugins"][0]["version"]
+    assert saved["config"]["by"] == "digit"
+    for name in ("predictions.csv", "counts_group.csv", "shares_group.csv", "report.html",
+                 "report.md"):  # fmt: skip
+        assert (tmp_path / name).is_file()
+    predictions = pandas.read_csv(tmp_path / "predictions.csv")
+    assert len(predictions) == 1367 and "group_predicted" in predictions
+
+
+def test_a_label_with_no_images_still_counts(data, tmp_path):
+    light = tmp_path / "light"
+    light.mkdir()
+    metadata = toolkit.read_metadata(data["test"])
+    metadata = metadata[metadata["group"] == "light"].head(60)
+    for name in metadata["file_name"]:
+        (light / name).parent.mkdir(exist_ok=True)
+        (light / name).write_bytes((data["test"] / name).read_bytes())
+    metadata.to_csv(light / "metadata.csv", index=False)
+    result = audit_bias(tmp_path / "audit", images=light, progress=False, report=False)
+    dark = result["attributes"]["group"]["groups"]["dark"]
+    assert dark["count"] == 0 and dark["share"] == 0.0 and dark["ci_high"] > 0
+    counts = pandas.read_csv(tmp_path / "audit" / "counts_group.csv", index_col=0)
+    assert counts.loc["dark", "count"] == 0 and "unknown" in counts.index
+
+
+def test_a_plain_image_folder_is_audited(data, tmp_path):
+    plain = tmp_path / "plain" / "nested"
+    plain.mkdir(parents=True)
+    for name in toolkit.read_metadata(data["test"])["file_name"].head(30):
+        (plain / name.replace("/", "-")).write_bytes((data["test"] / name).read_bytes())
+    result = audit_bias(tmp_path / "audit", images=tmp_path / "plain", progress=False)
+    assert result["attributes"]["group"]["total"] == 30
+
+
+def test_generated_audit_spreads_the_by_attribute(tmp_path):
+    result = dtk("eval", "bias", "-n", 20, "--steps", 4, "--by", "digit", "--out", tmp_path, "-q")
+    assert result.exit_code == 0, result.output
+    samples = pandas.read_csv(tmp_path / "samples" / "metadata.csv", dtype=str)
+    assert samples.sort_values("file_name")["digit"].value_counts().to_dict() == {
+        str(d): 2 for d in range(10)
+    }
+    assert set(samples["group"].fillna("")) == {""}  # the audited attribute is left free
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["n"] == 20 and saved["attributes"]["group"]["total"] == 20
+    assert {p["kind"] for p in saved["plugins"]} >= {"attribute_classifier", "sampler"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--condition", "group=dark"], "leave it unspecified"),
+        (["--target", "light=0.5,blue=0.5"], "unknown value 'blue'"),
+        (["--target", "reference"], "needs --reference"),
+        (["--attribute", "colour"], "no shipped classifier for attribute 'colour'"),
+        (["--images", ".", "--model", "."], "not both"),
+        (["--images", ".", "--by", "digit"], "no metadata.csv"),
+        (["--min-confidence", "2"], "min-confidence"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = dtk("eval", "bias", *args, "--out", tmp_path / "audit", "-q")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "audit" / "samples").exists()
