@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import math
 import pathlib
+import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +20,13 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def natural_key(value: Any) -> tuple:
-    """Sort numeric strings numerically (``2`` before ``10``), others alphabetically."""
+    """Sort numbers by value (``2`` before ``10``), first, then other strings alphabetically."""
     text = str(value)
-    return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text)
+    return (0, float(text), text) if _NUMBER.fullmatch(text) else (1, 0.0, text)
 
 
 def load_images(

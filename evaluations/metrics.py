@@ -10,7 +10,6 @@ whole stack of bootstrap replicates at once.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
+from evaluations.common import natural_key
 from toolkit import DtkError
 
 __all__ = [
@@ -38,18 +38,9 @@ __all__ = [
 
 METRICS = ("fairness_discrepancy", "kl_divergence", "total_variation", "mean_absolute_deviation")
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
 
 # --------------------------------------------------------------------------------------------
 # Counting
-
-
-def _natural_key(value: str) -> tuple[int, float, str]:
-    # Numbers first and by value, so the digit columns read 0, 1, ..., 10 rather than 0, 1, 10.
-    if _NUMBER.fullmatch(value):
-        return (0, float(value), value)
-    return (1, 0.0, value)
 
 
 def _check_labels(labels: Sequence[str], unknown: str) -> list[str]:
@@ -113,7 +104,7 @@ def count_table(
     if by is None:
         table = counts.reindex(rows).fillna(0).astype(int).to_frame("count")
     else:
-        columns = sorted(set(by), key=_natural_key)
+        columns = sorted(set(by), key=natural_key)
         table = counts.unstack(level="by").reindex(index=rows, columns=columns)
         table = table.fillna(0).astype(int)
         table["all"] = table.sum(axis=1)

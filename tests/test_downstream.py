@@ -318,3 +318,36 @@ def test_synthetic_minority_data_narrows_the_logreg_gap(folders):
     assert summary.loc["synthetic", "gap_mean"] < summary.loc["real", "gap_mean"] / 2
     assert summary.loc["synthetic", "worst_group_mean"] > summary.loc["real", "worst_group_mean"]
     assert summary.loc["synthetic", "gap_reduction_mean"] > 0.5
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_the_command_writes_results_summary_and_report(folders, tmp_path):
+    out = tmp_path / "downstream"
+    result = invoke("eval", "downstream", "--real", folders["train"], "--test", folders["test"],
+                    "--synthetic", folders["synthetic"], "--models", "logreg", "--seeds", 2,
+                    "--steps", 20, "--out", out, "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "real + synthetic" in result.output  # the summary table on stderr
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["command"] == "eval downstream" and saved["groups"] == ["dark", "light"]
+    methods = {row["method"] for row in saved["summary"]}
+    assert methods == {"real", "oversample", "jitter", "synthetic", "pretrain_finetune"}
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 10 and set(runs["seed"]) == {0, 1}
+    by_group = {(r["method"]): r for r in saved["accuracy_by_group"]}
+    real_runs = runs[runs["method"] == "real"]
+    assert by_group["real"]["accuracy_dark_mean"] == pytest.approx(
+        real_runs["accuracy_dark"].mean()
+    )
+    for name in ("summary.csv", "report.html", "report.md"):
+        assert (out / name).is_file()
+
+
+def test_the_command_refuses_synthetic_methods_without_synthetic_data(folders, tmp_path):
+    result = invoke("eval", "downstream", "--real", folders["train"], "--test", folders["test"],
+                    "--methods", "real,synthetic", "--out", tmp_path / "d", "-q")  # fmt: skip
+    assert result.exit_code == 2
+    assert "method 'synthetic' needs --synthetic DIR" in result.output

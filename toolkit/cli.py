@@ -156,6 +156,27 @@ def _split_filter_options(pairs: tuple[str, ...], filters: tuple[str, ...]) -> d
     return result
 
 
+def _prompts(kw: dict[str, Any]) -> tuple[Any, Any, int]:
+    """(prompt, negative prompt, n) from --prompt, --negative-prompt, --prompts-file, -n."""
+    if kw["prompts_file"] is None:
+        return kw["prompt"], kw["negative_prompt"], kw["n"]
+    from toolkit.prompts import read_prompts_file
+
+    if kw["prompt"] is not None:
+        raise DtkError("give --prompt or --prompts-file, not both")
+    prompts, negatives = read_prompts_file(kw["prompts_file"])
+    if negatives is not None and kw["negative_prompt"] is not None:
+        raise DtkError("--negative-prompt and a negative_prompt column in --prompts-file: give one")
+    n = kw["n"]
+    explicit_n = click.get_current_context().get_parameter_source("n")
+    if explicit_n is click.core.ParameterSource.DEFAULT:
+        n = len(prompts)
+    elif n != len(prompts):
+        raise DtkError(f"-n {n}, but --prompts-file {kw['prompts_file']} asks for "
+                       f"{len(prompts)} samples")  # fmt: skip
+    return prompts, negatives if negatives is not None else kw["negative_prompt"], n
+
+
 @cli.command("generate")
 @click.option(
     "--model",
@@ -170,6 +191,17 @@ def _split_filter_options(pairs: tuple[str, ...], filters: tuple[str, ...]) -> d
     help="An attribute value for every sample, e.g. --condition digit=3. Repeatable; "
     "attributes left out are unspecified.",
 )
+@click.option("--prompt", help="Text-to-image models: the prompt of every sample.")
+@click.option(
+    "--negative-prompt",
+    help="Text-to-image models: what guidance steers away from (default: the empty prompt).",
+)
+@click.option(
+    "--prompts-file",
+    type=click.Path(path_type=pathlib.Path),
+    help="Text-to-image models: a CSV with columns prompt, optional count (samples per row, "
+    "default 1) and negative_prompt; -n defaults to the total count.",
+)
 @click.option("-n", "--num", "n", type=int, default=16, show_default=True, help="Samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sample i uses seed+i.")
 @click.option("--sampler", default="dpmpp_2m", show_default=True, help="Sampler plugin.")
@@ -181,7 +213,7 @@ def _split_filter_options(pairs: tuple[str, ...], filters: tuple[str, ...]) -> d
     "--guidance",
     default=None,
     help="Guidance plugin. Default: cfg (scale 2) when conditioned on a model with a null "
-    "label, else none.",
+    "label, cfg (scale 7.5) with a prompt, else none.",
 )
 @click.option("--guidance-option", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
 @click.option(
@@ -230,6 +262,7 @@ def generate_command(**kw: Any) -> None:
     Examples:
       dtk generate --condition digit=7 -n 16 --grid grid.png
       dtk generate --model ./my-ddpm --sampler ddim --schedule leading --steps 50
+      dtk generate --model ./my-sd --prompt "a photo of a cat" --negative-prompt blurry
       dtk generate --sampler dpmpp_2m_sde --sampler-option solver_type=heun
       dtk generate --filter blocklist --filter-option words=violent,gore
       torchrun --nproc-per-node 4 $(which dtk) generate -n 50000 --out big
@@ -239,11 +272,14 @@ def generate_command(**kw: Any) -> None:
     from toolkit.options import parse_key_values
 
     try:
+        prompt, negative, n = _prompts(kw)
         metadata = generate(
             kw["model"],
             out=kw["out"],
             conditions=parse_conditions(kw["conditions"]),
-            n=kw["n"],
+            prompt=prompt,
+            negative_prompt=negative,
+            n=n,
             seed=kw["seed"],
             sampler=kw["sampler"],
             sampler_options=parse_key_values(kw["sampler_option"], what="--sampler-option"),

@@ -7,7 +7,9 @@ Karras et al. 2022, table 1, for a VP (DDPM-trained) network ``F``: the input is
 (v-prediction) or ``F`` itself (sample prediction).
 
 `GuidedDenoiser` then evaluates every conditioning a guidance method asks for in ONE batched
-forward pass and lets the guidance combine the estimates.
+forward pass and lets the guidance combine the estimates. What a branch feeds the network
+comes from a conditioning: `LabelConditioning` (class labels; ``uncond`` is the null label)
+or `TextConditioning` (``encoder_hidden_states``; ``uncond`` is the negative prompt's).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
     from toolkit.model import LoadedModel
     from toolkit.noise import NoiseLevels
+    from toolkit.text_model import TextModel
 else:
     torch = lazy_import("torch")
 
@@ -45,9 +48,10 @@ def sigma_scalar(sigma: Any) -> float:
 
 
 class UNetDenoiser:
-    """``D(x, sigma, class_labels)`` for a `LoadedModel` (VP, discrete timesteps)."""
+    """``D(x, sigma, class_labels, **unet_inputs)`` for a `LoadedModel` or `TextModel`
+    (VP, discrete timesteps); `unet_inputs` such as ``encoder_hidden_states`` go to the UNet."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel | TextModel) -> None:
         self.model = model
         self.unet = model.unet
         self.noise_levels: NoiseLevels = model.noise_levels
@@ -55,15 +59,21 @@ class UNetDenoiser:
         self.dtype = next(self.unet.parameters()).dtype
 
     def __call__(
-        self, x: torch.Tensor, sigma: Any, class_labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        sigma: Any,
+        class_labels: torch.Tensor | None = None,
+        **unet_inputs: torch.Tensor,
     ) -> torch.Tensor:
         sigma = sigma_batch(sigma, x.shape[0], x.device)
         s = sigma.view(-1, *([1] * (x.ndim - 1)))
         c_in = 1 / (s**2 + 1).sqrt()
         t = self.noise_levels.sigma_to_t(sigma)
-        out = self.unet((x * c_in).to(self.dtype), t, class_labels=class_labels, return_dict=False)[
-            0
-        ].to(x.dtype)
+        x_in = (x * c_in).to(self.dtype)
+        inputs = {k: v.to(self.dtype) if v.is_floating_point() else v
+                  for k, v in unet_inputs.items()}  # fmt: skip
+        out = self.unet(x_in, t, class_labels=class_labels, **inputs, return_dict=False)[0]
+        out = out.to(x.dtype)
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":
@@ -71,47 +81,79 @@ class UNetDenoiser:
         return out
 
 
+class LabelConditioning:
+    """Branch inputs of a class-conditional model: the samples' labels (``cond``) or the
+    null label (``uncond``); nothing for an unconditional model (`labels` None)."""
+
+    def __init__(self, labels: torch.Tensor | None, null_label: int | None) -> None:
+        self.labels = labels
+        self.null_label = null_label
+
+    def inputs(self, branch: str, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        if self.labels is None:
+            return {}
+        if branch == COND:
+            return {"class_labels": self.labels.to(device)}
+        if branch == UNCOND:
+            null = torch.full((batch,), self.null_label, dtype=torch.long, device=device)
+            return {"class_labels": null}
+        raise KeyError(branch)
+
+
+class TextConditioning:
+    """Branch inputs of a text model: per-sample prompt embeddings (``cond``) and negative
+    prompt embeddings (``uncond``; the empty prompt's when there is none), ``[B, L, D]``."""
+
+    def __init__(self, cond: torch.Tensor, uncond: torch.Tensor) -> None:
+        self.embeddings = {COND: cond, UNCOND: uncond}
+
+    def inputs(self, branch: str, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return {"encoder_hidden_states": self.embeddings[branch].to(device)}
+
+
 class GuidedDenoiser:
     """The denoiser a sampler sees: guidance applied, one batched forward per call.
 
-    `labels` are the per-sample class labels (None for an unconditional model);
-    `null_label` is the label with every attribute unspecified (None if the model has none).
+    Each branch's network inputs come from `conditioning` (a `LabelConditioning` or
+    `TextConditioning`); for class labels, `labels` (per-sample, None for an unconditional
+    model) and `null_label` (every attribute unspecified; None if the model has none) may be
+    given instead.
     """
 
     def __init__(
         self,
         denoiser: UNetDenoiser,
         guidance: Any,
-        labels: torch.Tensor | None,
-        null_label: int | None,
+        labels: torch.Tensor | None = None,
+        null_label: int | None = None,
+        *,
+        conditioning: LabelConditioning | TextConditioning | None = None,
     ) -> None:
         self.denoiser = denoiser
         self.guidance = guidance
-        self.labels = labels
-        self.null_label = null_label
+        self.conditioning = conditioning or LabelConditioning(labels, null_label)
         self.noise_levels = denoiser.noise_levels
         self.scheduler_config = denoiser.model.scheduler_config  # for the diffusers adapter
         self.forwards = 0  # number of network calls, for tests and benchmarks
 
-    def _labels_for(self, branch: str, batch: int, device: torch.device) -> torch.Tensor | None:
-        if self.labels is None:
-            return None
-        if branch == COND:
-            return self.labels.to(device)
-        if branch == UNCOND:
-            return torch.full((batch,), self.null_label, dtype=torch.long, device=device)
-        raise DtkError(f"guidance {self.guidance.name!r} asked for unknown branch {branch!r}")
+    def _inputs_for(self, branch: str, batch: int, device: torch.device) -> dict[str, Any]:
+        try:
+            return self.conditioning.inputs(branch, batch, device)
+        except KeyError:
+            raise DtkError(
+                f"guidance {self.guidance.name!r} asked for unknown branch {branch!r}"
+            ) from None
 
     def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
         branches = tuple(active_branches(self.guidance, sigma_scalar(sigma)))
         batch = x.shape[0]
         xs = x if len(branches) == 1 else torch.cat([x] * len(branches))
-        labels = [self._labels_for(b, batch, x.device) for b in branches]
-        label_batch = None if labels[0] is None else torch.cat(labels)
+        per_branch = [self._inputs_for(b, batch, x.device) for b in branches]
+        inputs = {k: torch.cat([p[k] for p in per_branch]) for k in per_branch[0]}
         if hasattr(sigma, "ndim") and sigma.ndim > 0:
             sigma = torch.cat([sigma] * len(branches))
         self.forwards += 1
-        denoised = self.denoiser(xs, sigma, label_batch).split(batch)
+        denoised = self.denoiser(xs, sigma, **inputs).split(batch)
         preds: Mapping[str, torch.Tensor] = dict(zip(branches, denoised))
         return self.guidance(preds, sigma_scalar(sigma))
 
@@ -121,25 +163,38 @@ def active_branches(guidance: Any, sigma: float) -> tuple[str, ...]:
     return tuple(active(sigma)) if active is not None else tuple(guidance.branches)
 
 
-def check_guidance(guidance: Any, model: LoadedModel, conditional_request: bool) -> None:
-    """Refuse, before any compute, guidance the model or request cannot support."""
+def check_guidance(
+    guidance: Any, model: LoadedModel | TextModel, conditional_request: bool
+) -> None:
+    """Refuse, before any compute, guidance the model or request cannot support.
+
+    For a text model, `conditional_request` means a prompt or negative prompt was given.
+    """
     branches = set(guidance.branches)
     unknown = branches - {COND, UNCOND}
     if unknown:
         raise DtkError(f"guidance {guidance.name!r} asks for unknown branches {sorted(unknown)}")
-    if UNCOND in branches:
-        if model.labels is None:
-            raise DtkError(
-                f"guidance {guidance.name!r} needs a class-conditional model; "
-                f"{model.path} is unconditional: use --guidance none"
-            )
-        if model.labels.null_label is None:
-            raise DtkError(
-                f"guidance {guidance.name!r} needs the model's unconditional (null) label, and "
-                f"{model.path} has none: use --guidance none"
-            )
+    if UNCOND not in branches:
+        return
+    if getattr(model, "takes_prompts", False):
         if not conditional_request:
             raise DtkError(
-                f"guidance {guidance.name!r} needs a condition to guide towards: "
-                "give --condition KEY=VALUE, or use --guidance none"
+                f"guidance {guidance.name!r} needs a prompt to guide towards: give --prompt "
+                "(or --negative-prompt), or use --guidance none"
             )
+        return
+    if model.labels is None:
+        raise DtkError(
+            f"guidance {guidance.name!r} needs a class-conditional model; "
+            f"{model.path} is unconditional: use --guidance none"
+        )
+    if model.labels.null_label is None:
+        raise DtkError(
+            f"guidance {guidance.name!r} needs the model's unconditional (null) label, and "
+            f"{model.path} has none: use --guidance none"
+        )
+    if not conditional_request:
+        raise DtkError(
+            f"guidance {guidance.name!r} needs a condition to guide towards: "
+            "give --condition KEY=VALUE, or use --guidance none"
+        )

@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from toolkit._lazy import lazy_import
 from toolkit.conditions import folder_name
-from toolkit.denoiser import GuidedDenoiser, UNetDenoiser, check_guidance
+from toolkit.denoiser import GuidedDenoiser, TextConditioning, UNetDenoiser, check_guidance
 from toolkit.distributed import Shard, barrier, resolve_shard
 from toolkit.errors import DtkError
 from toolkit.images import contact_sheet, to_pixels, to_unit
-from toolkit.model import LoadedModel, load_model
+from toolkit.model import LoadedModel, label_space, load_model
 from toolkit.output import WRITTEN, OutputFolder, atomic_write, check_writable
 from toolkit.registry import Registry, get_registry
 from toolkit.safety import ON_FLAG, SampleRequest, Verdict, is_request_stage, run_filter
+from toolkit.text_model import TextModel, is_text_model
 
 if TYPE_CHECKING:
     import pandas
@@ -35,8 +36,10 @@ else:
 
 DTYPES = ("float32", "float16", "bfloat16")
 #: run.json keys that must agree for a rerun to resume an existing folder
-IDENTITY = ("model", "conditions", "seed", "sampler", "schedule", "steps", "guidance", "filters",
-            "on_flag", "dtype")  # fmt: skip
+IDENTITY = ("model", "conditions", "prompt", "negative_prompt", "seed", "sampler", "schedule",
+            "steps", "guidance", "filters", "on_flag", "dtype")  # fmt: skip
+#: guidance for a prompted text model when none is named, as diffusers' StableDiffusionPipeline
+TEXT_GUIDANCE = ("cfg", {"scale": 7.5})
 
 
 def default_model() -> pathlib.Path | None:
@@ -103,6 +106,17 @@ def _per_sample_conditions(
     return [{k: str(v) for k, v in c.items()} for c in conditions]
 
 
+def _per_sample_prompts(prompt: str | Sequence[str] | None, n: int, what: str) -> list[str] | None:
+    if prompt is None:
+        return None
+    prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+    if not all(isinstance(p, str) for p in prompts):
+        raise DtkError(f"{what} must be a string or a list of strings, one per sample")
+    if len(prompts) != n:
+        raise DtkError(f"got {len(prompts)} per-sample {what}s for n={n} samples")
+    return prompts
+
+
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DtkError(f"{name} must be a whole number >= 1, got {value!r}")
@@ -113,6 +127,8 @@ def generate(
     *,
     out: str | pathlib.Path,
     conditions: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
     n: int = 16,
     seed: int = 0,
     sampler: str = "dpmpp_2m",
@@ -139,8 +155,11 @@ def generate(
     earlier run's in the same folder).
 
     `conditions` is one mapping for all samples (``{"digit": "3"}``) or one per sample.
-    `guidance` None picks ``cfg`` (scale 2) for a conditioned request on a model with a null
-    label, else ``none``. Sample ``i`` starts from
+    A text-to-image model (`toolkit.text_model`) takes `prompt` instead: one string for all
+    samples or one per sample; `negative_prompt` likewise, the ``uncond`` branch of guidance
+    (the empty prompt when None). `guidance` None picks ``cfg`` (scale 2) for a conditioned
+    request on a model with a null label, ``cfg`` (scale 7.5) for a prompt, else ``none``.
+    Sample ``i`` starts from
     ``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i))``.
     Plugin options are checked against each plugin's signature; with
     `options_from_strings` they are converted from ``KEY=VALUE`` strings first.
@@ -178,20 +197,33 @@ def generate(
     torch_device = resolve_device(device)
     shard_ = resolve_shard(shard, torch_device.type)
     torch_dtype = getattr(torch, dtype)
+    requested = _per_sample_conditions(conditions, n)
+    prompts = _per_sample_prompts(prompt, n, "prompt")
+    negatives = _per_sample_prompts(negative_prompt, n, "negative prompt")
+    # read from the configs alone, so a wrong option fails before weights load
+    text = is_text_model(model_path)
+    conditional_model = not text and label_space(model_path) is not None
+    _check_prompts(model_path, text, conditional_model, requested, prompt, negative_prompt)
     loaded = load_model(
         model_path, trust_pickle=trust_pickle, device=torch_device, dtype=torch_dtype
     )
 
-    requested = _per_sample_conditions(conditions, n)
+    if text:
+        prompts = prompts or [""] * n
+        negatives = negatives or [""] * n
+    prompted = text and any(prompts + negatives)
     if guidance is None:
         usable = loaded.labels is not None and loaded.labels.null_label is not None
-        guidance, guidance_options = (
-            ("cfg", {"scale": 2.0}) if any(requested) and usable else ("none", {})
-        )
+        if prompted:
+            guidance, guidance_options = TEXT_GUIDANCE
+        else:
+            guidance, guidance_options = (
+                ("cfg", {"scale": 2.0}) if any(requested) and usable else ("none", {})
+            )
     guidance_p = _plugin(registry, "guidance", guidance, guidance_options, strings)
     per_sample = assign_conditions(guidance_p.instance, loaded, requested, seed)
     labels = _labels(loaded, per_sample)
-    conditional = any(per_sample)
+    conditional = prompted if text else any(per_sample)
     check_guidance(guidance_p.instance, loaded, conditional)
     sigmas = schedule_p.instance(steps, loaded.noise_levels)
 
@@ -203,6 +235,10 @@ def generate(
         "conditions": requested[0]
         if isinstance(conditions, Mapping) or conditions is None
         else requested,
+        "prompt": prompt if isinstance(prompt, str) or prompt is None else prompts,
+        "negative_prompt": negative_prompt
+        if isinstance(negative_prompt, str) or negative_prompt is None
+        else negatives,
         "n": n,
         "seed": seed,
         "sampler": sampler_p.describe(),
@@ -234,7 +270,16 @@ def generate(
         "guidance": guidance,
         "guidance_options": json.dumps(guidance_p.options, sort_keys=True, default=str),
     }
-    requests = {i: SampleRequest(index=i, seed=seed + i, conditions=per_sample[i]) for i in todo}
+    requests = {
+        i: SampleRequest(
+            index=i,
+            seed=seed + i,
+            conditions=per_sample[i],
+            prompt=prompts[i] if text else None,
+            negative_prompt=negatives[i] if text else None,
+        )
+        for i in todo
+    }
     request_filters = [f for f in filter_ps if is_request_stage(f.instance)]
     image_filters = [f for f in filter_ps if not is_request_stage(f.instance)]
     progress_bar = _progress(len(todo), progress and shard_.is_main, shard_)
@@ -265,6 +310,7 @@ def generate(
                 seeds=[r.seed for r in batch],
                 labels=batch_labels,
                 null_label=loaded.labels.null_label if loaded.labels else None,
+                conditioning=_text_conditioning(loaded, batch) if text else None,
             )
             verdicts = _judge(image_filters, images, batch)
             pixels = to_pixels(images)
@@ -299,12 +345,15 @@ def sample_images(
     seeds: Sequence[int],
     labels: torch.Tensor | None = None,
     null_label: int | None = None,
+    conditioning: TextConditioning | None = None,
 ) -> torch.Tensor:
     """One batch through guidance and sampler: float images ``[B, C, H, W]`` in [0, 1].
 
     Sample ``k`` starts from ``torch.randn(shape, generator=Generator("cpu").manual_seed(
     seeds[k]))`` scaled to the prior at ``sigmas[0]``, and its generator alone supplies its
-    later noise, so a sample's result does not depend on the batch it is in.
+    later noise, so a sample's result does not depend on the batch it is in. For a latent
+    model, `shape` is the latent's and the result is decoded by its VAE; `conditioning`
+    then carries the prompt embeddings.
     """
     device = next(denoiser.unet.parameters()).device
     shape = denoiser.model.sample_shape
@@ -315,9 +364,34 @@ def sample_images(
     def noise(sigma: float, sigma_next: float) -> torch.Tensor:
         return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
-    guided = GuidedDenoiser(denoiser, guidance, labels, null_label)
+    guided = GuidedDenoiser(denoiser, guidance, labels, null_label, conditioning=conditioning)
     with torch.inference_mode():
-        return to_unit(sampler(guided, x, sigmas, noise=noise))
+        x0 = sampler(guided, x, sigmas, noise=noise)
+        decode = getattr(denoiser.model, "decode", None)
+        return to_unit(decode(x0) if decode is not None else x0)
+
+
+def _text_conditioning(model: TextModel, batch: Sequence[SampleRequest]) -> TextConditioning:
+    cond = model.embed([r.prompt or "" for r in batch])
+    uncond = model.embed([r.negative_prompt or "" for r in batch])
+    return TextConditioning(cond, uncond)
+
+
+def _check_prompts(
+    path: pathlib.Path,
+    text: bool,
+    conditional: bool,
+    requested: list[dict[str, str]],
+    prompt: Any,
+    negative_prompt: Any,
+) -> None:
+    if text and any(requested):
+        raise DtkError(f"{path} is a text-to-image model: give --prompt, not --condition")
+    if not text and (prompt is not None or negative_prompt is not None):
+        option = "--prompt" if prompt is not None else "--negative-prompt"
+        kind = "class-conditional: use --condition KEY=VALUE" if conditional else "unconditional"
+        raise DtkError(f"{path} takes no {option}: it is not a text-to-image model "
+                       f"({kind})")  # fmt: skip
 
 
 def assign_conditions(
@@ -334,6 +408,11 @@ def assign_conditions(
     assign = getattr(guidance, "assign", None)
     if assign is None:
         return requested
+    if isinstance(loaded, TextModel):
+        raise DtkError(
+            f"guidance {guidance.name!r} chooses attribute values, which text-to-image models "
+            f"({loaded.path}) do not take yet"
+        )
     if loaded.labels is None:
         raise DtkError(
             f"guidance {guidance.name!r} chooses attribute values, and {loaded.path} is "
@@ -362,6 +441,13 @@ def _labels(loaded: LoadedModel, per_sample: list[dict[str, str]]) -> torch.Tens
     return torch.tensor(values, dtype=torch.long, device=loaded.unet.device)
 
 
+def prompt_folder(prompt: str, limit: int = 60) -> str:
+    """The class subfolder of a prompted sample: the prompt made a safe, bounded name
+    (image-folder loaders then label each image with its prompt)."""
+    words = "".join(c if c.isalnum() or c in "-_." else "_" for c in prompt.strip())
+    return words[:limit].strip("._") or "prompt"
+
+
 def _judge(
     filters: Sequence[_Plugin], images: torch.Tensor | None, requests: Sequence[SampleRequest]
 ) -> list[dict[str, Verdict]]:
@@ -379,7 +465,10 @@ def _record(
     verdicts: Mapping[str, Verdict],
     status: str,
 ) -> dict[str, Any]:
-    folder = folder_name(request.conditions, list(attribute_order))
+    if request.prompt:
+        folder = prompt_folder(request.prompt)
+    else:
+        folder = folder_name(request.conditions, list(attribute_order))
     record: dict[str, Any] = {
         "file_name": f"{folder}/{request.index:06d}.png",
         "index": request.index,
@@ -387,6 +476,9 @@ def _record(
     }
     for name in attribute_order:
         record[name] = request.conditions.get(name, "")
+    if request.prompt is not None:
+        record["prompt"] = request.prompt
+        record["negative_prompt"] = request.negative_prompt or ""
     record.update(common)
     for name, verdict in verdicts.items():
         record[f"filter_{name}_flagged"] = verdict.flagged

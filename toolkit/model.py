@@ -7,6 +7,9 @@ Two layouts are accepted:
 * a bare ``UNet2DModel`` folder (``config.json`` + weights) with ``scheduler_config.json``
   beside the weights.
 
+`load_model` hands Stable-Diffusion-style pipeline folders (text encoder, VAE,
+``UNet2DConditionModel``) to `toolkit.text_model`.
+
 An optional ``toolkit.json`` (next to ``model_index.json`` or in the UNet folder) names the
 model's conditioning attributes (see `toolkit.conditions`). Weights load from safetensors;
 pickled ``.bin`` weights only with ``trust_pickle=True``, because unpickling runs code.
@@ -23,6 +26,7 @@ from toolkit._lazy import lazy_import
 from toolkit.conditions import LabelSpace
 from toolkit.errors import DtkError
 from toolkit.noise import NoiseLevels
+from toolkit.text_model import TextModel, is_text_model, load_text_model
 
 if TYPE_CHECKING:
     import torch
@@ -107,11 +111,14 @@ def label_space(path: str | pathlib.Path) -> LabelSpace | None:
 
 def load_model(
     path: str | pathlib.Path, *, trust_pickle: bool = False, device: Any = "cpu", dtype: Any = None
-) -> LoadedModel:
-    """Load a UNet2DModel folder (see the module docstring); clear errors for bad folders."""
+) -> LoadedModel | TextModel:
+    """Load a UNet2DModel folder (see the module docstring), or a text-to-image pipeline
+    folder as a `TextModel`; clear errors for bad folders."""
     from diffusers import UNet2DModel
 
     path = pathlib.Path(path)
+    if is_text_model(path):
+        return load_text_model(path, trust_pickle=trust_pickle, device=device, dtype=dtype)
     unet_dir, scheduler_file, toolkit_json = find_unet_folder(path)
     try:
         unet_config = json.loads((unet_dir / "config.json").read_text())

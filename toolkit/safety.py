@@ -29,12 +29,14 @@ class Verdict:
 
 @dataclasses.dataclass(frozen=True)
 class SampleRequest:
-    """What was asked for one sample: its index, seed and conditions (or prompt)."""
+    """What was asked for one sample: its index, seed and conditions (or prompt, with the
+    negative prompt that guidance steers away from)."""
 
     index: int
     seed: int
     conditions: Mapping[str, str]
     prompt: str | None = None
+    negative_prompt: str | None = None
 
     def text(self) -> str:
         """The request as text, for filters that match words."""

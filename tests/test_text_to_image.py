@@ -1,0 +1,180 @@
+"""`dtk generate` / `toolkit.generate` on a tiny random Stable-Diffusion-style folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from tiny_models import save_pipeline
+from tiny_sd import save_sd_pipeline
+from transformers import CLIPTextModel
+
+from toolkit.cli import cli
+from toolkit.generation import generate
+
+CAT, DOG, NEG = "a photo of a cat", "a photo of a dog", "blurry"
+# diffusers' DDIM with SD's steps_offset=1 (tiny_sd.py) is our ddim on leading timesteps + 1
+DDIM = dict(sampler="ddim", schedule="leading", schedule_options={"offset": 1}, progress=False)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    sd = save_sd_pipeline(root / "sd")
+    no_tokenizer = root / "no-tokenizer"
+    shutil.copytree(sd, no_tokenizer)
+    shutil.rmtree(no_tokenizer / "tokenizer")
+    return {
+        "sd": sd,
+        "no_tokenizer": no_tokenizer,
+        "cond": save_pipeline(root / "cond", conditional=True),
+    }
+
+
+def pixels(out) -> dict[int, np.ndarray]:
+    metadata = pandas.read_csv(out / "metadata.csv", keep_default_na=False)
+    return {
+        int(row.index): np.asarray(Image.open(out / row.file_name), dtype=np.int16)
+        for row in metadata.itertuples()
+    }
+
+
+def diffusers_sd(model_dir, prompts, negative, seed, steps, scale=7.5) -> np.ndarray:
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    # the pipeline draws its own noise from generators; hand it our per-sample start instead
+    # (the DDIM prior's sigma scaling is its init_noise_sigma = 1 in VP space)
+    latents = torch.stack([
+        torch.randn((4, 8, 8), generator=torch.Generator("cpu").manual_seed(seed + i))
+        for i in range(len(prompts))
+    ])  # fmt: skip
+    images = pipe(prompts, negative_prompt=negative, num_inference_steps=steps,
+                  guidance_scale=scale, latents=latents, output_type="np").images  # fmt: skip
+    return np.round(images * 255).astype(np.int16)
+
+
+def test_equals_stable_diffusion_pipeline(models, tmp_path):
+    prompts = [CAT, DOG, CAT]
+    out = tmp_path / "out"
+    metadata = generate(models["sd"], out=out, prompt=prompts, negative_prompt=NEG, n=3,
+                        seed=4, steps=5, batch_size=2, **DDIM)  # fmt: skip
+    assert list(metadata["guidance"]) == ["cfg"] * 3  # the default for a prompt
+    assert json.loads(metadata["guidance_options"][0]) == {"scale": 7.5}
+    ours = pixels(out)
+    assert ours[0].shape == (16, 16, 3)  # latent 8x8, VAE scale factor 2
+    theirs = diffusers_sd(models["sd"], prompts, [NEG] * 3, seed=4, steps=5)
+    for i in range(3):
+        assert np.abs(ours[i] - theirs[i]).max() <= 1, f"sample {i}"
+    # the comparison has teeth: without the negative prompt the images change well beyond
+    # the tolerance (a random tiny text encoder keeps prompts' embeddings close)
+    plain = diffusers_sd(models["sd"], prompts[:1], None, seed=4, steps=5)
+    assert np.abs(ours[0] - plain[0]).max() > 4
+
+
+def test_prompts_are_encoded_once_and_cfg_is_one_forward_per_step(models, tmp_path, monkeypatch):
+    encoded, unet_batches = [], []
+    text_forward, unet_forward = CLIPTextModel.forward, UNet2DConditionModel.forward
+
+    def spy_text(self, input_ids=None, **kwargs):
+        encoded.extend(map(tuple, input_ids.tolist()))
+        return text_forward(self, input_ids=input_ids, **kwargs)
+
+    def spy_unet(self, sample, *args, **kwargs):
+        unet_batches.append(sample.shape[0])
+        return unet_forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPTextModel, "forward", spy_text)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_unet)
+    generate(models["sd"], out=tmp_path / "out", prompt=[CAT, DOG, CAT, DOG, CAT], n=5,
+             steps=3, batch_size=2, **DDIM)  # fmt: skip
+    # cat, dog and the empty (unconditional) prompt: each through the encoder once
+    assert len(encoded) == len(set(encoded)) == 3
+    # 3 batches x 3 steps, each one forward holding both CFG branches
+    assert unet_batches == [4] * 6 + [2] * 3
+
+
+def test_prompts_steer_images_and_are_recorded(models, tmp_path):
+    runs = {}
+    for name, prompt in (("cat", [CAT, DOG]), ("dog", DOG)):
+        runs[name] = tmp_path / name
+        generate(models["sd"], out=runs[name], prompt=prompt, n=2, seed=0, steps=4, **DDIM)
+    cat, dog = pixels(runs["cat"]), pixels(runs["dog"])
+    # same seed, other prompt (beyond the tolerance; a random text encoder's prompts are close)
+    assert np.abs(cat[0] - dog[0]).max() > 3
+    assert np.abs(cat[1] - dog[1]).max() <= 1  # same seed, same prompt
+    metadata = pandas.read_csv(runs["cat"] / "metadata.csv", keep_default_na=False)
+    assert list(metadata["prompt"]) == [CAT, DOG]
+    assert list(metadata["negative_prompt"]) == ["", ""]
+    assert list(metadata["file_name"]) == ["a_photo_of_a_cat/000000.png",
+                                           "a_photo_of_a_dog/000001.png"]  # fmt: skip
+    run = json.loads((runs["cat"] / "run.json").read_text())
+    assert run["prompt"] == [CAT, DOG] and run["negative_prompt"] is None
+    assert json.loads((runs["dog"] / "run.json").read_text())["prompt"] == DOG
+
+
+def test_cli_prompts_file_and_blocklist_sees_prompts(models, tmp_path):
+    prompts_file = tmp_path / "prompts.csv"
+    prompts_file.write_text(f"prompt,count,negative_prompt\n{CAT},2,{NEG}\n{DOG},1,\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [
+        "generate", "--model", str(models["sd"]), "--prompts-file", str(prompts_file),
+        "--steps", "2", "--schedule", "leading", "--filter", "blocklist", "--filter-option",
+        "words=dog", "--out", str(out), "-q",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metadata = pandas.read_csv(out / "metadata.csv", keep_default_na=False)
+    assert list(metadata["prompt"]) == [CAT, CAT]
+    assert list(metadata["negative_prompt"]) == [NEG, NEG]
+    rejected = pandas.read_csv(out / "rejected.csv", keep_default_na=False)
+    assert list(rejected["prompt"]) == [DOG] and list(rejected["status"]) == ["refused"]
+    # no prompt: plain unconditional sampling, no guidance
+    plain = generate(models["sd"], out=tmp_path / "plain", n=1, steps=2, **DDIM)
+    assert list(plain["guidance"]) == ["none"] and list(plain["prompt"]) == [""]
+
+
+BAD_INPUTS = {
+    "prompt on label model": (["--model", "{cond}", "--prompt", CAT], "takes no --prompt"),
+    "condition on text model": (["--model", "{sd}", "--condition", "digit=1"], "not --condition"),
+    "no tokenizer": (["--model", "{no_tokenizer}", "--prompt", CAT], "needs tokenizer/"),
+    "cfg without prompt": (["--model", "{sd}", "--guidance", "cfg"], "needs a prompt"),
+    "fair on text model": (
+        ["--model", "{sd}", "--prompt", CAT, "--guidance", "fair"],
+        "do not take yet",
+    ),
+    "prompts file columns": (
+        ["--model", "{sd}", "--prompts-file", "{bad_csv}"],
+        "needs a 'prompt' column",
+    ),
+    "prompt and file": (
+        ["--model", "{sd}", "--prompt", CAT, "--prompts-file", "{bad_csv}"],
+        "not both",
+    ),
+    "n against file": (
+        ["--model", "{sd}", "--prompts-file", "{good_csv}", "-n", "3"],
+        "asks for 2 samples",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line_and_no_files(models, tmp_path, case):
+    (tmp_path / "bad.csv").write_text("text\nhello\n")
+    (tmp_path / "good.csv").write_text(f"prompt,count\n{CAT},2\n")
+    paths = {name: str(path) for name, path in models.items()}
+    paths.update(bad_csv=str(tmp_path / "bad.csv"), good_csv=str(tmp_path / "good.csv"))
+    template, message = BAD_INPUTS[case]
+    args = [a.format(**paths) if a.startswith("{") else a for a in template]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["generate", *args, "--out", str(out), "--steps", "2", "-q"])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()

@@ -1,0 +1,138 @@
+"""A tiny random Stable-Diffusion-style pipeline folder, built offline.
+
+No weights or tokenizer files can be downloaded, so the CLIP tokenizer gets a byte-level
+BPE vocabulary written here: every byte (alone and word-final), the special tokens, and
+merges that make the test words single tokens (so prompts exercise real BPE merging).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+WORDS = ("a", "photo", "of", "cat", "dog", "blurry", "red", "blue", "painting", "car")
+MAX_LENGTH = 16
+HIDDEN = 32
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_chars() -> list[str]:
+    # GPT-2/CLIP's reversible byte -> printable-character table
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def write_tokenizer(path: pathlib.Path) -> pathlib.Path:
+    """vocab.json + merges.txt for a CLIPTokenizer covering `WORDS`."""
+    path.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in WORDS:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merges.append(f"{symbols[0]} {symbols[1]}")
+            symbols = [symbols[0] + symbols[1], *symbols[2:]]
+            tokens.append(symbols[0])
+    tokens = [*dict.fromkeys(tokens), BOS, EOS]
+    merges = list(dict.fromkeys(merges))
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return path
+
+
+def tiny_tokenizer(tmp: pathlib.Path) -> CLIPTokenizer:
+    folder = write_tokenizer(tmp / "bpe")
+    merges = (folder / "merges.txt").read_text().splitlines()[1:]
+    return CLIPTokenizer(
+        vocab=json.loads((folder / "vocab.json").read_text()),
+        merges=[tuple(m.split()) for m in merges],
+        model_max_length=MAX_LENGTH,
+        pad_token=EOS,
+    )
+
+
+def tiny_components(tmp: pathlib.Path, seed: int = 0) -> dict:
+    tokenizer = tiny_tokenizer(tmp)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_LENGTH,
+            bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+            eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+            pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        )
+    )
+    # SD's betas and timestep offset; the last step goes to sigma 0 (set_alpha_to_one, the
+    # DDIM default), as our samplers' do, where SD's own config stops just short of it
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def save_sd_pipeline(path: pathlib.Path) -> pathlib.Path:
+    """A StableDiffusionPipeline folder (no safety checker)."""
+    pipe = StableDiffusionPipeline(
+        **tiny_components(path.parent / f"{path.name}-tokenizer-src"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path

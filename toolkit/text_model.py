@@ -1,0 +1,248 @@
+"""Loading a local Stable-Diffusion-style pipeline folder into a `TextModel`.
+
+The folder is what ``StableDiffusionPipeline.save_pretrained`` writes: ``model_index.json``,
+``unet/`` (a ``UNet2DConditionModel``), ``vae/`` (an ``AutoencoderKL``), ``text_encoder/``
+(a ``CLIPTextModel``) with ``tokenizer/``, and ``scheduler/``. Sampling runs in the VAE's
+latent space; prompts become the UNet's ``encoder_hidden_states`` exactly as diffusers'
+``StableDiffusionPipeline`` computes them, so the same scheduler, seeds and prompts give the
+same images. Weights load from safetensors; pickled weights only with ``trust_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from toolkit._lazy import lazy_import
+from toolkit.errors import DtkError
+from toolkit.noise import NoiseLevels
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
+
+log = logging.getLogger(__name__)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SAFE = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+TEXT_UNETS = ("UNet2DConditionModel",)
+
+
+def is_text_model(path: pathlib.Path) -> bool:
+    """Whether a model folder is a text-conditioned pipeline (read from its configs only)."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        components = json.loads(index.read_text())
+        unet_class = json.loads((path / "unet" / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        # a damaged folder: let the UNet2DModel loader give its error
+        return False
+    has_text = isinstance(components.get("text_encoder"), list) and any(components["text_encoder"])
+    return has_text or unet_class in TEXT_UNETS
+
+
+@dataclasses.dataclass
+class TextModel:
+    """A text-conditioned latent diffusion model: UNet, VAE, text encoder and tokenizer."""
+
+    path: pathlib.Path
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_levels: NoiseLevels
+    prediction_type: str
+    scheduler_config: dict[str, Any]
+    labels: None = None
+    takes_prompts: ClassVar[bool] = True
+    #: how many prompts went through the text encoder (each distinct prompt once per run)
+    encoded: int = 0
+    _embeddings: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The latent shape one sample is drawn in."""
+        config = self.unet.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (config.in_channels, height, width)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        _, height, width = self.sample_shape
+        factor = self.vae_scale_factor
+        return (self.vae.config.out_channels, height * factor, width * factor)
+
+    @property
+    def conditional(self) -> bool:
+        return True
+
+    @property
+    def max_length(self) -> int:
+        # tokenizers saved without a limit report a huge sentinel; the encoder's positions
+        # are the real limit then
+        limit = self.text_encoder.config.max_position_embeddings
+        return min(int(self.tokenizer.model_max_length), limit)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "class": type(self.unet).__name__,
+            "text_encoder": type(self.text_encoder).__name__,
+            "prediction_type": self.prediction_type,
+            "sample_shape": list(self.sample_shape),
+            "image_shape": list(self.image_shape),
+            "attributes": [],
+        }
+
+    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The UNet's ``encoder_hidden_states`` ``[B, L, D]`` for `prompts`; each distinct
+        prompt goes through the text encoder once per model (cached), in one batched call."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
+        if missing:
+            tokens = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            self._warn_truncated(missing)
+            device = self.text_encoder.device
+            mask = None
+            if getattr(self.text_encoder.config, "use_attention_mask", False):
+                mask = tokens.attention_mask.to(device)
+            hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+            self.encoded += len(missing)
+            for prompt, row in zip(missing, hidden.to(self.unet.dtype)):
+                self._embeddings[prompt] = row
+        return torch.stack([self._embeddings[p] for p in prompts])
+
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]
+        for prompt, length in zip(prompts, lengths):
+            if length > self.max_length:
+                log.warning(
+                    "prompt truncated to the text encoder's %d tokens: %r", self.max_length, prompt
+                )
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] through the VAE (``latents / scaling_factor``)."""
+        scaled = latents / self.vae.config.scaling_factor
+        return self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0].float()
+
+
+def _use_safetensors(folder: pathlib.Path, stem: str, trust_pickle: bool) -> bool:
+    if any(folder.glob(f"{stem}*.safetensors")) or any(folder.glob("*.safetensors")):
+        return True
+    if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")):
+        if not trust_pickle:
+            raise DtkError(
+                f"{folder} has only pickled weights, and unpickling can run arbitrary code; "
+                "convert them to safetensors, or pass --trust-pickle if you trust the source"
+            )
+        return False
+    raise DtkError(f"{folder}: no weights ({stem}.safetensors)")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    # transformers draws a weight-loading bar on stderr, which is dtk's own progress and
+    # error channel; restore the user's setting afterwards
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise DtkError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise DtkError(f"{path}: corrupt config file: {exc}") from None
+
+
+def load_text_model(
+    path: str | pathlib.Path, *, trust_pickle: bool = False, device: Any = "cpu", dtype: Any = None
+) -> TextModel:
+    """Load a Stable-Diffusion-style pipeline folder (see the module docstring)."""
+    path = pathlib.Path(path)
+    for part, what in (("unet", "config.json"), ("vae", "config.json"),
+                       ("text_encoder", "config.json"), ("tokenizer", None),
+                       ("scheduler", "scheduler_config.json")):  # fmt: skip
+        folder = path / part
+        if not folder.is_dir() or (what is not None and not (folder / what).is_file()):
+            missing = f"{part}/" if what is None else f"{part}/{what}"
+            raise DtkError(f"{path}: a text-to-image pipeline folder needs {missing}")
+    unet_class = _read_json(path / "unet" / "config.json").get("_class_name")
+    if unet_class not in TEXT_UNETS:
+        raise DtkError(f"{path}: the UNet is a {unet_class}; a text-to-image pipeline needs "
+                       "UNet2DConditionModel")  # fmt: skip
+    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise DtkError(f"{path}: unsupported prediction_type {prediction_type!r}")
+    noise_levels = NoiseLevels.from_scheduler_config(scheduler_config)
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    def load(part: str, cls: Any, part_dtype: Any = dtype, **kwargs: Any) -> Any:
+        folder = path / part
+        safe = _use_safetensors(folder, SAFE[part], trust_pickle)
+        try:
+            module = cls.from_pretrained(folder, use_safetensors=safe, local_files_only=True,
+                                         torch_dtype=part_dtype, **kwargs)  # fmt: skip
+        except Exception as exc:  # loaders raise many types for a damaged folder
+            raise DtkError(
+                f"{folder}: cannot load the {part}: {type(exc).__name__}: {exc}"
+            ) from None
+        return module.eval().requires_grad_(False).to(device=device)
+
+    diffusers_kwargs = {"low_cpu_mem_usage": False}
+    unet = load("unet", UNet2DConditionModel, **diffusers_kwargs)
+    # SD's VAE overflows in float16 (its config says force_upcast), as diffusers knows
+    upcast = dtype == torch.float16 and _read_json(path / "vae" / "config.json").get(
+        "force_upcast", False
+    )
+    vae = load("vae", AutoencoderKL, torch.float32 if upcast else dtype, **diffusers_kwargs)
+    with _quiet_transformers():
+        text_encoder = load("text_encoder", CLIPTextModel)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    except Exception as exc:  # a broken tokenizer folder can fail in many ways
+        raise DtkError(
+            f"{path / 'tokenizer'}: cannot load the tokenizer: {type(exc).__name__}: {exc}"
+        ) from None
+    width = unet.config.cross_attention_dim
+    if isinstance(width, int) and width != text_encoder.config.hidden_size:
+        raise DtkError(
+            f"{path}: the UNet attends to {width}-wide text features "
+            f"but the text encoder gives {text_encoder.config.hidden_size}"
+        )
+    return TextModel(
+        path, unet, vae, text_encoder, tokenizer, noise_levels, prediction_type, scheduler_config
+    )
