@@ -45,6 +45,7 @@ def audit_bias(
     generation: Mapping[str, Any] | None = None,
     attributes: Sequence[str] = ("group",),
     classifier: str = "cnn",
+    classifier_options: Mapping[str, Any] | None = None,
     min_confidence: float = 0.7,
     target: str | Mapping[str, float] = "uniform",
     reference: str | pathlib.Path | None = None,
@@ -61,7 +62,9 @@ def audit_bias(
 
     `target` is ``uniform``, shares (``light=0.5,dark=0.5``) or ``reference`` (the shares of
     the `reference` folder). `generation` holds `toolkit.generate` keyword arguments
-    (sampler, steps, guidance, ...).
+    (sampler, steps, guidance, prompt for a text-to-image model, ...). The classifier plugin
+    is created per attribute with ``attribute=NAME`` and `classifier_options` (strings, as
+    from a command line, are converted by the plugin's option types).
     """
     out = pathlib.Path(out)
     attributes = list(dict.fromkeys(attributes))
@@ -74,7 +77,13 @@ def audit_bias(
     target_is_reference = isinstance(target, str) and target.strip().lower() == "reference"
     if target_is_reference and reference is None:
         raise toolkit.DtkError("--target reference needs --reference DIR")
-    classifiers = {a: toolkit.attribute_classifier(classifier, attribute=a) for a in attributes}
+    options = dict(classifier_options or {})
+    from_strings = all(isinstance(v, str) for v in options.values())
+    classifiers = {
+        a: toolkit.create_plugin("attribute_classifier", classifier, {**options, "attribute": a},
+                                 from_strings=from_strings)
+        for a in attributes
+    }  # fmt: skip
     for attribute, instance in classifiers.items():
         if instance.attribute != attribute:
             raise toolkit.DtkError(
@@ -156,6 +165,7 @@ def audit_bias(
             "out": str(out),
             "attributes": attributes,
             "classifier": classifier,
+            "classifier_options": options,
             "min_confidence": min_confidence,
             "target": target if isinstance(target, str) else dict(target),
             "reference": None if reference is None else str(reference),

@@ -107,6 +107,12 @@ def eval_group() -> None:
     help="Attribute-classifier plugin (created with attribute=NAME).",
 )  # fmt: skip
 @click.option(
+    "--classifier-option", multiple=True, metavar="KEY=VALUE",
+    help="Option of the classifier plugin, e.g. path=clip-folder or labels=a,b. Repeatable.",
+)  # fmt: skip
+@click.option("--prompt", help="Prompt for every sample (text-to-image models).")
+@click.option("--negative-prompt", help="Negative prompt (text-to-image models).")
+@click.option(
     "--min-confidence", type=float, default=0.7, show_default=True,
     help="Predictions less confident than this count as 'unknown'.",
 )  # fmt: skip
@@ -141,16 +147,24 @@ def bias_command(**kw: Any) -> None:
       dtk eval bias --out audit                        # the shipped generator, no condition
       dtk eval bias --by digit --reference train --out audit
       dtk eval bias --images other-generator-output/ --target light=0.7,dark=0.3
+      dtk eval bias --model sd-folder --prompt "a photo of a doctor" --attribute gender \\
+          --classifier clip --classifier-option path=clip-folder \\
+          --classifier-option labels=female,male --out audit
     """
     from evaluations.bias import audit_bias
 
     if kw["images"] is not None and kw["model"] is not None:
         raise toolkit.DtkError("give --model or --images, not both")
     generation = _generation(kw)
+    for key in ("prompt", "negative_prompt"):
+        value = kw.pop(key)
+        if value is not None:
+            generation[key] = value
     quiet = kw.pop("quiet")
     result = audit_bias(
         kw.pop("out"),
         conditions=_key_values(kw.pop("conditions"), "--condition"),
+        classifier_options=_key_values(kw.pop("classifier_option"), "--classifier-option"),
         generation=generation,
         progress=not quiet,
         **kw,

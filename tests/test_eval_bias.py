@@ -138,3 +138,21 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, monkeypatch, args, mess
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "audit" / "samples").exists()
+
+
+def test_a_text_to_image_model_is_audited_from_a_prompt(tmp_path):
+    from tiny_sd import save_sd_pipeline
+
+    model = save_sd_pipeline(tmp_path / "sd")
+    result = dtk("eval", "bias", "--model", model, "--prompt", "a photo of a cat",
+                 "--negative-prompt", "dog", "-n", 6, "--steps", 2, "--classifier-option",
+                 "path=" + str(toolkit.default_model().parent / "classifiers" / "group"),
+                 "--min-confidence", 0, "--out", tmp_path / "audit", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    samples = pandas.read_csv(tmp_path / "audit" / "samples" / "metadata.csv", dtype=str)
+    assert set(samples["prompt"]) == {"a photo of a cat"}
+    assert set(samples["negative_prompt"]) == {"dog"}
+    saved = json.loads((tmp_path / "audit" / "results.json").read_text())
+    assert saved["attributes"]["group"]["total"] == 6
+    assert saved["config"]["generation"]["prompt"] == "a photo of a cat"
+    assert saved["config"]["classifier_options"]["path"].endswith("group")

@@ -17,7 +17,15 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+)
 
 WORDS = ("a", "photo", "of", "cat", "dog", "blurry", "red", "blue", "painting", "car")
 MAX_LENGTH = 16
@@ -136,3 +144,29 @@ def save_sd_pipeline(path: pathlib.Path) -> pathlib.Path:
     )
     pipe.save_pretrained(path)
     return path
+
+
+def save_safety_checker(path: pathlib.Path, seed: int = 0) -> StableDiffusionSafetyChecker:
+    """A tiny random StableDiffusionSafetyChecker and its CLIPImageProcessor, saved as a pipeline
+    folder's ``safety_checker/`` and ``feature_extractor/``; returns the checker.
+
+    diffusers' checker starts with all-ones concept embeddings (every concept alike), so they
+    are drawn at random here; thresholds stay at its default 1.0 for the caller to set.
+    """
+    torch.manual_seed(seed)
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(
+            text_config=CLIPTextConfig(hidden_size=HIDDEN, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=4).to_dict(),
+            vision_config=CLIPVisionConfig(hidden_size=HIDDEN, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4,
+                                           image_size=32, patch_size=8).to_dict(),
+            projection_dim=HIDDEN,
+        )
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        checker.concept_embeds.normal_()
+        checker.special_care_embeds.normal_()
+    checker.save_pretrained(path / "safety_checker")
+    CLIPImageProcessor(size=32, crop_size=32).save_pretrained(path / "feature_extractor")
+    return checker

@@ -17,6 +17,7 @@ only these. Importing `toolkit` does not import torch; that happens when somethi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import (
@@ -51,6 +52,7 @@ __all__ = [
     "UnknownPluginError",
     "atomic_write",
     "attribute_classifier",
+    "create_plugin",
     "default_model",
     "generate",
     "guidance",
@@ -78,6 +80,15 @@ def plugins(kind: str | None = None) -> pandas.DataFrame:
 
     columns = ["name", "kind", "distribution", "version", "status", "error"]
     return pandas.DataFrame(get_registry().rows(kind), columns=columns)
+
+
+def create_plugin(
+    kind: str, name: str, options: Mapping[str, Any] | None = None, *, from_strings: bool = False
+) -> Any:
+    """An instance of plugin `name` of `kind` (``sampler``, ``schedule``, ``guidance``,
+    ``safety_filter``, ``attribute_classifier``); with `from_strings`, option values are
+    ``KEY=VALUE`` strings from a command line, converted by each option's annotation."""
+    return get_registry().create(kind, name, options, from_strings=from_strings)
 
 
 def sampler(name: str, /, **options: Any) -> Sampler:

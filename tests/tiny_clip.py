@@ -1,0 +1,111 @@
+"""A tiny random CLIP model folder (`CLIPModel` + `CLIPProcessor`), built offline.
+
+The tokenizer's byte-level BPE vocabulary is written here, as in `tiny_sd` (not imported from
+there, which would pull in diffusers): every byte, alone and word-final, plus merges that
+make the words the CLIP tests prompt with single tokens.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+WORDS = ("a", "an", "the", "photo", "drawing", "of", "light", "dark", "digit", "picture")
+MAX_LENGTH = 16
+IMAGE_SIZE = 32
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_chars() -> list[str]:
+    # GPT-2/CLIP's byte -> printable-character table: printable Latin-1 bytes stand for
+    # themselves, the rest are shifted past 255 in byte order
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merges.append((symbols[0], symbols[1]))
+            symbols = [symbols[0] + symbols[1], *symbols[2:]]
+            tokens.append(symbols[0])
+    tokens = [*dict.fromkeys(tokens), BOS, EOS]
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(tokens)},
+        merges=list(dict.fromkeys(merges)),
+        model_max_length=MAX_LENGTH,
+        pad_token=EOS,
+    )
+
+
+def save_clip(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """`path` holding a random CLIP model with its tokenizer and image processor."""
+    tokenizer = tiny_tokenizer()
+    special = {
+        "bos_token_id": tokenizer.convert_tokens_to_ids(BOS),
+        "eos_token_id": tokenizer.convert_tokens_to_ids(EOS),
+        "pad_token_id": tokenizer.convert_tokens_to_ids(EOS),
+    }
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": MAX_LENGTH,
+            **special,
+        },
+        vision_config={
+            "image_size": IMAGE_SIZE,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    model.save_pretrained(path)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def reference_text(path: pathlib.Path, prompts: list[str]) -> torch.Tensor:
+    """Unit-length text embeddings of `prompts`, straight from transformers."""
+    from transformers import AutoTokenizer
+
+    model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokens = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        features = model.get_text_features(**tokens).pooler_output
+    return features / features.norm(dim=-1, keepdim=True)
+
+
+def reference_proba(path: pathlib.Path, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """softmax(logit_scale * cosine) of `images` against unit-length `text` embeddings."""
+    from transformers import AutoImageProcessor
+
+    model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+    processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    pixels = processor(
+        images=list(images), do_rescale=False, input_data_format="channels_first",
+        return_tensors="pt",
+    ).pixel_values  # fmt: skip
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixels).pooler_output
+        features = features / features.norm(dim=-1, keepdim=True)
+        return (model.logit_scale.exp() * features @ text.T).softmax(dim=-1)
