@@ -64,6 +64,22 @@ def generation_options(
     return decorate
 
 
+def classifier_options(classifier_help: str) -> Any:
+    """``--classifier NAME`` and repeatable ``--classifier-option KEY=VALUE``."""
+
+    def decorate(function: Any) -> Any:
+        function = click.option(
+            "--classifier-option", multiple=True, metavar="KEY=VALUE",
+            help="Option of the classifier plugin, e.g. path=clip-folder or labels=a,b. "
+            "Repeatable.",
+        )(function)  # fmt: skip
+        return click.option("--classifier", default="cnn", show_default=True, help=classifier_help)(
+            function
+        )
+
+    return decorate
+
+
 def _generation(kw: dict[str, Any]) -> dict[str, Any]:
     generation = {
         "sampler": kw.pop("sampler"),
@@ -102,14 +118,7 @@ def eval_group() -> None:
     "--attribute", "attributes", multiple=True, default=("group",), show_default=True,
     help="Attribute to audit; repeatable.",
 )  # fmt: skip
-@click.option(
-    "--classifier", default="cnn", show_default=True,
-    help="Attribute-classifier plugin (created with attribute=NAME).",
-)  # fmt: skip
-@click.option(
-    "--classifier-option", multiple=True, metavar="KEY=VALUE",
-    help="Option of the classifier plugin, e.g. path=clip-folder or labels=a,b. Repeatable.",
-)  # fmt: skip
+@classifier_options("Attribute-classifier plugin (created with attribute=NAME).")
 @click.option("--prompt", help="Prompt for every sample (text-to-image models).")
 @click.option("--negative-prompt", help="Negative prompt (text-to-image models).")
 @click.option(
@@ -211,6 +220,13 @@ def _summary(result: dict[str, Any]) -> None:
     "--max-rounds", type=int, default=8, show_default=True,
     help="Generation rounds (the first plus retries of rejected samples).",
 )  # fmt: skip
+@click.option(
+    "--prompt-template",
+    help="Text-to-image models: the prompt of a cell, with {ATTRIBUTE} and {BY} fields, "
+    "e.g. 'a photo of a {gender} {occupation}'.",
+)
+@click.option("--negative-prompt", help="Text-to-image models: the negative prompt.")
+@classifier_options("Attribute-classifier plugin of the label_consistency filter.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @generation_options("cfg, scale 0.75: varied samples, which the filters check", steps=20)
 @click.option("--out", type=PATH, default=pathlib.Path("dtk-synthetic"), show_default=True)
@@ -232,6 +248,9 @@ def synthesize_command(**kw: Any) -> None:
       dtk synthesize --out synth                       # balance the colored-digits groups
       dtk synthesize --data my-data --model my-gen --attribute group --by label --out synth
       dtk synthesize --budget 500 --target light=0.6,dark=0.4 --out synth
+      dtk synthesize --model sd-folder --data photos --attribute gender --by occupation \\
+          --prompt-template "a photo of a {gender} {occupation}" --classifier clip \\
+          --classifier-option path=clip-folder --classifier-option labels=female,male
     """
     from evaluations.synthesis import synthesize
 
@@ -240,6 +259,7 @@ def synthesize_command(**kw: Any) -> None:
     quiet = kw.pop("quiet")
     out = kw.pop("out")
     by = kw.pop("by") or None
+    kw["classifier_options"] = _key_values(kw.pop("classifier_option"), "--classifier-option")
 
     def show_plan(plan: Any) -> None:
         click.echo(f"plan ({int(plan['generate'].sum())} images to generate):", err=True)

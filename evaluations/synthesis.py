@@ -109,6 +109,10 @@ def synthesize(
     max_rounds: int = 8,
     seed: int = 0,
     generation: Mapping[str, Any] | None = None,
+    prompt_template: str | None = None,
+    negative_prompt: str | None = None,
+    classifier: str = "cnn",
+    classifier_options: Mapping[str, Any] | None = None,
     progress: bool = True,
     report: bool = True,
     on_plan: Callable[[pandas.DataFrame], None] | None = None,
@@ -122,6 +126,12 @@ def synthesize(
     `toolkit.generate` keyword arguments (sampler, steps, guidance, batch_size, ...); without
     a guidance there, `DEFAULT_GUIDANCE` (CFG 0.75), and `DEFAULT_STEPS` steps.
     `on_plan` is called with the plan before anything is generated.
+
+    A text-to-image `model` takes `prompt_template` instead of label conditions: a
+    ``str.format`` template over `attribute` and `by`, e.g. ``"a photo of a {gender}
+    {occupation}"``, filled with each cell's values (from `data`); `negative_prompt` applies
+    to all. `label_consistency` then checks `attribute` with the classifier plugin
+    `classifier` and `classifier_options` (e.g. ``clip`` with its path and labels).
     """
     import pandas
 
@@ -139,22 +149,32 @@ def synthesize(
     model = pathlib.Path(model) if model is not None else toolkit.default_model()
     if model is None:
         raise toolkit.DtkError("no --model given, and this installation ships no default model")
-    space = toolkit.label_space(model)
-    if space is None:
-        raise toolkit.DtkError(
-            f"{model} is unconditional; synthesis needs a label-conditioned model"
-        )
-    values = list(space.attribute(attribute).values)
-    model_classes = list(space.attribute(by).values) if by else None
     if by == attribute:
         raise toolkit.DtkError("--by must differ from --attribute")
-    shares = toolkit.target_distribution(target, values, what="--target")
-
+    text = prompt_template is not None
+    names = [attribute] + ([by] if by else [])
+    if text:
+        _check_template(prompt_template, names)
+        if data is None:
+            raise toolkit.DtkError("--prompt-template needs --data: the real dataset folder")
+    else:  # the model's attributes are checked before any file is written
+        space = toolkit.label_space(model)
+        if space is None:
+            raise toolkit.DtkError(
+                f"{model} takes no attribute labels; synthesis needs a label-conditioned "
+                "model, or a text-to-image model with --prompt-template"
+            )
+        values = list(space.attribute(attribute).values)
+        model_classes = list(space.attribute(by).values) if by else None
     if data is None:
         data = out / "real"
         toolkit.write_colored_digits(data, "train", progress=progress)
     data = pathlib.Path(data)
-    metadata = toolkit.read_metadata(data, [attribute] + ([by] if by else []))
+    metadata = toolkit.read_metadata(data, names)
+    if text:  # a text model can draw any value: the data's values are the groups
+        values = sorted(metadata[attribute].astype(str).unique(), key=natural_key)
+        model_classes = sorted(metadata[by].astype(str).unique(), key=natural_key) if by else None
+    shares = toolkit.target_distribution(target, values, what="--target")
     foreign = sorted(set(metadata[attribute].astype(str)) - set(values), key=natural_key)
     if foreign:
         raise toolkit.DtkError(
@@ -177,9 +197,11 @@ def synthesize(
 
     filter_options: dict[str, dict[str, Any]] = {}
     if "label_consistency" in filters:
-        checked = [attribute] + ([by] if by else [])
+        # a text model's classes are checked by its prompts alone: one classifier, `attribute`
+        checked = [attribute] + ([by] if by and not text else [])
         filter_options["label_consistency"] = {
-            "attributes": checked, "threshold": consistency_threshold}  # fmt: skip
+            "attributes": checked, "threshold": consistency_threshold, "classifier": classifier,
+            "classifier_options": dict(classifier_options or {})}  # fmt: skip
     if "memorization" in filters:
         filter_options["memorization"] = {"data": data, "threshold": memorization_threshold}
 
@@ -200,8 +222,12 @@ def synthesize(
         if not pending:
             break
         folder = out / "rounds" / f"round-{round_index}"
+        prompts = {}
+        if text:
+            prompts = {"prompt": [prompt_template.format(**c) for c in pending],
+                       "negative_prompt": negative_prompt}  # fmt: skip
         kept = toolkit.generate(
-            model, out=folder, conditions=pending, n=len(pending), seed=seed + offset,
+            model, out=folder, conditions=pending, n=len(pending), seed=seed + offset, **prompts,
             filters=[f for f in DEFAULT_FILTERS if f in filters], filter_options=filter_options,
             on_flag="drop", progress=progress, **generation,
         )  # fmt: skip
@@ -245,9 +271,13 @@ def synthesize(
             "max_rounds": max_rounds,
             "seed": seed,
             "generation": generation,
+            "prompt_template": prompt_template,
+            "negative_prompt": negative_prompt,
+            "classifier": classifier,
+            "classifier_options": dict(classifier_options or {}),
         },
         "plugins": [provenance("safety_filter", f) for f in filters]
-        + [provenance("attribute_classifier", "cnn")] * ("label_consistency" in filters),
+        + [provenance("attribute_classifier", classifier)] * ("label_consistency" in filters),
         "versions": versions(),
         "planned": planned,
         "accepted": len(synthetic),
@@ -262,6 +292,24 @@ def synthesize(
 
         write_synthesis_report(out, result, achieved, synthetic)
     return result
+
+
+def _check_template(template: str, names: list[str]) -> None:
+    """Every ``{field}`` of the prompt template must be one of `names`."""
+    import string
+
+    hint = ", ".join("{" + n + "}" for n in names)
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise toolkit.DtkError(f"--prompt-template {template!r}: {exc}") from None
+    unknown = [f for f in fields if f not in names]
+    if unknown:
+        raise toolkit.DtkError(
+            f"--prompt-template {template!r}: unknown field {{{unknown[0]}}}; use {hint}"
+        )
+    if not fields:
+        raise toolkit.DtkError(f"--prompt-template {template!r} names no attribute; use {hint}")
 
 
 def _condition(row: Any, attribute: str, by: str | None) -> dict[str, str]:

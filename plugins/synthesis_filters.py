@@ -24,7 +24,8 @@ class LabelConsistency:
     """Flags a sample unless an attribute classifier confirms its requested values.
 
     For each of `attributes` that the request specifies, the classifier plugin `classifier`
-    (created with ``attribute=NAME``) must give the requested value probability at least
+    (created with ``attribute=NAME`` and `classifier_options`, a mapping from Python, e.g. a
+    ``clip`` model's path and labels) must give the requested value probability at least
     `threshold`. The score is the smallest such probability (None when the request specifies
     none of `attributes`: nothing to check).
     """
@@ -36,6 +37,7 @@ class LabelConsistency:
         attributes: list[str] | None = None,
         threshold: float = 0.5,
         classifier: str = "cnn",
+        classifier_options=None,  # a mapping; unannotated: the option system takes it as is
     ) -> None:
         attributes = list(attributes or ["group"])
         if not 0 <= threshold <= 1:
@@ -43,7 +45,11 @@ class LabelConsistency:
         self.threshold = threshold
         self.classifiers = {}
         for attribute in attributes:
-            instance = toolkit.attribute_classifier(classifier, attribute=attribute)
+            options = {**dict(classifier_options or {}), "attribute": attribute}
+            strings = all(isinstance(v, str) for v in options.values())
+            instance = toolkit.create_plugin(
+                "attribute_classifier", classifier, options, from_strings=strings
+            )
             if instance.attribute != attribute:
                 raise OptionError(
                     f"label_consistency: classifier {classifier!r} predicts "

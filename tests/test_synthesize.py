@@ -144,3 +144,37 @@ def test_user_mistakes(small_data, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "s" / "rounds").exists()
+
+
+def test_a_text_to_image_model_synthesizes_from_a_prompt_template(small_data, tmp_path):
+    from tiny_sd import save_sd_pipeline
+
+    model = save_sd_pipeline(tmp_path / "sd")
+    out = tmp_path / "synth"
+    # the tiny random model draws noise: threshold 0 keeps the filter's plumbing, not its bar
+    result = dtk("synthesize", "--model", model, "--data", small_data, "--prompt-template",
+                 "a photo of a {group} {digit}", "--negative-prompt", "blurry",
+                 "--consistency-threshold", 0, "--memorization-threshold", 0, "--steps", 2,
+                 "--out", out, "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["planned"] == saved["accepted"] == 12
+    generated = pandas.read_csv(out / "rounds" / "round-0" / "metadata.csv", dtype=str)
+    # the cell's values annotate each prompt: metadata columns the filters saw
+    assert set(generated["prompt"]) == {"a photo of a dark 0", "a photo of a dark 1"}
+    assert (generated["prompt"] == "a photo of a dark " + generated["digit"]).all()
+    assert set(generated["negative_prompt"]) == {"blurry"} and set(generated["group"]) == {"dark"}
+    assert generated["filter_label_consistency_score"].astype(float).between(0, 1).all()
+    synthetic = pandas.read_csv(out / "synthetic" / "metadata.csv", dtype=str)
+    assert synthetic.groupby(["digit", "group"]).size().to_dict() == {("0", "dark"): 6,
+                                                                      ("1", "dark"): 6}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [("a photo of a {colour}", "unknown field {colour}"), ("a photo", "names no attribute")],
+)
+def test_prompt_template_mistakes(small_data, tmp_path, template, message):
+    result = dtk("synthesize", "--data", small_data, "--prompt-template", template,
+                 "--out", tmp_path / "s", "-q")  # fmt: skip
+    assert result.exit_code == 2 and message in result.output

@@ -141,7 +141,7 @@ def test_cli_prompts_file_and_blocklist_sees_prompts(models, tmp_path):
 
 BAD_INPUTS = {
     "prompt on label model": (["--model", "{cond}", "--prompt", CAT], "takes no --prompt"),
-    "condition on text model": (["--model", "{sd}", "--condition", "digit=1"], "not --condition"),
+    "condition on text model": (["--model", "{sd}", "--condition", "digit=1"], "give --prompt"),
     "no tokenizer": (["--model", "{no_tokenizer}", "--prompt", CAT], "needs tokenizer/"),
     "cfg without prompt": (["--model", "{sd}", "--guidance", "cfg"], "needs a prompt"),
     "fair on text model": (

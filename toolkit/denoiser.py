@@ -9,7 +9,8 @@ Karras et al. 2022, table 1, for a VP (DDPM-trained) network ``F``: the input is
 `GuidedDenoiser` then evaluates every conditioning a guidance method asks for in ONE batched
 forward pass and lets the guidance combine the estimates. What a branch feeds the network
 comes from a conditioning: `LabelConditioning` (class labels; ``uncond`` is the null label)
-or `TextConditioning` (``encoder_hidden_states``; ``uncond`` is the negative prompt's).
+or `TextConditioning` (``encoder_hidden_states``; ``uncond`` is the negative prompt's, and
+a guidance's declared `text_branches` are further prompts shared by the batch).
 """
 
 from __future__ import annotations
@@ -102,13 +103,27 @@ class LabelConditioning:
 
 class TextConditioning:
     """Branch inputs of a text model: per-sample prompt embeddings (``cond``) and negative
-    prompt embeddings (``uncond``; the empty prompt's when there is none), ``[B, L, D]``."""
+    prompt embeddings (``uncond``; the empty prompt's when there is none), ``[B, L, D]``.
 
-    def __init__(self, cond: torch.Tensor, uncond: torch.Tensor) -> None:
+    `extra` holds the embeddings of a guidance's own `text_branches` (one prompt each, shared
+    by the whole batch), ``[L, D]`` or ``[1, L, D]``; they are expanded to the batch here.
+    """
+
+    def __init__(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        extra: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         self.embeddings = {COND: cond, UNCOND: uncond}
+        self.shared = {name: e.reshape(1, *e.shape[-2:]) for name, e in (extra or {}).items()}
 
     def inputs(self, branch: str, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-        return {"encoder_hidden_states": self.embeddings[branch].to(device)}
+        if branch in self.shared:
+            states = self.shared[branch].expand(batch, -1, -1)
+        else:
+            states = self.embeddings[branch]
+        return {"encoder_hidden_states": states.to(device)}
 
 
 class GuidedDenoiser:
@@ -169,9 +184,19 @@ def check_guidance(
     """Refuse, before any compute, guidance the model or request cannot support.
 
     For a text model, `conditional_request` means a prompt or negative prompt was given.
+    Branches beyond ``cond``/``uncond`` must be the guidance's `text_branches` (branch name
+    -> prompt), which only a text model can serve.
     """
     branches = set(guidance.branches)
-    unknown = branches - {COND, UNCOND}
+    text_branches = dict(getattr(guidance, "text_branches", None) or {})
+    if text_branches and not getattr(model, "takes_prompts", False):
+        raise DtkError(
+            f"guidance {guidance.name!r} needs a text-to-image model (its "
+            f"{'/'.join(sorted(text_branches))} branch is a prompt); {model.path} is not one"
+        )
+    if text_branches.keys() & {COND, UNCOND}:
+        raise DtkError(f"guidance {guidance.name!r} may not redefine the cond/uncond branches")
+    unknown = branches - {COND, UNCOND} - text_branches.keys()
     if unknown:
         raise DtkError(f"guidance {guidance.name!r} asks for unknown branches {sorted(unknown)}")
     if UNCOND not in branches:

@@ -156,9 +156,11 @@ def generate(
 
     `conditions` is one mapping for all samples (``{"digit": "3"}``) or one per sample.
     A text-to-image model (`toolkit.text_model`) takes `prompt` instead: one string for all
-    samples or one per sample; `negative_prompt` likewise, the ``uncond`` branch of guidance
-    (the empty prompt when None). `guidance` None picks ``cfg`` (scale 2) for a conditioned
-    request on a model with a null label, ``cfg`` (scale 7.5) for a prompt, else ``none``.
+    samples or one per sample (its `conditions`, if any, annotate the prompts with the
+    attribute values they express: metadata columns that filters see); `negative_prompt`
+    likewise, the ``uncond`` branch of guidance (the empty prompt when None). `guidance`
+    None picks ``cfg`` (scale 2) for a conditioned request on a model with a null label,
+    ``cfg`` (scale 7.5) for a prompt, else ``none``.
     Sample ``i`` starts from
     ``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i))``.
     Plugin options are checked against each plugin's signature; with
@@ -222,12 +224,16 @@ def generate(
             )
     guidance_p = _plugin(registry, "guidance", guidance, guidance_options, strings)
     per_sample = assign_conditions(guidance_p.instance, loaded, requested, seed)
-    labels = _labels(loaded, per_sample)
+    # a text model's conditions only annotate its prompts: metadata columns, seen by filters
+    labels = None if text else _labels(loaded, per_sample)
     conditional = prompted if text else any(per_sample)
     check_guidance(guidance_p.instance, loaded, conditional)
     sigmas = schedule_p.instance(steps, loaded.noise_levels)
 
-    attribute_order = loaded.labels.names if loaded.labels else []
+    if text:
+        attribute_order = list(dict.fromkeys(k for c in per_sample for k in c))
+    else:
+        attribute_order = loaded.labels.names if loaded.labels else []
     run = {
         "command": "generate",
         "model": str(model_path.resolve()),
@@ -310,7 +316,7 @@ def generate(
                 seeds=[r.seed for r in batch],
                 labels=batch_labels,
                 null_label=loaded.labels.null_label if loaded.labels else None,
-                conditioning=_text_conditioning(loaded, batch) if text else None,
+                conditioning=_text_conditioning(loaded, batch, guidance_p) if text else None,
             )
             verdicts = _judge(image_filters, images, batch)
             pixels = to_pixels(images)
@@ -371,10 +377,15 @@ def sample_images(
         return to_unit(decode(x0) if decode is not None else x0)
 
 
-def _text_conditioning(model: TextModel, batch: Sequence[SampleRequest]) -> TextConditioning:
+def _text_conditioning(
+    model: TextModel, batch: Sequence[SampleRequest], guidance: _Plugin
+) -> TextConditioning:
     cond = model.embed([r.prompt or "" for r in batch])
     uncond = model.embed([r.negative_prompt or "" for r in batch])
-    return TextConditioning(cond, uncond)
+    # a guidance's own prompts (sld's safety concept), each encoded once per model (cached)
+    declared = getattr(guidance.instance, "text_branches", None) or {}
+    extra = {name: model.embed([prompt]) for name, prompt in declared.items()}
+    return TextConditioning(cond, uncond, extra)
 
 
 def _check_prompts(
@@ -385,8 +396,11 @@ def _check_prompts(
     prompt: Any,
     negative_prompt: Any,
 ) -> None:
-    if text and any(requested):
-        raise DtkError(f"{path} is a text-to-image model: give --prompt, not --condition")
+    if text and any(requested) and prompt is None:
+        raise DtkError(
+            f"{path} is a text-to-image model: give --prompt (there --condition only annotates "
+            "prompts with the attribute values they express)"
+        )
     if not text and (prompt is not None or negative_prompt is not None):
         option = "--prompt" if prompt is not None else "--negative-prompt"
         kind = "class-conditional: use --condition KEY=VALUE" if conditional else "unconditional"

@@ -51,10 +51,7 @@ class LoadedModel:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        config = self.unet.config
-        size = config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return (config.in_channels, height, width)
+        return unet_sample_shape(self.unet)
 
     @property
     def conditional(self) -> bool:
@@ -68,6 +65,14 @@ class LoadedModel:
             "sample_shape": list(self.sample_shape),
             "attributes": self.labels.to_json()["attributes"] if self.labels else [],
         }
+
+
+def unet_sample_shape(unet: Any) -> tuple[int, int, int]:
+    """(channels, height, width) a UNet samples in (pixels, or latents for a VAE model)."""
+    config = unet.config
+    size = config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return (config.in_channels, height, width)
 
 
 def find_unet_folder(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path | None]:

@@ -78,10 +78,9 @@ class TextModel:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """The latent shape one sample is drawn in."""
-        config = self.unet.config
-        size = config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return (config.in_channels, height, width)
+        from toolkit.model import unet_sample_shape  # toolkit.model imports this module
+
+        return unet_sample_shape(self.unet)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
