@@ -139,6 +139,36 @@ def test_cli_prompts_file_and_blocklist_sees_prompts(models, tmp_path):
     assert list(plain["guidance"]) == ["none"] and list(plain["prompt"]) == [""]
 
 
+def test_memory_options_keep_the_images(models, tmp_path, monkeypatch):
+    """Attention slicing and VAE tiling trade speed for memory, not results."""
+    from diffusers import AutoencoderKL
+
+    calls = []
+    original_slice, original_tiling = (UNet2DConditionModel.set_attention_slice,
+                                       AutoencoderKL.enable_tiling)  # fmt: skip
+
+    def spy_slice(self, size):
+        calls.append(("slice", size))
+        return original_slice(self, size)
+
+    def spy_tiling(self, *args, **kwargs):
+        calls.append(("tiling",))
+        return original_tiling(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "set_attention_slice", spy_slice)
+    monkeypatch.setattr(AutoencoderKL, "enable_tiling", spy_tiling)
+    common = {"prompt": CAT, "n": 2, "steps": 3, "progress": False}
+    plain = generate(models["sd"], out=tmp_path / "plain", **common)
+    saving = generate(models["sd"], out=tmp_path / "saving", attention_slicing=True,
+                      vae_tiling=True, **common)  # fmt: skip
+    assert calls == [("slice", "auto"), ("tiling",)]
+    assert len(plain) == len(saving) == 2
+    a, b = pixels(tmp_path / "plain"), pixels(tmp_path / "saving")
+    assert all(np.abs(a[i] - b[i]).max() <= 1 for i in a)
+    run = json.loads((tmp_path / "saving" / "run.json").read_text())
+    assert run["memory"] == {"attention_slicing": True, "vae_tiling": True}
+
+
 BAD_INPUTS = {
     "prompt on label model": (["--model", "{cond}", "--prompt", CAT], "takes no --prompt"),
     "condition on text model": (["--model", "{sd}", "--condition", "digit=1"], "give --prompt"),
@@ -151,6 +181,10 @@ BAD_INPUTS = {
     "prompts file columns": (
         ["--model", "{sd}", "--prompts-file", "{bad_csv}"],
         "needs a 'prompt' column",
+    ),
+    "memory options on label model": (
+        ["--model", "{cond}", "--attention-slicing"],
+        "--attention-slicing is for text-to-image",
     ),
     "prompt and file": (
         ["--model", "{sd}", "--prompt", CAT, "--prompts-file", "{bad_csv}"],

@@ -248,6 +248,16 @@ def _prompts(kw: dict[str, Any]) -> tuple[Any, Any, int]:
     "--grid", type=click.Path(path_type=pathlib.Path), help="Also write a contact-sheet PNG."
 )
 @click.option("--trust-pickle", is_flag=True, help="Allow pickled (.bin) weights.")
+@click.option(
+    "--attention-slicing",
+    is_flag=True,
+    help="Text-to-image models: compute attention in slices (less GPU memory, a little slower).",
+)
+@click.option(
+    "--vae-tiling",
+    is_flag=True,
+    help="Text-to-image models: decode latents in overlapping tiles (large images on small GPUs).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def generate_command(**kw: Any) -> None:
     """Generate a dataset of images with any registered sampler, schedule, guidance
@@ -297,6 +307,8 @@ def generate_command(**kw: Any) -> None:
             shard=kw["shard"],
             grid=kw["grid"],
             trust_pickle=kw["trust_pickle"],
+            attention_slicing=kw["attention_slicing"],
+            vae_tiling=kw["vae_tiling"],
             progress=not kw["quiet"],
             options_from_strings=True,
         )

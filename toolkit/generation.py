@@ -147,6 +147,8 @@ def generate(
     shard: str | Shard | None = None,
     grid: str | pathlib.Path | None = None,
     trust_pickle: bool = False,
+    attention_slicing: bool = False,
+    vae_tiling: bool = False,
     progress: bool = True,
     options_from_strings: bool = False,
 ) -> pandas.DataFrame:
@@ -206,9 +208,16 @@ def generate(
     text = is_text_model(model_path)
     conditional_model = not text and label_space(model_path) is not None
     _check_prompts(model_path, text, conditional_model, requested, prompt, negative_prompt)
+    if (attention_slicing or vae_tiling) and not text:
+        option = "--attention-slicing" if attention_slicing else "--vae-tiling"
+        raise DtkError(f"{option} is for text-to-image (latent) models; {model_path} is not one")
     loaded = load_model(
         model_path, trust_pickle=trust_pickle, device=torch_device, dtype=torch_dtype
     )
+    if attention_slicing:
+        loaded.unet.set_attention_slice("auto")
+    if vae_tiling:
+        loaded.vae.enable_tiling()
 
     if text:
         prompts = prompts or [""] * n
@@ -255,6 +264,7 @@ def generate(
         "filters": [f.describe() for f in filter_ps],
         "on_flag": on_flag,
         "dtype": dtype,
+        "memory": {"attention_slicing": attention_slicing, "vae_tiling": vae_tiling},
         "plugins": [p.provenance for p in (sampler_p, schedule_p, guidance_p, *filter_ps)],
         "versions": _versions(),
     }
