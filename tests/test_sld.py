@@ -10,15 +10,14 @@ import pandas
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.deprecated.stable_diffusion_safe import (
     SafetyConfig,
     StableDiffusionPipelineSafe,
 )
 from PIL import Image
 from tiny_models import save_pipeline
-from tiny_sd import save_sd_pipeline
-from transformers import CLIPTextModel
+from tiny_sd import save_sd_pipeline, spy_forwards
 
 from plugins.sld import DEFAULT_CONCEPT, PRESETS, SafeLatentDiffusion
 from toolkit.cli import cli
@@ -170,19 +169,7 @@ def test_state_restarts_when_sigma_rises():
 
 
 def test_one_forward_per_step_with_three_branches(models, tmp_path, monkeypatch):
-    encoded, unet_batches = [], []
-    text_forward, unet_forward = CLIPTextModel.forward, UNet2DConditionModel.forward
-
-    def spy_text(self, input_ids=None, **kwargs):
-        encoded.extend(map(tuple, input_ids.tolist()))
-        return text_forward(self, input_ids=input_ids, **kwargs)
-
-    def spy_unet(self, sample, *args, **kwargs):
-        unet_batches.append(sample.shape[0])
-        return unet_forward(self, sample, *args, **kwargs)
-
-    monkeypatch.setattr(CLIPTextModel, "forward", spy_text)
-    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_unet)
+    encoded, unet_batches = spy_forwards(monkeypatch)
     generate(models["sd"], out=tmp_path / "out", prompt=CAT, n=3, steps=3, batch_size=2,
              guidance="sld", guidance_options={"concept": CONCEPT}, **DDIM)  # fmt: skip
     # the prompt, the empty prompt and the concept: each through the encoder once

@@ -13,8 +13,7 @@ from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from tiny_models import save_pipeline
-from tiny_sd import save_sd_pipeline
-from transformers import CLIPTextModel
+from tiny_sd import save_sd_pipeline, spy_forwards
 
 from toolkit.cli import cli
 from toolkit.generation import generate
@@ -79,19 +78,7 @@ def test_equals_stable_diffusion_pipeline(models, tmp_path):
 
 
 def test_prompts_are_encoded_once_and_cfg_is_one_forward_per_step(models, tmp_path, monkeypatch):
-    encoded, unet_batches = [], []
-    text_forward, unet_forward = CLIPTextModel.forward, UNet2DConditionModel.forward
-
-    def spy_text(self, input_ids=None, **kwargs):
-        encoded.extend(map(tuple, input_ids.tolist()))
-        return text_forward(self, input_ids=input_ids, **kwargs)
-
-    def spy_unet(self, sample, *args, **kwargs):
-        unet_batches.append(sample.shape[0])
-        return unet_forward(self, sample, *args, **kwargs)
-
-    monkeypatch.setattr(CLIPTextModel, "forward", spy_text)
-    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_unet)
+    encoded, unet_batches = spy_forwards(monkeypatch)
     generate(models["sd"], out=tmp_path / "out", prompt=[CAT, DOG, CAT, DOG, CAT], n=5,
              steps=3, batch_size=2, **DDIM)  # fmt: skip
     # cat, dog and the empty (unconditional) prompt: each through the encoder once

@@ -170,3 +170,22 @@ def save_safety_checker(path: pathlib.Path, seed: int = 0) -> StableDiffusionSaf
     checker.save_pretrained(path / "safety_checker")
     CLIPImageProcessor(size=32, crop_size=32).save_pretrained(path / "feature_extractor")
     return checker
+
+
+def spy_forwards(monkeypatch) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Record every prompt the text encoder sees (token ids) and every UNet batch size."""
+    encoded: list[tuple[int, ...]] = []
+    unet_batches: list[int] = []
+    text_forward, unet_forward = CLIPTextModel.forward, UNet2DConditionModel.forward
+
+    def spy_text(self, input_ids=None, **kwargs):
+        encoded.extend(map(tuple, input_ids.tolist()))
+        return text_forward(self, input_ids=input_ids, **kwargs)
+
+    def spy_unet(self, sample, *args, **kwargs):
+        unet_batches.append(sample.shape[0])
+        return unet_forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPTextModel, "forward", spy_text)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_unet)
+    return encoded, unet_batches
