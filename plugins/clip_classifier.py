@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import toolkit
 from toolkit.errors import DtkError, OptionError
+from toolkit.loading import quiet_transformers
 
 if TYPE_CHECKING:
     import torch
@@ -230,9 +231,10 @@ def _load(path: pathlib.Path, trust_pickle: bool) -> tuple[Any, Any, Any]:
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     try:
-        model = CLIPModel.from_pretrained(
-            path, local_files_only=True, use_safetensors=None if trust_pickle else True
-        )
+        with quiet_transformers():
+            model = CLIPModel.from_pretrained(
+                path, local_files_only=True, use_safetensors=None if trust_pickle else True
+            )
     except (OSError, ValueError) as exc:
         raise DtkError(f"clip: cannot load the CLIP model in {path}: {_one_line(exc)}") from None
     parts = []

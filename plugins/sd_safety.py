@@ -6,13 +6,13 @@ image out: it returns a verdict with the concept score, and ``--on-flag`` decide
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import toolkit
 from toolkit.errors import OptionError
+from toolkit.loading import quiet_transformers
 from toolkit.safety import SampleRequest, Verdict
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class SDSafetyChecker:
             self.device = torch.device(device)
         except (RuntimeError, ValueError):
             raise OptionError(f"sd_safety_checker: unknown device {device!r}") from None
-        with _quiet_loading():
+        with quiet_transformers():
             checker = StableDiffusionSafetyChecker.from_pretrained(
                 checker_dir, local_files_only=True, use_safetensors=True
             )
@@ -136,21 +136,6 @@ def _component_dirs(model: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
             "(the checker's CLIPImageProcessor)"
         )
     return checker_dir, extractor_dir
-
-
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    # transformers draws a weight-loading progress bar on stderr; a filter loading its
-    # weights is not progress the user asked to watch, and it would break `-q`
-    from transformers.utils import logging
-
-    was_enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            logging.enable_progress_bar()
 
 
 def _to_pil(images: torch.Tensor) -> list:

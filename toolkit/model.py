@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit._lazy import lazy_import
 from toolkit.conditions import LabelSpace
 from toolkit.errors import DtkError
+from toolkit.loading import use_safetensors
 from toolkit.noise import NoiseLevels
 from toolkit.text_model import TextModel, is_text_model, load_text_model
 
@@ -34,8 +35,7 @@ else:
     torch = lazy_import("torch")
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
-PICKLED_WEIGHTS = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.ckpt")
+WEIGHTS_STEM = "diffusion_pytorch_model"
 
 
 @dataclasses.dataclass
@@ -134,22 +134,12 @@ def load_model(
         raise DtkError(
             f"{path}: the UNet is a {unet_config['_class_name']}; this loader takes UNet2DModel"
         )
-    if (unet_dir / SAFE_WEIGHTS).is_file():
-        use_safetensors = True
-    elif any((unet_dir / name).is_file() for name in PICKLED_WEIGHTS):
-        if not trust_pickle:
-            raise DtkError(
-                f"{unet_dir} has only pickled weights, and unpickling can run arbitrary code; "
-                "convert them to safetensors, or pass --trust-pickle if you trust the source"
-            )
-        use_safetensors = False
-    else:
-        raise DtkError(f"{unet_dir}: no weights ({SAFE_WEIGHTS})")
+    safetensors = use_safetensors(unet_dir, WEIGHTS_STEM, trust_pickle)
 
     try:
         unet = UNet2DModel.from_pretrained(
             unet_dir,
-            use_safetensors=use_safetensors,
+            use_safetensors=safetensors,
             local_files_only=True,
             low_cpu_mem_usage=False,
             torch_dtype=dtype,

@@ -10,16 +10,16 @@ same images. Weights load from safetensors; pickled weights only with ``trust_pi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from toolkit._lazy import lazy_import
 from toolkit.errors import DtkError
+from toolkit.loading import quiet_transformers, use_safetensors
 from toolkit.noise import NoiseLevels
 
 if TYPE_CHECKING:
@@ -147,34 +147,6 @@ class TextModel:
         return self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0].float()
 
 
-def _use_safetensors(folder: pathlib.Path, stem: str, trust_pickle: bool) -> bool:
-    if any(folder.glob(f"{stem}*.safetensors")) or any(folder.glob("*.safetensors")):
-        return True
-    if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")):
-        if not trust_pickle:
-            raise DtkError(
-                f"{folder} has only pickled weights, and unpickling can run arbitrary code; "
-                "convert them to safetensors, or pass --trust-pickle if you trust the source"
-            )
-        return False
-    raise DtkError(f"{folder}: no weights ({stem}.safetensors)")
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    # transformers draws a weight-loading bar on stderr, which is dtk's own progress and
-    # error channel; restore the user's setting afterwards
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -211,7 +183,7 @@ def load_text_model(
 
     def load(part: str, cls: Any, part_dtype: Any = dtype, **kwargs: Any) -> Any:
         folder = path / part
-        safe = _use_safetensors(folder, SAFE[part], trust_pickle)
+        safe = use_safetensors(folder, SAFE[part], trust_pickle)
         try:
             module = cls.from_pretrained(folder, use_safetensors=safe, local_files_only=True,
                                          torch_dtype=part_dtype, **kwargs)  # fmt: skip
@@ -228,7 +200,7 @@ def load_text_model(
         "force_upcast", False
     )
     vae = load("vae", AutoencoderKL, torch.float32 if upcast else dtype, **diffusers_kwargs)
-    with _quiet_transformers():
+    with quiet_transformers():
         text_encoder = load("text_encoder", CLIPTextModel)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
