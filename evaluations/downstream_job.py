@@ -40,9 +40,9 @@ def evaluate_downstream(
         "command": "eval downstream",
         "created": now(),
         "config": {
-            "real": str(real) if not hasattr(real, "images") else str(real.root),
-            "test": str(test) if not hasattr(test, "images") else str(test.root),
-            "synthetic": None if synthetic is None else str(getattr(synthetic, "root", synthetic)),
+            "real": _where(real),
+            "test": _where(test),
+            "synthetic": None if synthetic is None else _where(synthetic),
             "out": str(out),
             **data["config"],
         },
@@ -64,6 +64,11 @@ def evaluate_downstream(
         report_.config({"config": data["config"], "versions": data["versions"]})
         report_.write(out)
     return data
+
+
+def _where(data: Any) -> str:
+    """The folder of a dataset given as a path or as a loaded `toolkit.ImageDataset`."""
+    return str(getattr(data, "root", data))
 
 
 def group_names(runs: pandas.DataFrame) -> list[str]:

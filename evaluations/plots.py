@@ -51,9 +51,18 @@ def _number(value: Any) -> float:
     return number
 
 
-def _errors(means: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:
+def _interval_bars(
+    ax: Any, x: np.ndarray, means: np.ndarray, lows: np.ndarray, highs: np.ndarray, **style: Any
+) -> bool:
+    """Black error bars where the mean and both ends are known; whether any was drawn."""
+    known = np.isfinite(means) & np.isfinite(lows) & np.isfinite(highs)
+    if not known.any():
+        return False
     # matplotlib wants distances from the mean; an interval not enclosing it still plots
-    return np.clip(np.vstack([means - lows, highs - means]), 0.0, None)
+    m, low, high = means[known], lows[known], highs[known]
+    errors = np.clip(np.vstack([m - low, high - m]), 0.0, None)
+    ax.errorbar(x[known], m, yerr=errors, fmt="none", ecolor="black", **style)
+    return True
 
 
 def _render(draw: Callable[[Figure], None]) -> bytes:
@@ -110,12 +119,7 @@ def shares_plot(
         x = np.arange(len(labels), dtype=float)
         ax.bar(x, np.nan_to_num(share), width=0.6, color=BAR, edgecolor=EDGE, linewidth=0.8)
         handles: list[Any] = [Patch(facecolor=BAR, edgecolor=EDGE, label="share")]
-        ci = np.isfinite(share) & np.isfinite(low) & np.isfinite(high)
-        if ci.any():
-            ax.errorbar(
-                x[ci], share[ci], yerr=_errors(share[ci], low[ci], high[ci]),
-                fmt="none", ecolor="black", elinewidth=1, capsize=4,
-            )  # fmt: skip
+        if _interval_bars(ax, x, share, low, high, elinewidth=1, capsize=4):
             handles.append(
                 Line2D([], [], color="black", marker="|", markersize=8, label="95% interval")
             )
@@ -173,12 +177,7 @@ def accuracy_plot(summary: pandas.DataFrame, *, groups: list[str], title: str = 
             at = x - 0.4 + width * (i + 0.5)
             color = PALETTE[i % len(PALETTE)]
             ax.bar(at, np.nan_to_num(mean), width=width * 0.92, color=color, label=str(group))
-            ci = np.isfinite(mean) & np.isfinite(low) & np.isfinite(high)
-            if ci.any():
-                ax.errorbar(
-                    at[ci], mean[ci], yerr=_errors(mean[ci], low[ci], high[ci]),
-                    fmt="none", ecolor="black", elinewidth=0.9, capsize=3,
-                )  # fmt: skip
+            _interval_bars(ax, at, mean, low, high, elinewidth=0.9, capsize=3)
             # an absent mean must not read as an accuracy of zero
             for where in at[~np.isfinite(mean)]:
                 ax.text(where, 0.01, "n/a", ha="center", va="bottom", fontsize=7, color="0.4")
