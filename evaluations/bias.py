@@ -78,10 +78,10 @@ def audit_bias(
     if target_is_reference and reference is None:
         raise toolkit.DtkError("--target reference needs --reference DIR")
     options = dict(classifier_options or {})
-    from_strings = all(isinstance(v, str) for v in options.values())
+    # from_strings converts string values by each option's type and takes others as given
     classifiers = {
         a: toolkit.create_plugin("attribute_classifier", classifier, {**options, "attribute": a},
-                                 from_strings=from_strings)
+                                 from_strings=True)
         for a in attributes
     }  # fmt: skip
     for attribute, instance in classifiers.items():

@@ -46,9 +46,9 @@ class LabelConsistency:
         self.classifiers = {}
         for attribute in attributes:
             options = {**dict(classifier_options or {}), "attribute": attribute}
-            strings = all(isinstance(v, str) for v in options.values())
+            # string values (from a command line) convert by type; others pass as given
             instance = toolkit.create_plugin(
-                "attribute_classifier", classifier, options, from_strings=strings
+                "attribute_classifier", classifier, options, from_strings=True
             )
             if instance.attribute != attribute:
                 raise OptionError(
