@@ -103,7 +103,8 @@ def audit_bias(
     if images is None:
         folder = out / "samples"
         toolkit.generate(
-            model, out=folder, conditions=_spread(model, conditions, by, n), n=n, seed=seed,
+            model, out=folder, conditions=_spread(model, conditions, by, n, generation), n=n,
+            seed=seed,
             progress=progress, **dict(generation or {}),
         )  # fmt: skip
         source = {"model": str(model or toolkit.default_model()), "conditions": dict(conditions
@@ -187,15 +188,23 @@ def audit_bias(
 
 
 def _spread(
-    model: str | pathlib.Path | None, conditions: Mapping[str, str] | None, by: str | None, n: int
+    model: str | pathlib.Path | None,
+    conditions: Mapping[str, str] | None,
+    by: str | None,
+    n: int,
+    generation: Mapping[str, Any] | None,
 ) -> list[dict[str, str]] | dict[str, str] | None:
     """With ``--by ATTR`` on generated images, sample ``i`` asks for ATTR's ``i % k``-th value
-    (unless the conditions fix it), so every value gets its share of the ``n`` samples."""
-    if by is None or (conditions and by in conditions):
+    (unless the conditions fix it, or the guidance draws each sample's values itself, as
+    ``fair`` does), so every value gets its share of the ``n`` samples."""
+    if by is None or (conditions and by in conditions) or _guidance_draws(generation):
         return dict(conditions) if conditions else None
     space = toolkit.label_space(model if model is not None else toolkit.default_model())
     if space is None:
-        raise toolkit.DtkError(f"--by {by}: the model is unconditional")
+        raise toolkit.DtkError(
+            f"--by {by}: the model has no attributes to spread the samples over; give "
+            f"--condition {by}=VALUE, or a guidance that draws {by} (fair)"
+        )
     values = space.attribute(by).values
     return [{**(conditions or {}), by: values[i % len(values)]} for i in range(n)]
 
@@ -280,3 +289,16 @@ def _plugins_used(classifier: str, source: Mapping[str, Any]) -> list[dict[str, 
         if generation.get("guidance"):
             used.append(provenance("guidance", generation["guidance"]))
     return used
+
+
+def _guidance_draws(generation: Mapping[str, Any] | None) -> bool:
+    """Whether the run's guidance assigns each sample's conditions itself (its `assign`
+    hook); then --by reads what it drew from the metadata."""
+    generation = dict(generation or {})
+    if generation.get("guidance") is None:
+        return False
+    guidance = toolkit.create_plugin(
+        "guidance", generation["guidance"], generation.get("guidance_options"),
+        from_strings=bool(generation.get("options_from_strings")),
+    )  # fmt: skip
+    return hasattr(guidance, "assign")

@@ -226,6 +226,11 @@ def _summary(result: dict[str, Any]) -> None:
     "e.g. 'a photo of a {gender} {occupation}'.",
 )
 @click.option("--negative-prompt", help="Text-to-image models: the negative prompt.")
+@click.option(
+    "--words", type=PATH, metavar="FILE",
+    help="With --prompt-template: a TOML words file ([gender] female = \"woman\") whose "
+    "words fill the template's fields instead of the values; metadata keeps the values.",
+)  # fmt: skip
 @classifier_options("Attribute-classifier plugin of the label_consistency filter.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @generation_options("cfg, scale 0.75: varied samples, which the filters check", steps=20)
@@ -251,6 +256,10 @@ def synthesize_command(**kw: Any) -> None:
       dtk synthesize --model sd-folder --data photos --attribute gender --by occupation \\
           --prompt-template "a photo of a {gender} {occupation}" --classifier clip \\
           --classifier-option path=clip-folder --classifier-option labels=female,male
+      dtk synthesize --model sd-folder --data photos --attribute gender --by occupation \\
+          --prompt-template "a photo of a {gender} {occupation}" --words words.toml \\
+          --classifier clip --classifier-option path=clip-folder \\
+          --classifier-option words=words.toml
     """
     from evaluations.synthesis import synthesize
 

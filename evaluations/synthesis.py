@@ -111,6 +111,7 @@ def synthesize(
     generation: Mapping[str, Any] | None = None,
     prompt_template: str | None = None,
     negative_prompt: str | None = None,
+    words: str | pathlib.Path | None = None,
     classifier: str = "cnn",
     classifier_options: Mapping[str, Any] | None = None,
     progress: bool = True,
@@ -130,8 +131,11 @@ def synthesize(
     A text-to-image `model` takes `prompt_template` instead of label conditions: a
     ``str.format`` template over `attribute` and `by`, e.g. ``"a photo of a {gender}
     {occupation}"``, filled with each cell's values (from `data`); `negative_prompt` applies
-    to all. `label_consistency` then checks `attribute` with the classifier plugin
-    `classifier` and `classifier_options` (e.g. ``clip`` with its path and labels).
+    to all. With `words`, a words file (`toolkit.read_words`) that must list `attribute`,
+    the fields of the attributes it lists are filled with each value's words instead
+    (``gender=female`` may read "woman"); conditions and metadata keep the values.
+    `label_consistency` then checks `attribute` with the classifier plugin `classifier` and
+    `classifier_options` (e.g. ``clip`` with its path and labels, or the same words file).
     """
     import pandas
 
@@ -153,10 +157,19 @@ def synthesize(
         raise toolkit.DtkError("--by must differ from --attribute")
     text = prompt_template is not None
     names = [attribute] + ([by] if by else [])
+    if words is not None and not text:
+        raise toolkit.DtkError("--words needs --prompt-template: the words fill its fields")
+    spoken: dict[str, dict[str, str]] = {}  # attribute -> value -> its words in prompts
     if text:
         _check_template(prompt_template, names)
         if data is None:
             raise toolkit.DtkError("--prompt-template needs --data: the real dataset folder")
+        if words is not None:
+            table = toolkit.read_words(words)
+            # the audited attribute is the one the words are for; a file without it is
+            # most likely spelled for another attribute name
+            toolkit.attribute_words(table, attribute, source=f"--words {words}")
+            spoken = {name: table[name] for name in names if name in table}
     else:  # the model's attributes are checked before any file is written
         space = toolkit.label_space(model)
         if space is None:
@@ -191,6 +204,7 @@ def synthesize(
             )
     plan = make_plan(metadata, attribute=attribute, values=values, target=shares, by=by,
                      classes=classes, budget=budget)  # fmt: skip
+    _check_words(plan, spoken, words)
     write_csv(out / "plan.csv", plan)
     if on_plan is not None:
         on_plan(plan)
@@ -224,7 +238,7 @@ def synthesize(
         folder = out / "rounds" / f"round-{round_index}"
         prompts = {}
         if text:
-            prompts = {"prompt": [prompt_template.format(**c) for c in pending],
+            prompts = {"prompt": [prompt_template.format(**_said(c, spoken)) for c in pending],
                        "negative_prompt": negative_prompt}  # fmt: skip
         kept = toolkit.generate(
             model, out=folder, conditions=pending, n=len(pending), seed=seed + offset, **prompts,
@@ -273,6 +287,7 @@ def synthesize(
             "generation": generation,
             "prompt_template": prompt_template,
             "negative_prompt": negative_prompt,
+            "words": None if words is None else {"path": str(words), "words": spoken},
             "classifier": classifier,
             "classifier_options": dict(classifier_options or {}),
         },
@@ -310,6 +325,25 @@ def _check_template(template: str, names: list[str]) -> None:
         )
     if not fields:
         raise toolkit.DtkError(f"--prompt-template {template!r} names no attribute; use {hint}")
+
+
+def _check_words(
+    plan: pandas.DataFrame, spoken: Mapping[str, Mapping[str, str]], words: Any
+) -> None:
+    """Every value a prompt will say must have words, checked before anything is generated."""
+    generated = plan[plan["generate"] > 0]
+    for name, said in spoken.items():
+        missing = [v for v in dict.fromkeys(generated[name].astype(str)) if v not in said]
+        if missing:
+            raise toolkit.DtkError(
+                f"--words {words} has no words for {name} value {missing[0]!r}, which the "
+                f'plan generates; add {missing[0]} = "..." to its [{name}] table'
+            )
+
+
+def _said(condition: Mapping[str, str], spoken: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """A cell's template fields: the words of the values the words file lists, else the value."""
+    return {k: spoken[k][v] if k in spoken else v for k, v in condition.items()}
 
 
 def _condition(row: Any, attribute: str, by: str | None) -> dict[str, str]:

@@ -1,10 +1,12 @@
 """Built-in attribute classifier: ``clip``, zero-shot classification with a local CLIP model.
 
 Each label becomes a text prompt (``template``, or several ``templates`` averaged as in the
-CLIP paper, or one ``label_prompts`` entry per label); an image's probabilities are
-``softmax(logit_scale * cosine(image, prompt))`` over the labels. The model folder is what
-``CLIPModel.save_pretrained`` and ``CLIPProcessor.save_pretrained`` (or the tokenizer's and
-image processor's) write; nothing is downloaded.
+CLIP paper, or one ``label_prompts`` entry per label); with a ``words`` file (see
+`toolkit.read_words`) a label's words, not the label itself, fill the templates' ``{label}``
+field, and the labels default to the file's values for the attribute. An image's
+probabilities are ``softmax(logit_scale * cosine(image, prompt))`` over the labels. The
+model folder is what ``CLIPModel.save_pretrained`` and ``CLIPProcessor.save_pretrained``
+(or the tokenizer's and image processor's) write; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ class CLIPClassifier:
     prompt per label (same order as `labels`) and overrides both. On the command line list
     options are comma-separated, so a template there cannot itself contain a comma.
 
+    `words`, a words file (`toolkit.read_words`), says how each value is written: its words
+    replace ``{label}`` in the templates, and without `labels` the labels are the file's
+    values for `attribute`, in file order. One file thus serves one classifier per attribute
+    (``dtk eval bias --attribute gender --attribute skin_tone``). `labels` stay the values:
+    they name the columns of `predict_proba` and what `predict` returns; `label_words` maps
+    each label to its text in the prompts.
+
     `predict_proba` always returns probabilities over `labels` (no "unknown" column): callers
     that want abstention apply a confidence threshold of their own (``dtk eval bias
     --min-confidence``). `predict` abstains (``None``) where the top probability beats the
@@ -45,7 +54,8 @@ class CLIPClassifier:
         self,
         path: pathlib.Path,
         attribute: str,
-        labels: list[str],
+        labels: list[str] | None = None,
+        words: pathlib.Path | None = None,
         template: str = DEFAULT_TEMPLATE,
         templates: list[str] | None = None,
         label_prompts: list[str] | None = None,
@@ -55,10 +65,10 @@ class CLIPClassifier:
         trust_pickle: bool = False,
     ) -> None:
         path = pathlib.Path(path)
-        labels = [str(label) for label in labels]
-        self.prompts = _prompts(labels, template, templates, label_prompts)
         if not attribute:
             raise OptionError("clip: attribute must not be empty")
+        labels, said = _labels(attribute, labels, words, label_prompts)
+        self.prompts = _prompts(labels, said, template, templates, label_prompts)
         if not 0.0 <= margin <= 1.0:
             raise OptionError(f"clip: margin must be in [0, 1], got {margin}")
         if batch_size < 1:
@@ -73,6 +83,8 @@ class CLIPClassifier:
         self.path = path
         self.attribute = attribute
         self.labels = labels
+        #: each label's text in the prompts (the label itself without a words file)
+        self.label_words = dict(zip(labels, said))
         self.margin = margin
         self.batch_size = batch_size
         with torch.inference_mode():
@@ -156,13 +168,55 @@ class CLIPClassifier:
         return per_label / per_label.norm(dim=-1, keepdim=True)
 
 
+def _labels(
+    attribute: str,
+    labels: list[str] | None,
+    words: pathlib.Path | None,
+    label_prompts: list[str] | None,
+) -> tuple[list[str], list[str]]:
+    """The labels, and the text each one puts into the templates."""
+    if words is None:
+        if labels is None:
+            raise OptionError(
+                "clip: give labels=VALUE,VALUE,... or words=FILE (a words file listing "
+                f"the {attribute} values)"
+            )
+        labels = [str(label) for label in labels]
+        return labels, labels
+    if label_prompts is not None:
+        # the prompts would already be written out: which text would the words replace?
+        raise OptionError("clip: give words or label_prompts, not both")
+    try:
+        table = toolkit.attribute_words(
+            toolkit.read_words(words), attribute, source=f"the words file {words}"
+        )
+    except DtkError as exc:
+        raise OptionError(f"clip: {exc}") from None
+    if labels is None:
+        labels = list(table)
+        if len(labels) < 2:
+            raise OptionError(
+                f"clip: the words file {words} lists one {attribute} value ({labels[0]}); "
+                "the classifier needs at least two to choose between"
+            )
+    labels = [str(label) for label in labels]
+    missing = [label for label in labels if label not in table]
+    if missing:
+        raise OptionError(
+            f"clip: the words file {words} has no words for {attribute} value "
+            f"{missing[0]!r}; it lists: {', '.join(table)}"
+        )
+    return labels, [table[label] for label in labels]
+
+
 def _prompts(
     labels: list[str],
+    said: list[str],
     template: str,
     templates: list[str] | None,
     label_prompts: list[str] | None,
 ) -> list[list[str]]:
-    """The prompts of each label, in label order."""
+    """The prompts of each label, in label order; `said` is each label's text in them."""
     if len(labels) < 2:
         raise OptionError(f"clip: labels needs at least two labels to choose between, got {labels}")
     if any(not label.strip() for label in labels):
@@ -185,7 +239,7 @@ def _prompts(
         # without the label in it, every label would get the same prompt
         raise OptionError(f"clip: template {lacking[0]!r} does not contain {PLACEHOLDER}")
     # str.replace, not str.format: other braces in a template are literal text
-    return [[t.replace(PLACEHOLDER, label) for t in chosen] for label in labels]
+    return [[t.replace(PLACEHOLDER, text) for t in chosen] for text in said]
 
 
 def _check_folder(path: pathlib.Path, trust_pickle: bool) -> None:

@@ -15,8 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import toolkit
-from toolkit.errors import DtkError, OptionError
-from toolkit.targets import quantile_draw, seeded_uniform, target_distribution
+from toolkit.errors import OptionError
 
 if TYPE_CHECKING:
     import torch
@@ -90,49 +89,7 @@ class IntervalCFG(CFG):
         return super().__call__(preds, sigma)
 
 
-class FairGuidance(CFG):
-    """Fair Diffusion's idea in label space (Friedrich et al. 2023): every sample gets a value
-    of `attribute` drawn from the `target` distribution, then classifier-free guidance towards
-    its completed condition.
-
-    `target` is ``uniform`` or shares such as ``light=0.5,dark=0.5``. The draw is fixed by the
-    sample's seed alone (`toolkit.targets.seeded_uniform`: low-discrepancy over consecutive
-    seeds), so a run's shares match the target closely and do not depend on batching or
-    sharding; the drawn value is written to the sample's metadata like any condition.
-    """
-
-    name = "fair"
-
-    def __init__(self, attribute: str = "group", target: str = "uniform", scale: float = 2.0):
-        super().__init__(scale)
-        if not attribute:
-            raise OptionError("fair: attribute must name one of the model's attributes")
-        self.attribute = attribute
-        self.target = target
-        self._shares: dict[str, float] | None = None
-
-    def assign(
-        self, condition: Mapping[str, str], seed: int, attributes: Mapping[str, list[str]]
-    ) -> dict[str, str]:
-        if self.attribute not in attributes:
-            raise OptionError(
-                f"fair: the model has no attribute {self.attribute!r}; "
-                f"its attributes: {', '.join(attributes)}"
-            )
-        if self.attribute in condition:
-            raise DtkError(
-                f"fair: the request already fixes {self.attribute}={condition[self.attribute]}; "
-                f"leave {self.attribute} unspecified and fair guidance draws it from the target"
-            )
-        if self._shares is None:
-            self._shares = target_distribution(
-                self.target, attributes[self.attribute], what="fair: target"
-            )
-        u = seeded_uniform(seed, salt=self.attribute)
-        return {**condition, self.attribute: quantile_draw(u, self._shares)}
-
-
 @toolkit.hookimpl
 def register_guidance(register: toolkit.hookspecs.Register) -> None:
-    for guidance in (NoGuidance, CFG, CFGRescale, IntervalCFG, FairGuidance):
+    for guidance in (NoGuidance, CFG, CFGRescale, IntervalCFG):
         register(guidance)

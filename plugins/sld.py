@@ -57,7 +57,8 @@ class SafeLatentDiffusion:
 
     The method keeps state across the steps of one sampling run (the momentum, and the step
     count the warmup is measured in, which is the number of calls since the run began). A run
-    begins at the first call, and again whenever sigma increases or the batch shape changes:
+    begins with `start_batch` (the toolkit calls it before each batch) and, for callers that
+    do not, at the first call and whenever sigma increases or the batch shape changes:
     samplers walk sigma downwards, so a new batch starting from the largest sigma resets it.
     For a sampler with several network evaluations per step the warmup counts evaluations.
     """
@@ -113,6 +114,10 @@ class SafeLatentDiffusion:
 
     def active(self, sigma: float) -> tuple[str, ...]:
         return self.branches if self.enabled else ("cond", "uncond")
+
+    def start_batch(self, conditions: object) -> None:
+        """A new batch: momentum and warmup start afresh (called by `toolkit.generate`)."""
+        self._momentum = None
 
     def _start_or_continue(self, sigma: float, like: torch.Tensor) -> None:
         momentum = self._momentum

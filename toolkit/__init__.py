@@ -10,6 +10,7 @@ The public API::
     toolkit.NoiseLevels.from_alphas_cumprod(a) # a model's training noise levels
     toolkit.generate(model, out=..., ...)      # the same run as `dtk generate`
     toolkit.load_image_folder(path, ["digit"]) # a dataset folder as tensors + metadata
+    toolkit.read_words("words.toml")          # how attribute values are said in prompts
 
 The names in `__all__` are the whole public API: `evaluations/` and third-party code use
 only these. Importing `toolkit` does not import torch; that happens when something computes.
@@ -52,6 +53,7 @@ __all__ = [
     "UnknownPluginError",
     "atomic_write",
     "attribute_classifier",
+    "attribute_words",
     "create_plugin",
     "default_model",
     "generate",
@@ -61,6 +63,7 @@ __all__ = [
     "load_image_folder",
     "plugins",
     "read_metadata",
+    "read_words",
     "resolve_device",
     "safety_filter",
     "sampler",
@@ -128,6 +131,8 @@ _LAZY = {
     "label_space": ("toolkit.model", "label_space"),
     "target_distribution": ("toolkit.targets", "target_distribution"),
     "write_colored_digits": ("toolkit.colored_digits", "write"),
+    "read_words": ("toolkit.words", "read_words"),
+    "attribute_words": ("toolkit.words", "attribute_words"),
 }
 
 

@@ -275,6 +275,9 @@ def generate_command(**kw: Any) -> None:
       dtk generate --model ./my-sd --prompt "a photo of a cat" --negative-prompt blurry
       dtk generate --sampler dpmpp_2m_sde --sampler-option solver_type=heun
       dtk generate --filter blocklist --filter-option words=violent,gore
+      dtk generate --guidance fair --condition digit=3      # group drawn 50/50
+      dtk generate --model ./my-sd --prompt "a photo of a doctor" --guidance fair \\
+          --guidance-option attribute=gender --guidance-option values=female,male
       torchrun --nproc-per-node 4 $(which dtk) generate -n 50000 --out big
     """
     from toolkit.conditions import parse_conditions

@@ -23,6 +23,7 @@ from toolkit.distributed import Shard, barrier, resolve_shard
 from toolkit.errors import DtkError
 from toolkit.images import contact_sheet, to_pixels, to_unit
 from toolkit.model import LoadedModel, label_space, load_model
+from toolkit.options import validate_options
 from toolkit.output import WRITTEN, OutputFolder, atomic_write, check_writable
 from toolkit.registry import Registry, get_registry
 from toolkit.safety import ON_FLAG, SampleRequest, Verdict, is_request_stage, run_filter
@@ -89,8 +90,13 @@ def _plugin(
 ) -> _Plugin:
     options = dict(options or {})
     instance = registry.create(kind, name, options, from_strings=strings)
-    provenance = registry.get(kind, name).provenance()
-    return _Plugin(name, options, instance, provenance)
+    registration = registry.get(kind, name)
+    # recorded converted (``scale=2`` from a command line is the number 2), so metadata,
+    # run.json and resuming see the same options from the CLI and from Python
+    label = kind.replace("_", " ")
+    options = validate_options(registration.cls, options, kind=label, name=name,
+                               from_strings=strings)  # fmt: skip
+    return _Plugin(name, options, instance, registration.provenance())
 
 
 def _per_sample_conditions(
@@ -324,6 +330,7 @@ def generate(
                 guidance_p.instance,
                 sigmas,
                 seeds=[r.seed for r in batch],
+                conditions=[r.conditions for r in batch],
                 labels=batch_labels,
                 null_label=loaded.labels.null_label if loaded.labels else None,
                 conditioning=_text_conditioning(loaded, batch, guidance_p) if text else None,
@@ -359,6 +366,7 @@ def sample_images(
     sigmas: torch.Tensor,
     *,
     seeds: Sequence[int],
+    conditions: Sequence[Mapping[str, str]] | None = None,
     labels: torch.Tensor | None = None,
     null_label: int | None = None,
     conditioning: TextConditioning | None = None,
@@ -369,8 +377,12 @@ def sample_images(
     seeds[k]))`` scaled to the prior at ``sigmas[0]``, and its generator alone supplies its
     later noise, so a sample's result does not depend on the batch it is in. For a latent
     model, `shape` is the latent's and the result is decoded by its VAE; `conditioning`
-    then carries the prompt embeddings.
+    then carries the prompt embeddings. A guidance with a `start_batch` method is given the
+    batch's per-sample `conditions` first (and resets any state it keeps across steps).
     """
+    start_batch = getattr(guidance, "start_batch", None)
+    if start_batch is not None:
+        start_batch(list(conditions) if conditions is not None else [{} for _ in seeds])
     device = next(denoiser.unet.parameters()).device
     shape = denoiser.model.sample_shape
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -426,23 +438,22 @@ def assign_conditions(
     A guidance method may complete every sample's condition itself (``fair`` draws the
     audited attribute's value from a target distribution):
     ``assign(condition, seed, attributes) -> condition``, where `attributes` maps each of the
-    model's attribute names to its values and `seed` is the sample's own seed, so the choice
-    does not depend on batch, shard or rank.
+    model's attribute names to its values (empty for a text-to-image model, whose attributes
+    live in its prompts) and `seed` is the sample's own seed, so the choice does not depend
+    on batch, shard or rank.
     """
     assign = getattr(guidance, "assign", None)
     if assign is None:
         return requested
     if isinstance(loaded, TextModel):
-        raise DtkError(
-            f"guidance {guidance.name!r} chooses attribute values, which text-to-image models "
-            f"({loaded.path}) do not take yet"
-        )
-    if loaded.labels is None:
+        attributes: dict[str, list[str]] = {}
+    elif loaded.labels is None:
         raise DtkError(
             f"guidance {guidance.name!r} chooses attribute values, and {loaded.path} is "
             "unconditional"
         )
-    attributes = {a.name: list(a.values) for a in loaded.labels.attributes}
+    else:
+        attributes = {a.name: list(a.values) for a in loaded.labels.attributes}
     assigned = []
     for i, condition in enumerate(requested):
         result = assign(dict(condition), seed + i, attributes)

@@ -83,6 +83,11 @@ def register_guidance(register: Register) -> None:
     A guidance method combines the model's predictions for several conditionings of the same
     batch. It declares which conditionings it needs so that the toolkit evaluates all of them
     in one batched forward pass, then combines the resulting clean-image estimates.
+
+    Optional members (docs/plugins.md): ``active(sigma)`` (fewer branches at some noise
+    levels), ``text_branches`` (prompts of its own, as further branches, on text-to-image
+    models), ``assign(condition, seed, attributes)`` (complete each sample's condition) and
+    ``start_batch(conditions)`` (called before each batch with its samples' conditions).
     """
 
 

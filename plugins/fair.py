@@ -1,0 +1,225 @@
+"""Fair Diffusion (Friedrich et al. 2023, "Fair Diffusion: Instructing Text-to-Image
+Generation Models on Fairness"): every sample gets a value of an attribute drawn from a
+target distribution, and generation is guided towards it.
+
+On a label-conditioned model the drawn value completes the sample's condition and
+classifier-free guidance does the rest. On a text-to-image model the prompt stays as it is
+and semantic guidance (SEGA, Brack et al. 2023) adds, per sample, a push towards the drawn
+value's edit prompt ("female person") and away from the other values' ("male person"). Edit
+prompts are extra branches of the same batched forward pass (``text_branches``); the
+per-sample directions come from the batch's conditions (``start_batch``).
+
+The edit rule and its options follow diffusers' ``SemanticStableDiffusionPipeline``, and the
+defaults are those of the paper's released generation script (edit scale 4, warmup 5,
+threshold 0.95, momentum 0.5, beta 0.6, edit prompts "{value} person"), so the same
+scheduler, seeds and settings give the same images.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import toolkit
+from plugins.guidance import CFG
+from toolkit._lazy import lazy_import
+from toolkit.errors import DtkError, OptionError
+from toolkit.targets import quantile_draw, seeded_uniform, target_distribution
+from toolkit.words import attribute_words, read_words
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
+
+#: the classifier-free guidance scale when none is given: the toolkit's defaults for
+#: label-conditioned and for text-to-image models
+LABEL_SCALE, TEXT_SCALE = 2.0, 7.5
+EDIT = "edit:"
+
+
+class FairGuidance(CFG):
+    """Fair Diffusion: each sample's value of `attribute` is drawn from `target`, then
+    generation is guided towards it (classifier-free guidance at `scale`).
+
+    `target` is ``uniform`` or shares such as ``light=0.5,dark=0.5``. The draw is fixed by the
+    sample's seed alone (`toolkit.targets.seeded_uniform`: low-discrepancy over consecutive
+    seeds), so a run's shares match the target closely and do not depend on batching or
+    sharding; the drawn value is written to the sample's metadata like any condition.
+
+    Label-conditioned models: the drawn value completes the condition (`scale` default 2).
+
+    Text-to-image models: give the attribute's `values` (``female,male``) or a `words` file
+    (`toolkit.read_words`; its values, and the words that stand for them in `edit_prompt`).
+    Each value's edit prompt is `edit_prompt` with ``{value}`` filled in. Per sample, SEGA
+    guidance at `edit_scale` pushes towards the drawn value's edit prompt and away from the
+    others', keeping per channel only the elements above the `threshold` quantile, with
+    momentum (`momentum_scale`, `momentum_beta`), applied after `warmup_steps` network
+    evaluations (the momentum gathers during the warmup). `scale` defaults to 7.5.
+    """
+
+    name = "fair"
+
+    def __init__(
+        self,
+        attribute: str = "group",
+        target: str = "uniform",
+        scale: float | None = None,
+        values: list[str] | None = None,
+        words: pathlib.Path | None = None,
+        edit_prompt: str = "{value} person",
+        edit_scale: float = 4.0,
+        warmup_steps: int = 5,
+        threshold: float = 0.95,
+        momentum_scale: float = 0.5,
+        momentum_beta: float = 0.6,
+    ) -> None:
+        if not attribute:
+            raise OptionError("fair: attribute must name the attribute to balance")
+        self.text = values is not None or words is not None
+        super().__init__((TEXT_SCALE if self.text else LABEL_SCALE) if scale is None else scale)
+        for option, value in (("edit_scale", edit_scale), ("momentum_scale", momentum_scale)):
+            if not math.isfinite(value):
+                raise OptionError(f"fair: {option} must be a finite number")
+        if not 0 <= threshold <= 1 or not 0 <= momentum_beta <= 1:
+            raise OptionError("fair: threshold and momentum_beta must be in [0, 1]")
+        if warmup_steps < 0:
+            raise OptionError("fair: warmup_steps must be >= 0")
+        self.attribute, self.target = attribute, target
+        self.edit_scale, self.warmup_steps, self.threshold = edit_scale, warmup_steps, threshold
+        self.momentum_scale, self.momentum_beta = momentum_scale, momentum_beta
+        self.values: list[str] = []
+        self.text_branches: dict[str, str] = {}
+        if self.text:
+            said = _value_words(attribute, values, words)
+            self.values = list(said)
+            self.text_branches = {
+                EDIT + value: _edit_prompt(edit_prompt, text) for value, text in said.items()
+            }
+            self.branches = ("cond", "uncond", *self.text_branches)
+        self._shares: dict[str, float] | None = None
+        self._direction: torch.Tensor | None = None
+        self._momentum: torch.Tensor | None = None
+        self._calls = 0
+
+    def assign(
+        self, condition: Mapping[str, str], seed: int, attributes: Mapping[str, list[str]]
+    ) -> dict[str, str]:
+        if self._shares is None:
+            self._shares = target_distribution(
+                self.target, self._attribute_values(attributes), what="fair: target"
+            )
+        if self.attribute in condition:
+            raise DtkError(
+                f"fair: the request already fixes {self.attribute}={condition[self.attribute]}; "
+                f"leave {self.attribute} unspecified and fair guidance draws it from the target"
+            )
+        u = seeded_uniform(seed, salt=self.attribute)
+        return {**condition, self.attribute: quantile_draw(u, self._shares)}
+
+    def _attribute_values(self, attributes: Mapping[str, list[str]]) -> list[str]:
+        # a text-to-image model has no attributes of its own: they live in its prompts
+        text_model = not attributes
+        if self.text and not text_model:
+            raise OptionError(
+                "fair: values and words are for text-to-image models; a label-conditioned "
+                "model's attribute values are its own"
+            )
+        if text_model and not self.text:
+            raise OptionError(
+                f"fair: on a text-to-image model give the values of {self.attribute!r} "
+                "(values=female,male) or a words file (words=FILE)"
+            )
+        if self.text:
+            return self.values
+        if self.attribute not in attributes:
+            raise OptionError(
+                f"fair: the model has no attribute {self.attribute!r}; "
+                f"its attributes: {', '.join(attributes)}"
+            )
+        return list(attributes[self.attribute])
+
+    def start_batch(self, conditions: Sequence[Mapping[str, str]]) -> None:
+        """Before each batch: its samples' drawn values fix each edit prompt's direction
+        (+1 towards, -1 away), and the momentum and the warmup count start afresh."""
+        if not self.text:
+            return
+        drawn = [c[self.attribute] for c in conditions]
+        self._direction = torch.tensor(
+            [[1.0 if d == value else -1.0 for d in drawn] for value in self.values]
+        )
+        self._momentum = None
+        self._calls = 0
+
+    def __call__(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:
+        guided = super().__call__(preds, sigma)
+        if not self.text or sigma <= 0:
+            return guided
+        if self._direction is None:
+            raise DtkError("fair: start_batch(conditions) must be called before each batch")
+        edit = self._edit_guidance(preds, sigma)
+        if self._momentum is None:
+            self._momentum = torch.zeros_like(edit)
+        push = edit + self.momentum_scale * self._momentum
+        beta = self.momentum_beta
+        self._momentum = beta * self._momentum + (1 - beta) * push
+        step, self._calls = self._calls, self._calls + 1
+        if step < self.warmup_steps:
+            return guided
+        # `push` is in epsilon units; x0 = x - sigma * eps turns adding it to the guided
+        # epsilon into subtracting sigma * push from the clean-image estimate
+        return guided - sigma * push
+
+    def _edit_guidance(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:
+        uncond = preds["uncond"]
+        shape = (-1,) + (1,) * (uncond.ndim - 1)
+        direction = self._direction.to(uncond.device)
+        total = torch.zeros_like(uncond)
+        for k, value in enumerate(self.values):
+            # eps_edit - eps_uncond, from clean-image estimates at one x and sigma
+            toward = (uncond - preds[EDIT + value]) / sigma
+            edit = toward * (direction[k].view(shape) * self.edit_scale)
+            # keep, per sample and channel, only the elements at or above the quantile
+            magnitude = edit.abs()
+            cut = torch.quantile(magnitude.flatten(start_dim=2), self.threshold, dim=2)
+            total += torch.where(magnitude >= cut[..., None, None], edit, 0.0)
+        return total
+
+
+def _value_words(
+    attribute: str, values: list[str] | None, words: pathlib.Path | None
+) -> dict[str, str]:
+    """value -> the words that stand for it, in the values' order."""
+    said = {}
+    if words is not None:
+        try:
+            said = attribute_words(read_words(words), attribute, source=words)
+        except DtkError as exc:
+            raise OptionError(f"fair: {exc}") from None
+    if values is not None:
+        values = [str(v) for v in values]
+        missing = [v for v in values if words is not None and v not in said]
+        if missing:
+            raise OptionError(f"fair: {words} has no words for {attribute}={missing[0]}")
+        said = {v: said.get(v, v) for v in values}
+    if len(said) < 2 or len(set(said)) != len(values or said):
+        raise OptionError(f"fair: {attribute!r} needs at least two different values")
+    return said
+
+
+def _edit_prompt(template: str, text: str) -> str:
+    if "{value}" not in template:
+        raise OptionError(f"fair: edit_prompt {template!r} must contain {{value}}")
+    try:
+        return template.format(value=text)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise OptionError(
+            f"fair: edit_prompt {template!r} must use the field {{value}} only ({exc})"
+        ) from None
+
+
+@toolkit.hookimpl
+def register_guidance(register: toolkit.hookspecs.Register) -> None:
+    register(FairGuidance)
