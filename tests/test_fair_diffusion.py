@@ -10,13 +10,12 @@ import pandas
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.deprecated.semantic_stable_diffusion import (
     SemanticStableDiffusionPipeline,
 )
-from PIL import Image
+from folders import pixels
 from tiny_models import save_pipeline
-from tiny_sd import save_sd_pipeline, spy_forwards
+from tiny_sd import pipeline_parts, save_sd_pipeline, spy_forwards
 
 from plugins.fair import FairGuidance
 from toolkit.cli import cli
@@ -39,23 +38,10 @@ def models(tmp_path_factory):
     }
 
 
-def pixels(out) -> dict[int, np.ndarray]:
-    metadata = pandas.read_csv(out / "metadata.csv", keep_default_na=False)
-    return {
-        int(row.index): np.asarray(Image.open(out / row.file_name), dtype=np.int16)
-        for row in metadata.itertuples()
-    }
-
-
 def semantic_reference(model_dir, seed, drawn, edit_prompts, **edit) -> np.ndarray:
     """diffusers' SEGA pipeline for one sample: towards `drawn`'s edit prompt, away from
     the others' (Fair Diffusion's use of it)."""
-    sd = StableDiffusionPipeline.from_pretrained(model_dir)
-    pipe = SemanticStableDiffusionPipeline(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-        scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
+    pipe = SemanticStableDiffusionPipeline(**pipeline_parts(model_dir))
     pipe.set_progress_bar_config(disable=True)
     latents = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(seed))
     image = pipe(

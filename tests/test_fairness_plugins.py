@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas
 import pytest
-from PIL import Image
+from folders import pixels
 from tiny_models import save_pipeline
 
 import toolkit
@@ -70,13 +70,6 @@ def test_seeded_uniform_is_a_function_of_the_seed_and_salt():
 # --- fair guidance -----------------------------------------------------------------------
 
 
-def _pixels(folder, metadata):
-    return {
-        int(r.index): np.asarray(Image.open(folder / r.file_name), dtype=np.int16)
-        for r in metadata.itertuples()
-    }
-
-
 def test_fair_guidance_draws_the_target_and_guides_towards_it(cond_model, tmp_path):
     common = {"n": 60, "steps": 3, "sampler": "ddim", "schedule": "leading", "progress": False}
     fair = toolkit.generate(
@@ -93,7 +86,7 @@ def test_fair_guidance_draws_the_target_and_guides_towards_it(cond_model, tmp_pa
         cond_model, out=tmp_path / "cfg", conditions=conditions, guidance="cfg",
         guidance_options={"scale": 3.0}, **common,
     )  # fmt: skip
-    a, b = _pixels(tmp_path / "fair", fair), _pixels(tmp_path / "cfg", cfg)
+    a, b = pixels(tmp_path / "fair", fair), pixels(tmp_path / "cfg", cfg)
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[i], b[i]) for i in a)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from diffusers import DDIMPipeline, DDIMScheduler
+from folders import pixels
 from PIL import Image
 from tiny_models import save_bare_unet, save_pipeline
 
@@ -27,14 +28,6 @@ def models(tmp_path_factory):
         "v": save_pipeline(root / "v", prediction_type="v_prediction"),
         "sample": save_pipeline(root / "sample", prediction_type="sample"),
         "bare": save_bare_unet(root / "bare"),
-    }
-
-
-def pixels(out, metadata=None) -> dict[int, np.ndarray]:
-    metadata = pandas.read_csv(out / "metadata.csv") if metadata is None else metadata
-    return {
-        int(row.index): np.asarray(Image.open(out / row.file_name), dtype=np.int16)
-        for row in metadata.itertuples()
     }
 
 

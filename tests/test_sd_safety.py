@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from PIL import Image
+from folders import pixels
 from tiny_sd import save_safety_checker, save_sd_pipeline
 from transformers import CLIPImageProcessor, CLIPVisionModel
 
@@ -136,10 +136,6 @@ def test_threshold_adjustment_is_added_to_thresholds(folders, images):
 def generate(args, out):
     command = ["generate", "--prompt", CAT, "-n", "6", "--steps", "2", "--out", str(out), "-q"]
     return CliRunner().invoke(cli, [*command, *args])
-
-
-def pixels(out, metadata) -> dict[int, np.ndarray]:
-    return {row.index: np.asarray(Image.open(out / row.file_name)) for row in metadata.itertuples()}
 
 
 def test_cli_records_verdicts_and_on_flag_decides(folders, tmp_path):

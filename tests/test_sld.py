@@ -10,14 +10,13 @@ import pandas
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.deprecated.stable_diffusion_safe import (
     SafetyConfig,
     StableDiffusionPipelineSafe,
 )
-from PIL import Image
+from folders import pixels
 from tiny_models import save_pipeline
-from tiny_sd import save_sd_pipeline, spy_forwards
+from tiny_sd import pipeline_parts, save_sd_pipeline, spy_forwards
 
 from plugins.sld import DEFAULT_CONCEPT, PRESETS, SafeLatentDiffusion
 from toolkit.cli import cli
@@ -42,21 +41,8 @@ def models(tmp_path_factory):
     return {"sd": save_sd_pipeline(root / "sd"), "cond": cond}
 
 
-def pixels(out) -> dict[int, np.ndarray]:
-    metadata = pandas.read_csv(out / "metadata.csv", keep_default_na=False)
-    return {
-        int(row.index): np.asarray(Image.open(out / row.file_name), dtype=np.int16)
-        for row in metadata.itertuples()
-    }
-
-
 def diffusers_safe(model_dir, prompt, n, seed, steps, preset, concept) -> np.ndarray:
-    sd = StableDiffusionPipeline.from_pretrained(model_dir)
-    pipe = StableDiffusionPipelineSafe(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-        scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
+    pipe = StableDiffusionPipelineSafe(**pipeline_parts(model_dir))
     pipe.safety_concept = concept
     pipe.set_progress_bar_config(disable=True)
     latents = torch.stack([

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
+from folders import pixels
 from tiny_models import save_pipeline
 from tiny_sd import save_sd_pipeline, spy_forwards
 
@@ -35,14 +35,6 @@ def models(tmp_path_factory):
         "sd": sd,
         "no_tokenizer": no_tokenizer,
         "cond": save_pipeline(root / "cond", conditional=True),
-    }
-
-
-def pixels(out) -> dict[int, np.ndarray]:
-    metadata = pandas.read_csv(out / "metadata.csv", keep_default_na=False)
-    return {
-        int(row.index): np.asarray(Image.open(out / row.file_name), dtype=np.int16)
-        for row in metadata.itertuples()
     }
 
 

@@ -146,6 +146,15 @@ def save_sd_pipeline(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def pipeline_parts(model_dir: pathlib.Path) -> dict:
+    """A saved SD folder's components as keyword arguments for diffusers' other
+    Stable Diffusion pipelines (the safe and semantic ones), without a safety checker."""
+    sd = StableDiffusionPipeline.from_pretrained(model_dir)
+    parts = {k: getattr(sd, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    return {**parts, "safety_checker": None, "feature_extractor": None,
+            "requires_safety_checker": False}  # fmt: skip
+
+
 def save_safety_checker(path: pathlib.Path, seed: int = 0) -> StableDiffusionSafetyChecker:
     """A tiny random StableDiffusionSafetyChecker and its CLIPImageProcessor, saved as a pipeline
     folder's ``safety_checker/`` and ``feature_extractor/``; returns the checker.
