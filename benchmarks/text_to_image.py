@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -41,6 +42,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 from tiny_sd import BOS, EOS, write_tokenizer
 
 PROMPT = "a photo of a cat"
+# diffusers 0.42 renames from_pretrained's torch_dtype; older releases know only that name
+warnings.filterwarnings("ignore", message="Please use `dtype`", category=FutureWarning)
 SIZES = {
     # Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5's configs)
     "sd15": dict(
