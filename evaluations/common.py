@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import math
 import pathlib
@@ -94,13 +93,8 @@ def provenance(kind: str, name: str) -> dict[str, str]:
 
 
 def versions() -> dict[str, str]:
-    found = {}
-    for dist in ("diffusion-toolkit", "torch", "diffusers", "fairlearn", "pandas"):
-        try:
-            found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            found[dist] = ""
-    return found
+    """`toolkit.versions` plus the libraries the fairness numbers come from."""
+    return toolkit.versions("fairlearn", "pandas")
 
 
 def now() -> str:

@@ -124,6 +124,12 @@ def test_output_folder_contract(models, tmp_path):
     assert run["conditions"] == {"digit": "2", "group": "dark"}
     assert {p["name"] for p in run["plugins"]} == {"dpmpp_2m", "karras", "cfg", "nonfinite"}
     assert all(p["distribution"] == "diffusion-toolkit" for p in run["plugins"])
+    import importlib.metadata
+
+    assert run["versions"] == {
+        dist: importlib.metadata.version(dist)
+        for dist in ("diffusion-toolkit", "torch", "diffusers", "transformers")
+    }
     assert pandas.read_csv(out / "rejected.csv").empty
     assert Image.open(grid).size[0] > 8
     assert not list(out.rglob("*.tmp"))

@@ -69,6 +69,7 @@ __all__ = [
     "sampler",
     "schedule",
     "target_distribution",
+    "versions",
     "write_colored_digits",
 ]
 
@@ -133,6 +134,7 @@ _LAZY = {
     "write_colored_digits": ("toolkit.colored_digits", "write"),
     "read_words": ("toolkit.words", "read_words"),
     "attribute_words": ("toolkit.words", "attribute_words"),
+    "versions": ("toolkit.installed", "versions"),
 }
 
 

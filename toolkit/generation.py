@@ -22,6 +22,7 @@ from toolkit.denoiser import GuidedDenoiser, TextConditioning, UNetDenoiser, che
 from toolkit.distributed import Shard, barrier, resolve_shard
 from toolkit.errors import DtkError
 from toolkit.images import contact_sheet, to_pixels, to_unit
+from toolkit.installed import versions
 from toolkit.model import LoadedModel, label_space, load_model
 from toolkit.options import validate_options
 from toolkit.output import WRITTEN, OutputFolder, atomic_write, check_writable
@@ -272,7 +273,7 @@ def generate(
         "dtype": dtype,
         "memory": {"attention_slicing": attention_slicing, "vae_tiling": vae_tiling},
         "plugins": [p.provenance for p in (sampler_p, schedule_p, guidance_p, *filter_ps)],
-        "versions": _versions(),
+        "versions": versions(),
     }
 
     # 2. The folder: claim it (or resume it), then generate what is missing.
@@ -535,15 +536,3 @@ def _progress(total: int, enabled: bool, shard: Shard) -> Any:
 
     label = "generating" if shard.count == 1 else f"generating ({shard.index}/{shard.count})"
     return tqdm(total=total, desc=label, unit="img", file=sys.stderr, disable=not enabled)
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-
-    versions = {}
-    for dist in ("diffusion-toolkit", "torch", "diffusers"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = ""
-    return versions
