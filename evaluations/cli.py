@@ -159,6 +159,12 @@ def bias_command(**kw: Any) -> None:
       dtk eval bias --model sd-folder --prompt "a photo of a doctor" --attribute gender \\
           --classifier clip --classifier-option path=clip-folder \\
           --classifier-option labels=female,male --out audit
+      dtk eval bias --guidance fair --by group --out audit-fair   # did fair guidance work?
+      dtk eval bias --model sd-folder --prompt "a photo of a doctor" \\
+          --attribute gender --attribute skin_tone --classifier clip \\
+          --classifier-option path=clip-folder --classifier-option words=words.toml \\
+          --guidance fair --guidance-option attribute=gender \\
+          --guidance-option words=words.toml --by gender --out audit-fair
     """
     from evaluations.bias import audit_bias
 

@@ -156,3 +156,22 @@ def test_a_text_to_image_model_is_audited_from_a_prompt(tmp_path):
     assert saved["attributes"]["group"]["total"] == 6
     assert saved["config"]["generation"]["prompt"] == "a photo of a cat"
     assert saved["config"]["classifier_options"]["path"].endswith("group")
+
+
+def test_by_reads_the_values_fair_guidance_draws(tmp_path):
+    # --by usually spreads its values over the samples; when the guidance draws them itself
+    # (fair), the audit breaks the predictions down by what each sample was steered towards
+    result = dtk("eval", "bias", "--guidance", "fair", "--by", "group", "-n", 20, "--steps", 6,
+                 "--bootstrap", 100, "--out", tmp_path / "audit", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metadata = pandas.read_csv(tmp_path / "audit" / "samples" / "metadata.csv",
+                               keep_default_na=False)  # fmt: skip
+    assert set(metadata["group"]) == {"light", "dark"}
+    assert set(metadata["digit"]) == {""}  # not spread over the digits: left free
+    counts = pandas.read_csv(tmp_path / "audit" / "counts_group.csv", keep_default_na=False)
+    counts = counts.set_index("group")
+    drawn = metadata["group"].value_counts()
+    assert {v: int(counts[v].sum()) for v in drawn.index} == drawn.to_dict()
+    # the shipped classifier mostly agrees with what fair guidance asked for
+    agree = sum(int(counts.loc[v, v]) for v in drawn.index)
+    assert agree >= 0.8 * len(metadata)
