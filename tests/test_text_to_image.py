@@ -70,6 +70,23 @@ def test_equals_stable_diffusion_pipeline(models, tmp_path):
     assert np.abs(ours[0] - plain[0]).max() > 4
 
 
+def test_v_prediction_folders_equal_the_pipeline(models, tmp_path):
+    # SD 2.x (768 px) folders predict v, not epsilon: the same model read both ways
+    sd = tmp_path / "sd-v"
+    shutil.copytree(models["sd"], sd)
+    config_file = sd / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    generate(sd, out=tmp_path / "v", prompt=[CAT, DOG], n=2, seed=6, steps=5, **DDIM)
+    generate(models["sd"], out=tmp_path / "eps", prompt=[CAT, DOG], n=2, seed=6, steps=5,
+             **DDIM)  # fmt: skip
+    ours, eps = pixels(tmp_path / "v"), pixels(tmp_path / "eps")
+    theirs = diffusers_sd(sd, [CAT, DOG], None, seed=6, steps=5)
+    for i in range(2):
+        assert np.abs(ours[i] - theirs[i]).max() <= 1, f"sample {i}"
+        assert np.abs(ours[i] - eps[i]).max() > 4, f"sample {i}"  # the reading matters
+
+
 def test_the_folders_own_scheduler_matches_sd_configs_exactly(models, tmp_path, monkeypatch):
     # real SD configs set set_alpha_to_one=False: diffusers' last DDIM step stops at the
     # first training noise level instead of 0. `--sampler diffusers` runs the folder's own
