@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import toolkit
 from plugins.guidance import CFG
+from plugins.momentum import WarmedMomentum
 from toolkit._lazy import lazy_import
 from toolkit.errors import DtkError, OptionError
 from toolkit.targets import quantile_draw, seeded_uniform, target_distribution
@@ -101,8 +102,7 @@ class FairGuidance(CFG):
             self.branches = ("cond", "uncond", *self.text_branches)
         self._shares: dict[str, float] | None = None
         self._direction: torch.Tensor | None = None
-        self._momentum: torch.Tensor | None = None
-        self._calls = 0
+        self._momentum = WarmedMomentum(momentum_scale, momentum_beta, warmup_steps)
 
     def assign(
         self, condition: Mapping[str, str], seed: int, attributes: Mapping[str, list[str]]
@@ -150,8 +150,7 @@ class FairGuidance(CFG):
         self._direction = torch.tensor(
             [[1.0 if d == value else -1.0 for d in drawn] for value in self.values]
         )
-        self._momentum = None
-        self._calls = 0
+        self._momentum.reset()
 
     def __call__(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:
         guided = super().__call__(preds, sigma)
@@ -159,14 +158,8 @@ class FairGuidance(CFG):
             return guided
         if self._direction is None:
             raise DtkError("fair: start_batch(conditions) must be called before each batch")
-        edit = self._edit_guidance(preds, sigma)
-        if self._momentum is None:
-            self._momentum = torch.zeros_like(edit)
-        push = edit + self.momentum_scale * self._momentum
-        beta = self.momentum_beta
-        self._momentum = beta * self._momentum + (1 - beta) * push
-        step, self._calls = self._calls, self._calls + 1
-        if step < self.warmup_steps:
+        push = self._momentum(self._edit_guidance(preds, sigma))
+        if push is None:
             return guided
         # `push` is in epsilon units; x0 = x - sigma * eps turns adding it to the guided
         # epsilon into subtracting sigma * push from the clean-image estimate

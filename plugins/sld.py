@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 import toolkit
+from plugins.momentum import WarmedMomentum
 from toolkit._lazy import lazy_import
 from toolkit.errors import OptionError
 
@@ -103,8 +104,8 @@ class SafeLatentDiffusion:
         self.momentum_beta = float(values["momentum_beta"])
         self.concept = concept
         self.text_branches = {SAFETY: concept}
-        self._momentum: torch.Tensor | None = None
-        self._calls = 0
+        self._momentum = WarmedMomentum(self.momentum_scale, self.momentum_beta,
+                                        self.warmup_steps)  # fmt: skip
         self._last_sigma = math.inf
 
     @property
@@ -117,21 +118,16 @@ class SafeLatentDiffusion:
 
     def start_batch(self, conditions: object) -> None:
         """A new batch: momentum and warmup start afresh (called by `toolkit.generate`)."""
-        self._momentum = None
-
-    def _start_or_continue(self, sigma: float, like: torch.Tensor) -> None:
-        momentum = self._momentum
-        if sigma > self._last_sigma or momentum is None or momentum.shape != like.shape:
-            self._momentum = torch.zeros_like(like)
-            self._calls = 0
-        self._last_sigma = sigma
+        self._momentum.reset()
 
     def __call__(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:
         cond, uncond = preds["cond"], preds["uncond"]
         guided = uncond + self.scale * (cond - uncond)
         if SAFETY not in preds or sigma <= 0:
             return guided
-        self._start_or_continue(sigma, cond)
+        if sigma > self._last_sigma:  # a new run, for callers without start_batch
+            self._momentum.reset()
+        self._last_sigma = sigma
         # The paper's rules act element-wise on epsilons, so the affine shortcut of combining
         # clean-image estimates does not carry over. Only differences of epsilons enter them,
         # though, and at fixed x and sigma eps_a - eps_b = (x0_b - x0_a) / sigma: no x needed.
@@ -141,11 +137,8 @@ class SafeLatentDiffusion:
         weight = (text_minus_concept.abs() * self.guidance_scale).clamp(max=1.0)
         weight = torch.where(text_minus_concept >= self.threshold, 0.0, weight)
         # eq. 4 and 7, then the momentum update of eq. 8 (which runs during warmup too)
-        push = concept_minus_uncond * weight + self.momentum_scale * self._momentum
-        beta = self.momentum_beta
-        self._momentum = beta * self._momentum + (1 - beta) * push
-        step, self._calls = self._calls, self._calls + 1
-        if step < self.warmup_steps:
+        push = self._momentum(concept_minus_uncond * weight)
+        if push is None:
             return guided
         # eq. 3 subtracts `push` from the epsilon guidance; x0 = x - sigma * eps turns that
         # into adding scale * sigma * push to the clean-image estimate
