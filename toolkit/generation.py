@@ -24,7 +24,6 @@ from toolkit.errors import DtkError
 from toolkit.images import contact_sheet, to_pixels, to_unit
 from toolkit.installed import versions
 from toolkit.model import LoadedModel, label_space, load_model
-from toolkit.options import validate_options
 from toolkit.output import WRITTEN, OutputFolder, atomic_write, check_writable
 from toolkit.registry import Registry, get_registry
 from toolkit.safety import ON_FLAG, SampleRequest, Verdict, is_request_stage, run_filter
@@ -89,15 +88,11 @@ class _Plugin:
 def _plugin(
     registry: Registry, kind: str, name: str, options: Mapping[str, Any] | None, strings: bool
 ) -> _Plugin:
-    options = dict(options or {})
-    instance = registry.create(kind, name, options, from_strings=strings)
-    registration = registry.get(kind, name)
     # recorded converted (``scale=2`` from a command line is the number 2), so metadata,
     # run.json and resuming see the same options from the CLI and from Python
-    label = kind.replace("_", " ")
-    options = validate_options(registration.cls, options, kind=label, name=name,
-                               from_strings=strings)  # fmt: skip
-    return _Plugin(name, options, instance, registration.provenance())
+    options = registry.validate(kind, name, options, from_strings=strings)
+    instance = registry.instantiate(kind, name, options)
+    return _Plugin(name, options, instance, registry.get(kind, name).provenance())
 
 
 def _per_sample_conditions(

@@ -327,11 +327,29 @@ class Registry:
         from_strings: bool = False,
     ) -> Any:
         """Instantiate plugin `name` of `kind` with validated `options`."""
+        kwargs = self.validate(kind, name, options, from_strings=from_strings)
+        return self.instantiate(kind, name, kwargs)
+
+    def validate(
+        self,
+        kind: str,
+        name: str,
+        options: Mapping[str, Any] | None = None,
+        *,
+        from_strings: bool = False,
+    ) -> dict[str, Any]:
+        """`options` checked against plugin `name`'s signature (and converted from strings
+        with `from_strings`): the keyword arguments `instantiate` takes."""
         reg = self.get(kind, name)
         label = kind.replace("_", " ")
-        kwargs = validate_options(
+        return validate_options(
             reg.cls, options or {}, kind=label, name=name, from_strings=from_strings
         )
+
+    def instantiate(self, kind: str, name: str, kwargs: Mapping[str, Any]) -> Any:
+        """Plugin `name` made from already validated `kwargs`; its own errors become a
+        `PluginError` naming its distribution."""
+        reg = self.get(kind, name)
         try:
             return reg.cls(**kwargs)
         except DtkError:
