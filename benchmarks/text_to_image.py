@@ -33,13 +33,13 @@ from collections.abc import Callable
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import toolkit
 
 # the tests' offline byte-level BPE tokenizer: no tokenizer files can be downloaded either
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-from tiny_sd import BOS, EOS, write_tokenizer
+from tiny_clip import BOS, EOS, tiny_tokenizer
 
 PROMPT = "a photo of a cat"
 # diffusers 0.42 renames from_pretrained's torch_dtype; older releases know only that name
@@ -75,11 +75,7 @@ def build_pipeline(root: pathlib.Path, size: str) -> pathlib.Path:
     """A StableDiffusionPipeline folder of `size`'s architecture with random weights."""
     config = SIZES[size]
     torch.manual_seed(0)
-    tokenizer_files = write_tokenizer(root / "bpe")
-    tokenizer = CLIPTokenizer(
-        str(tokenizer_files / "vocab.json"), str(tokenizer_files / "merges.txt"),
-        model_max_length=77, pad_token=EOS,
-    )  # fmt: skip
+    tokenizer = tiny_tokenizer(PROMPT.split(), max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS),

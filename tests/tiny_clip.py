@@ -1,13 +1,15 @@
 """A tiny random CLIP model folder (`CLIPModel` + `CLIPProcessor`), built offline.
 
-The tokenizer's byte-level BPE vocabulary is written here, as in `tiny_sd` (not imported from
-there, which would pull in diffusers): every byte, alone and word-final, plus merges that
-make the words the CLIP tests prompt with single tokens.
+No tokenizer files can be downloaded, so `tiny_tokenizer` builds a byte-level BPE vocabulary
+here (the tiny Stable Diffusion pipeline of `tiny_sd` uses it too): every byte, alone and
+word-final, the special tokens, and merges that make the given words single tokens (so
+prompts exercise real BPE merging).
 """
 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Sequence
 
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
@@ -26,11 +28,12 @@ def _byte_chars() -> list[str]:
     return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
+def tiny_tokenizer(words: Sequence[str] = WORDS, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
+    """A CLIPTokenizer over every byte, with `words` as single tokens."""
     chars = _byte_chars()
     tokens = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
-    for word in WORDS:
+    for word in words:
         symbols = [*word[:-1], word[-1] + "</w>"]
         while len(symbols) > 1:
             merges.append((symbols[0], symbols[1]))
@@ -40,7 +43,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(
         vocab={t: i for i, t in enumerate(tokens)},
         merges=list(dict.fromkeys(merges)),
-        model_max_length=MAX_LENGTH,
+        model_max_length=max_length,
         pad_token=EOS,
     )
 

@@ -1,13 +1,11 @@
 """A tiny random Stable-Diffusion-style pipeline folder, built offline.
 
-No weights or tokenizer files can be downloaded, so the CLIP tokenizer gets a byte-level
-BPE vocabulary written here: every byte (alone and word-final), the special tokens, and
-merges that make the test words single tokens (so prompts exercise real BPE merging).
+No weights or tokenizer files can be downloaded: the CLIP tokenizer is `tiny_clip`'s
+offline byte-level BPE one, with this module's test words as single tokens.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import torch
@@ -18,67 +16,22 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from tiny_clip import BOS, EOS, tiny_tokenizer
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTokenizer,
     CLIPVisionConfig,
 )
 
 WORDS = ("a", "photo", "of", "cat", "dog", "blurry", "red", "blue", "painting", "car")
 MAX_LENGTH = 16
 HIDDEN = 32
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _byte_chars() -> list[str]:
-    # GPT-2/CLIP's reversible byte -> printable-character table
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def write_tokenizer(path: pathlib.Path) -> pathlib.Path:
-    """vocab.json + merges.txt for a CLIPTokenizer covering `WORDS`."""
-    path.mkdir(parents=True, exist_ok=True)
-    chars = _byte_chars()
-    tokens = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    for word in WORDS:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:
-            merges.append(f"{symbols[0]} {symbols[1]}")
-            symbols = [symbols[0] + symbols[1], *symbols[2:]]
-            tokens.append(symbols[0])
-    tokens = [*dict.fromkeys(tokens), BOS, EOS]
-    merges = list(dict.fromkeys(merges))
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return path
-
-
-def tiny_tokenizer(tmp: pathlib.Path) -> CLIPTokenizer:
-    folder = write_tokenizer(tmp / "bpe")
-    merges = (folder / "merges.txt").read_text().splitlines()[1:]
-    return CLIPTokenizer(
-        vocab=json.loads((folder / "vocab.json").read_text()),
-        merges=[tuple(m.split()) for m in merges],
-        model_max_length=MAX_LENGTH,
-        pad_token=EOS,
-    )
-
-
-def tiny_components(tmp: pathlib.Path, seed: int = 0) -> dict:
-    tokenizer = tiny_tokenizer(tmp)
+def tiny_components(seed: int = 0) -> dict:
+    tokenizer = tiny_tokenizer(WORDS, MAX_LENGTH)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -137,7 +90,7 @@ def tiny_components(tmp: pathlib.Path, seed: int = 0) -> dict:
 def save_sd_pipeline(path: pathlib.Path) -> pathlib.Path:
     """A StableDiffusionPipeline folder (no safety checker)."""
     pipe = StableDiffusionPipeline(
-        **tiny_components(path.parent / f"{path.name}-tokenizer-src"),
+        **tiny_components(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
