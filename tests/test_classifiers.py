@@ -11,17 +11,12 @@ import sys
 import pandas
 import pytest
 import torch
-from click.testing import CliRunner
+from invoke import dtk
 
 import toolkit
 from toolkit import colored_digits as cd
 from toolkit.assets import classifier_path
-from toolkit.cli import cli
 from toolkit.dataset_folder import load_image_folder
-
-
-def dtk(*args):
-    return CliRunner().invoke(cli, [*map(str, args)])
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,14 @@ import os
 import numpy as np
 import pandas
 import pytest
-from click.testing import CliRunner
+from invoke import dtk
 
 from toolkit import colored_digits as cd
-from toolkit.cli import cli
 from toolkit.dataset_folder import load_image_folder
 from toolkit.output import png_bytes
 
 N_SHAPES = 1797
 N_TEST_SHAPES = 10 * cd.TEST_PER_DIGIT
-
-
-def dtk(*args: str):
-    return CliRunner().invoke(cli, [*map(str, args)])
 
 
 @pytest.fixture(scope="module")

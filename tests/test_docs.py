@@ -15,9 +15,9 @@ import re
 import shlex
 import subprocess
 import sys
-import sysconfig
 
 import pytest
+from invoke import dtk_executable
 
 import toolkit
 import toolkit.registry
@@ -125,14 +125,6 @@ def test_documented_names_reads_headings_and_code():
 
 
 # -- the tutorial's plugin works ---------------------------------------------------------
-
-
-def dtk_executable() -> str:
-    path = pathlib.Path(sysconfig.get_path("scripts")) / ("dtk.exe" if os.name == "nt" else "dtk")
-    if not path.exists():
-        path = pathlib.Path(sys.executable).parent / path.name
-    assert path.exists(), f"no dtk console script next to {sys.executable}"
-    return str(path)
 
 
 class Tutorial:

@@ -10,18 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
+from invoke import dtk
 from scipy import stats
 
 import toolkit
 from evaluations import downstream as ds
-from toolkit.cli import cli
-
-
-def dtk(*args):
-    result = CliRunner().invoke(cli, [*map(str, args)])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +22,13 @@ def folders(tmp_path_factory):
     """The real colored-digits train and test splits, and a synthetic stand-in: minority
     ('dark') images of other shapes and grain, marked synthetic like `dtk synthesize`'s."""
     root = tmp_path_factory.mktemp("downstream")
-    dtk("data", "colored-digits", root / "train", "--split", "train", "-q")
-    dtk("data", "colored-digits", root / "test", "--split", "test", "-q")
-    dtk("data", "colored-digits", root / "extra", "--split", "train",
-        "--minority-share", "0.5", "--seed", "1", "-q")  # fmt: skip
+    for name, args in (
+        ("train", ["--split", "train"]),
+        ("test", ["--split", "test"]),
+        ("extra", ["--split", "train", "--minority-share", 0.5, "--seed", 1]),
+    ):
+        result = dtk("data", "colored-digits", root / name, *args, "-q")
+        assert result.exit_code == 0, result.output
     extra = toolkit.read_metadata(root / "extra", ["digit", "group"])
     dark = extra[extra["group"] == "dark"].assign(synthetic="True")
     synthetic = root / "synthetic"
@@ -320,13 +316,9 @@ def test_synthetic_minority_data_narrows_the_logreg_gap(folders):
     assert summary.loc["synthetic", "gap_reduction_mean"] > 0.5
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def test_the_command_writes_results_summary_and_report(folders, tmp_path):
     out = tmp_path / "downstream"
-    result = invoke("eval", "downstream", "--real", folders["train"], "--test", folders["test"],
+    result = dtk("eval", "downstream", "--real", folders["train"], "--test", folders["test"],
                     "--synthetic", folders["synthetic"], "--models", "logreg", "--seeds", 2,
                     "--steps", 20, "--out", out, "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -347,7 +339,7 @@ def test_the_command_writes_results_summary_and_report(folders, tmp_path):
 
 
 def test_the_command_refuses_synthetic_methods_without_synthetic_data(folders, tmp_path):
-    result = invoke("eval", "downstream", "--real", folders["train"], "--test", folders["test"],
+    result = dtk("eval", "downstream", "--real", folders["train"], "--test", folders["test"],
                     "--methods", "real,synthetic", "--out", tmp_path / "d", "-q")  # fmt: skip
     assert result.exit_code == 2
     assert "method 'synthetic' needs --synthetic DIR" in result.output

@@ -6,16 +6,11 @@ import json
 
 import pandas
 import pytest
-from click.testing import CliRunner
+from invoke import dtk
 
 import toolkit
 from evaluations import metrics
 from evaluations.bias import audit_bias
-from toolkit.cli import cli
-
-
-def dtk(*args):
-    return CliRunner().invoke(cli, [*map(str, args)])
 
 
 @pytest.fixture(scope="module")

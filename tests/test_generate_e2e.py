@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pandas
 import pytest
+from folders import pixels
 from PIL import Image
 from tiny_models import save_pipeline
 
@@ -25,14 +26,6 @@ def model(tmp_path_factory):
 
 def dtk(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([DTK, *args], capture_output=True, text=True, timeout=300, **kwargs)
-
-
-def read_images(out) -> dict[int, np.ndarray]:
-    metadata = pandas.read_csv(out / "metadata.csv")
-    return {
-        int(r.index): np.asarray(Image.open(out / r.file_name), dtype=np.int16)
-        for r in metadata.itertuples()
-    }
 
 
 def test_a_killed_run_resumes_to_exactly_n_samples(model, tmp_path):
@@ -84,7 +77,7 @@ def test_torchrun_ranks_split_the_work_and_match_one_process(model, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     parts = sorted(p.name for p in (multi / ".dtk" / "parts").iterdir())
     assert parts == ["shard-0000-of-0002.jsonl", "shard-0001-of-0002.jsonl"]
-    ours, reference = read_images(multi), read_images(single)
+    ours, reference = pixels(multi), pixels(single)
     assert sorted(ours) == list(range(5))
     for i in range(5):
         assert np.abs(ours[i] - reference[i]).max() <= 1

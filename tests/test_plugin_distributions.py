@@ -14,11 +14,11 @@ import os
 import pathlib
 import subprocess
 import sys
-import sysconfig
 import textwrap
 
 import pytest
 from click.testing import CliRunner
+from invoke import dtk_executable
 
 import toolkit
 import toolkit.registry
@@ -170,16 +170,6 @@ def pip_install(projects: list[pathlib.Path], target: pathlib.Path) -> None:
     env = {**os.environ, "PIP_ROOT_USER_ACTION": "ignore", "PIP_NO_INPUT": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-def dtk_executable() -> str:
-    """The ``dtk`` console script pip installed for this interpreter."""
-    name = "dtk.exe" if os.name == "nt" else "dtk"
-    path = pathlib.Path(sysconfig.get_path("scripts")) / name
-    if not path.exists():
-        path = pathlib.Path(sys.executable).parent / name
-    assert path.exists(), f"no dtk console script next to {sys.executable}"
-    return str(path)
 
 
 @pytest.fixture(scope="session")

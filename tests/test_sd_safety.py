@@ -142,7 +142,7 @@ def test_cli_records_verdicts_and_on_flag_decides(folders, tmp_path):
     sd = str(folders["sd"])
     plain = tmp_path / "plain"
     assert generate(["--model", sd], plain).exit_code == 0
-    baseline = pixels(plain, pandas.read_csv(plain / "metadata.csv"))
+    baseline = pixels(plain)
     images = torch.tensor(np.stack([baseline[i] for i in range(6)])).permute(0, 3, 1, 2) / 255
     set_thresholds(folders["sd"], [median_split(similarities(sd, images)[0])] * 17, [NEVER] * 3)
     expected = diffusers_decisions(folders["sd"], images)

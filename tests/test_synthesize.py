@@ -6,15 +6,10 @@ import json
 
 import pandas
 import pytest
-from click.testing import CliRunner
+from invoke import dtk
 
 import toolkit
 from evaluations.synthesis import make_plan, synthesize
-from toolkit.cli import cli
-
-
-def dtk(*args):
-    return CliRunner().invoke(cli, [*map(str, args)])
 
 
 def frame(cells):

@@ -9,13 +9,12 @@ import numpy as np
 import pandas
 import pytest
 import torch
-from click.testing import CliRunner
+from invoke import dtk
 from PIL import Image
 from tiny_clip import reference_proba, reference_text, save_clip
 
 import toolkit
 from evaluations.common import load_images
-from toolkit.cli import cli
 
 # male first: the values keep the file's order, not an alphabetical one
 WORDS = """\
@@ -27,10 +26,6 @@ female = " woman "
 light = "light-skinned"
 dark = "dark-skinned"
 """
-
-
-def dtk(*args):
-    return CliRunner().invoke(cli, [*map(str, args)])
 
 
 def synthesize(folders, out, *args):
