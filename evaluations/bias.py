@@ -195,11 +195,13 @@ def _spread(
     generation: Mapping[str, Any] | None,
 ) -> list[dict[str, str]] | dict[str, str] | None:
     """With ``--by ATTR`` on generated images, sample ``i`` asks for ATTR's ``i % k``-th value
-    (unless the conditions fix it, or the guidance draws each sample's values itself, as
-    ``fair`` does), so every value gets its share of the ``n`` samples."""
-    if by is None or (conditions and by in conditions) or _guidance_draws(generation):
+    (unless the conditions fix it, or the guidance draws ATTR itself, as ``fair`` does for
+    its attribute), so every value gets its share of the ``n`` samples."""
+    if by is None or (conditions and by in conditions):
         return dict(conditions) if conditions else None
     space = toolkit.label_space(model if model is not None else toolkit.default_model())
+    if _guidance_draws(generation, space, conditions, by):
+        return dict(conditions) if conditions else None
     if space is None:
         raise toolkit.DtkError(
             f"--by {by}: the model has no attributes to spread the samples over; give "
@@ -291,9 +293,14 @@ def _plugins_used(classifier: str, source: Mapping[str, Any]) -> list[dict[str, 
     return used
 
 
-def _guidance_draws(generation: Mapping[str, Any] | None) -> bool:
-    """Whether the run's guidance assigns each sample's conditions itself (its `assign`
-    hook); then --by reads what it drew from the metadata."""
+def _guidance_draws(
+    generation: Mapping[str, Any] | None,
+    space: Any,
+    conditions: Mapping[str, str] | None,
+    by: str,
+) -> bool:
+    """Whether the run's guidance draws `by` itself: its `assign` hook adds `by` to a
+    sample's condition. Then --by reads what it drew from the metadata."""
     generation = dict(generation or {})
     if generation.get("guidance") is None:
         return False
@@ -301,4 +308,9 @@ def _guidance_draws(generation: Mapping[str, Any] | None) -> bool:
         "guidance", generation["guidance"], generation.get("guidance_options"),
         from_strings=bool(generation.get("options_from_strings")),
     )  # fmt: skip
-    return hasattr(guidance, "assign")
+    assign = getattr(guidance, "assign", None)
+    if assign is None:
+        return False
+    # the attributes as `toolkit.generate` hands them over (none for a text-to-image model)
+    attributes = {} if space is None else {a.name: list(a.values) for a in space.attributes}
+    return by in assign(dict(conditions or {}), 0, attributes)

@@ -170,3 +170,16 @@ def test_by_reads_the_values_fair_guidance_draws(tmp_path):
     # the shipped classifier mostly agrees with what fair guidance asked for
     agree = sum(int(counts.loc[v, v]) for v in drawn.index)
     assert agree >= 0.8 * len(metadata)
+
+
+def test_by_still_spreads_an_attribute_fair_guidance_leaves_alone(tmp_path):
+    # fair draws the group; --by digit must still spread the samples over the digits
+    result = dtk("eval", "bias", "--guidance", "fair", "--by", "digit", "-n", 20, "--steps", 2,
+                 "--bootstrap", 100, "--out", tmp_path / "audit", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metadata = pandas.read_csv(tmp_path / "audit" / "samples" / "metadata.csv",
+                               keep_default_na=False, dtype=str)  # fmt: skip
+    assert list(metadata.sort_values("index", key=lambda c: c.astype(int))["digit"]) == [
+        str(i % 10) for i in range(20)
+    ]
+    assert set(metadata["group"]) == {"light", "dark"}
