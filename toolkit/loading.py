@@ -30,15 +30,19 @@ def use_safetensors(folder: pathlib.Path, stem: str, trust_pickle: bool) -> bool
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Without transformers' weight-loading progress bar, which would land on stderr, dtk's
-    own progress and one-line-error channel (and ignore ``-q``); the user's setting is
-    restored afterwards."""
+    """Without transformers' weight-loading progress bar and its info and warning logs (such
+    as "requires torchvision ... falling back", printed when an image processor is first
+    imported), which would land on stderr, dtk's own progress and one-line-error channel (and
+    ignore ``-q``); the user's settings are restored afterwards."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if enabled:
             hf_logging.enable_progress_bar()
