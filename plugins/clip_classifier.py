@@ -294,7 +294,8 @@ def _load(path: pathlib.Path, trust_pickle: bool) -> tuple[Any, Any, Any]:
     parts = []
     for what, loader in (("tokenizer", AutoTokenizer), ("image processor", AutoImageProcessor)):
         try:
-            parts.append(loader.from_pretrained(path, local_files_only=True))
+            with quiet_transformers():
+                parts.append(loader.from_pretrained(path, local_files_only=True))
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise DtkError(f"clip: cannot load the {what} in {path}: {_one_line(exc)}") from None
     model.eval().requires_grad_(False)

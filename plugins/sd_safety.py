@@ -49,13 +49,11 @@ class SDSafetyChecker:
         from diffusers.pipelines.stable_diffusion.safety_checker import (
             StableDiffusionSafetyChecker,
         )
-        from transformers import CLIPImageProcessor
 
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, ValueError):
-            raise OptionError(f"sd_safety_checker: unknown device {device!r}") from None
+        self.device = toolkit.resolve_device(device)
         with quiet_transformers():
+            from transformers import CLIPImageProcessor
+
             checker = StableDiffusionSafetyChecker.from_pretrained(
                 checker_dir, local_files_only=True, use_safetensors=True
             )
@@ -141,13 +139,13 @@ def _component_dirs(model: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
 def _to_pil(images: torch.Tensor) -> list:
     """The pixels the writer saves (``toolkit.images.to_pixels``' rounding), as PIL images,
     which is what diffusers' pipeline hands the feature extractor."""
-    import torch
     from PIL import Image
+
+    from toolkit.images import to_pixels
 
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images [B, 1 or 3, H, W], got shape {tuple(images.shape)}")
-    images = torch.nan_to_num(images.float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
-    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = to_pixels(images)
     if pixels.shape[-1] == 1:
         return [Image.fromarray(p[..., 0]) for p in pixels]
     return [Image.fromarray(p) for p in pixels]
