@@ -187,26 +187,15 @@ def _labels(
         # the prompts would already be written out: which text would the words replace?
         raise OptionError("clip: give words or label_prompts, not both")
     try:
-        table = toolkit.attribute_words(
-            toolkit.read_words(words), attribute, source=f"the words file {words}"
-        )
+        said = toolkit.value_words(attribute, labels, words)
     except DtkError as exc:
         raise OptionError(f"clip: {exc}") from None
-    if labels is None:
-        labels = list(table)
-        if len(labels) < 2:
-            raise OptionError(
-                f"clip: the words file {words} lists one {attribute} value ({labels[0]}); "
-                "the classifier needs at least two to choose between"
-            )
-    labels = [str(label) for label in labels]
-    missing = [label for label in labels if label not in table]
-    if missing:
+    if len(said) < 2 and labels is None:
         raise OptionError(
-            f"clip: the words file {words} has no words for {attribute} value "
-            f"{missing[0]!r}; it lists: {', '.join(table)}"
+            f"clip: the words file {words} lists one {attribute} value ({next(iter(said))}); "
+            "the classifier needs at least two to choose between"
         )
-    return labels, [table[label] for label in labels]
+    return list(said), list(said.values())
 
 
 def _prompts(

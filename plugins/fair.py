@@ -28,7 +28,7 @@ from plugins.momentum import WarmedMomentum
 from toolkit._lazy import lazy_import
 from toolkit.errors import DtkError, OptionError
 from toolkit.targets import quantile_draw, seeded_uniform, target_distribution
-from toolkit.words import attribute_words, read_words
+from toolkit.words import value_words
 
 if TYPE_CHECKING:
     import torch
@@ -185,19 +185,11 @@ def _value_words(
     attribute: str, values: list[str] | None, words: pathlib.Path | None
 ) -> dict[str, str]:
     """value -> the words that stand for it, in the values' order."""
-    said = {}
-    if words is not None:
-        try:
-            said = attribute_words(read_words(words), attribute, source=words)
-        except DtkError as exc:
-            raise OptionError(f"fair: {exc}") from None
-    if values is not None:
-        values = [str(v) for v in values]
-        missing = [v for v in values if words is not None and v not in said]
-        if missing:
-            raise OptionError(f"fair: {words} has no words for {attribute}={missing[0]}")
-        said = {v: said.get(v, v) for v in values}
-    if len(said) < 2 or len(set(said)) != len(values or said):
+    try:
+        said = value_words(attribute, values, words)
+    except DtkError as exc:
+        raise OptionError(f"fair: {exc}") from None
+    if len(said) < 2 or (values is not None and len(said) != len(values)):
         raise OptionError(f"fair: {attribute!r} needs at least two different values")
     return said
 

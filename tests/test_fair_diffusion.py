@@ -145,7 +145,7 @@ def test_words_file_gives_values_and_edit_prompts(tmp_path):
     for kwargs, message in (
         ({"attribute": "size"}, "at least two different values"),
         ({"attribute": "shape"}, "has no attribute 'shape'"),
-        ({"attribute": "colour", "values": ["red", "green"]}, "no words for colour=green"),
+        ({"attribute": "colour", "values": ["red", "green"]}, "no words for colour value 'green'"),
         ({"attribute": "colour", "edit_prompt": "a car"}, "must contain {value}"),
     ):
         with pytest.raises(OptionError, match=message):

@@ -69,6 +69,7 @@ __all__ = [
     "sampler",
     "schedule",
     "target_distribution",
+    "value_words",
     "versions",
     "write_colored_digits",
 ]
@@ -134,6 +135,7 @@ _LAZY = {
     "write_colored_digits": ("toolkit.colored_digits", "write"),
     "read_words": ("toolkit.words", "read_words"),
     "attribute_words": ("toolkit.words", "attribute_words"),
+    "value_words": ("toolkit.words", "value_words"),
     "versions": ("toolkit.installed", "versions"),
 }
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from toolkit.errors import DtkError
 
@@ -78,3 +78,27 @@ def attribute_words(
         raise DtkError(
             f"{source} has no attribute {attribute!r}; it has: {', '.join(words)}"
         ) from None
+
+
+def value_words(
+    attribute: str, values: Sequence[str] | None, path: str | pathlib.Path | None
+) -> dict[str, str]:
+    """Each value of `attribute` -> the words that stand for it, in the values' order.
+
+    From the words file at `path`: every value it lists for `attribute` when `values` is
+    None, else each of `values`, which must all be listed. Without a file, each of `values`
+    stands for itself. Mistakes are a `DtkError` naming the file.
+    """
+    if path is None:
+        return {str(v): str(v) for v in values or ()}
+    table = attribute_words(read_words(path), attribute, source=f"the words file {path}")
+    if values is None:
+        return dict(table)
+    values = [str(v) for v in values]
+    missing = [v for v in values if v not in table]
+    if missing:
+        raise DtkError(
+            f"the words file {path} has no words for {attribute} value {missing[0]!r}; "
+            f"it lists: {', '.join(table)}"
+        )
+    return {v: table[v] for v in values}
