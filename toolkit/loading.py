@@ -1,4 +1,5 @@
-"""What loading a model folder shares, whatever the model: the weights rule and quiet loads.
+"""What loading a model folder shares, whatever the model: config files, the noise a
+scheduler config describes, the weights rule and quiet loads.
 
 Weights load from safetensors; pickled weights (``.bin``, ``.ckpt``) only when the user
 trusts their source, because unpickling can run arbitrary code (DESIGN.md, "Weights").
@@ -7,10 +8,33 @@ trusts their source, because unpickling can run arbitrary code (DESIGN.md, "Weig
 from __future__ import annotations
 
 import contextlib
+import json
 import pathlib
 from collections.abc import Iterator
+from typing import Any
 
 from toolkit.errors import DtkError
+from toolkit.noise import NoiseLevels
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def read_config(path: pathlib.Path) -> dict[str, Any]:
+    """A JSON config file of a model folder; one clear line when it is missing or corrupt."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise DtkError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise DtkError(f"{path}: corrupt config file: {exc}") from None
+
+
+def scheduler_noise(folder: pathlib.Path, config: dict[str, Any]) -> tuple[str, NoiseLevels]:
+    """The prediction type and training noise levels a scheduler config describes."""
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise DtkError(f"{folder}: unsupported prediction_type {prediction_type!r}")
+    return prediction_type, NoiseLevels.from_scheduler_config(config)
 
 
 def use_safetensors(folder: pathlib.Path, stem: str, trust_pickle: bool) -> bool:

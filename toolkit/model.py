@@ -18,14 +18,13 @@ pickled ``.bin`` weights only with ``trust_pickle=True``, because unpickling run
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import TYPE_CHECKING, Any
 
 from toolkit._lazy import lazy_import
 from toolkit.conditions import LabelSpace
 from toolkit.errors import DtkError
-from toolkit.loading import use_safetensors
+from toolkit.loading import read_config, scheduler_noise, use_safetensors
 from toolkit.noise import NoiseLevels
 from toolkit.text_model import TextModel, is_text_model, load_text_model
 
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 else:
     torch = lazy_import("torch")
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
 
@@ -107,10 +105,7 @@ def label_space(path: str | pathlib.Path) -> LabelSpace | None:
     unet_dir, _, toolkit_json = find_unet_folder(path)
     if toolkit_json is not None:
         return LabelSpace.from_json(toolkit_json)
-    try:
-        num_classes = json.loads((unet_dir / "config.json").read_text()).get("num_class_embeds")
-    except ValueError as exc:
-        raise DtkError(f"{path}: corrupt config file: {exc}") from None
+    num_classes = read_config(unet_dir / "config.json").get("num_class_embeds")
     return LabelSpace.single_class(num_classes) if num_classes else None
 
 
@@ -125,11 +120,8 @@ def load_model(
     if is_text_model(path):
         return load_text_model(path, trust_pickle=trust_pickle, device=device, dtype=dtype)
     unet_dir, scheduler_file, toolkit_json = find_unet_folder(path)
-    try:
-        unet_config = json.loads((unet_dir / "config.json").read_text())
-        scheduler_config = json.loads(scheduler_file.read_text())
-    except ValueError as exc:
-        raise DtkError(f"{path}: corrupt config file: {exc}") from None
+    unet_config = read_config(unet_dir / "config.json")
+    scheduler_config = read_config(scheduler_file)
     if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise DtkError(
             f"{path}: the UNet is a {unet_config['_class_name']}; this loader takes UNet2DModel"
@@ -149,10 +141,7 @@ def load_model(
     unet.eval().requires_grad_(False)
     unet.to(device=device)
 
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise DtkError(f"{path}: unsupported prediction_type {prediction_type!r}")
-    noise_levels = NoiseLevels.from_scheduler_config(scheduler_config)
+    prediction_type, noise_levels = scheduler_noise(path, scheduler_config)
 
     num_classes = unet.config.num_class_embeds
     labels = LabelSpace.from_json(toolkit_json) if toolkit_json else None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from toolkit._lazy import lazy_import
 from toolkit.errors import DtkError
-from toolkit.loading import quiet_transformers, use_safetensors
+from toolkit.loading import quiet_transformers, read_config, scheduler_noise, use_safetensors
 from toolkit.noise import NoiseLevels
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ else:
 
 log = logging.getLogger(__name__)
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SAFE = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
@@ -147,15 +146,6 @@ class TextModel:
         return self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0].float()
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except OSError as exc:
-        raise DtkError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise DtkError(f"{path}: corrupt config file: {exc}") from None
-
-
 def load_text_model(
     path: str | pathlib.Path, *, trust_pickle: bool = False, device: Any = "cpu", dtype: Any = None
 ) -> TextModel:
@@ -168,15 +158,12 @@ def load_text_model(
         if not folder.is_dir() or (what is not None and not (folder / what).is_file()):
             missing = f"{part}/" if what is None else f"{part}/{what}"
             raise DtkError(f"{path}: a text-to-image pipeline folder needs {missing}")
-    unet_class = _read_json(path / "unet" / "config.json").get("_class_name")
+    unet_class = read_config(path / "unet" / "config.json").get("_class_name")
     if unet_class not in TEXT_UNETS:
         raise DtkError(f"{path}: the UNet is a {unet_class}; a text-to-image pipeline needs "
                        "UNet2DConditionModel")  # fmt: skip
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise DtkError(f"{path}: unsupported prediction_type {prediction_type!r}")
-    noise_levels = NoiseLevels.from_scheduler_config(scheduler_config)
+    scheduler_config = read_config(path / "scheduler" / "scheduler_config.json")
+    prediction_type, noise_levels = scheduler_noise(path, scheduler_config)
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -196,7 +183,7 @@ def load_text_model(
     diffusers_kwargs = {"low_cpu_mem_usage": False}
     unet = load("unet", UNet2DConditionModel, **diffusers_kwargs)
     # SD's VAE overflows in float16 (its config says force_upcast), as diffusers knows
-    upcast = dtype == torch.float16 and _read_json(path / "vae" / "config.json").get(
+    upcast = dtype == torch.float16 and read_config(path / "vae" / "config.json").get(
         "force_upcast", False
     )
     vae = load("vae", AutoencoderKL, torch.float32 if upcast else dtype, **diffusers_kwargs)
