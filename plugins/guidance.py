@@ -39,7 +39,7 @@ class CFG:
 
     def __init__(self, scale: float = 2.0) -> None:
         if not math.isfinite(scale):
-            raise OptionError("cfg: scale must be a finite number")
+            raise OptionError(f"{self.name}: scale must be a finite number")
         self.scale = scale
 
     def __call__(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 import toolkit
+from plugins.guidance import CFG
 from plugins.momentum import WarmedMomentum
 from toolkit._lazy import lazy_import
 from toolkit.errors import OptionError
@@ -47,7 +48,7 @@ PRESETS: dict[str, dict[str, float]] = {
 SAFETY = "safety"
 
 
-class SafeLatentDiffusion:
+class SafeLatentDiffusion(CFG):
     """Safe Latent Diffusion: ``cfg`` at `scale`, steered away from `concept`.
 
     `preset` picks the paper's values for `guidance_scale` (the safety scale), `warmup_steps`
@@ -86,8 +87,9 @@ class SafeLatentDiffusion:
         missing = [k for k in given if k not in values]
         if missing:
             raise OptionError(f"sld: without a preset, give {', '.join(missing)}")
-        if not all(math.isfinite(float(v)) for v in (scale, *values.values())):
-            raise OptionError("sld: scale and the safety options must be finite numbers")
+        super().__init__(scale)
+        if not all(math.isfinite(float(v)) for v in values.values()):
+            raise OptionError("sld: the safety options must be finite numbers")
         if values["guidance_scale"] < 0:
             raise OptionError("sld: guidance_scale must be >= 0")
         if values["warmup_steps"] < 0 or int(values["warmup_steps"]) != values["warmup_steps"]:
@@ -96,7 +98,6 @@ class SafeLatentDiffusion:
             raise OptionError("sld: momentum_beta must be in [0, 1]")
         if not concept.strip():
             raise OptionError("sld: concept must be a non-empty text")
-        self.scale = scale
         self.guidance_scale = float(values["guidance_scale"])
         self.warmup_steps = int(values["warmup_steps"])
         self.threshold = float(values["threshold"])
@@ -122,7 +123,7 @@ class SafeLatentDiffusion:
 
     def __call__(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:
         cond, uncond = preds["cond"], preds["uncond"]
-        guided = uncond + self.scale * (cond - uncond)
+        guided = super().__call__(preds, sigma)
         if SAFETY not in preds or sigma <= 0:
             return guided
         if sigma > self._last_sigma:  # a new run, for callers without start_batch
