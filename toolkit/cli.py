@@ -119,10 +119,7 @@ def plugins_command(kind: str | None, as_json: bool) -> None:
       dtk plugins --kind sampler
       dtk plugins --json | jq '.[] | select(.status != "ok")'
     """
-    try:
-        rows = get_registry().rows(kind)
-    except DtkError as exc:
-        raise UserError(str(exc)) from None
+    rows = get_registry().rows(kind)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -284,39 +281,36 @@ def generate_command(**kw: Any) -> None:
     from toolkit.generation import generate
     from toolkit.options import parse_key_values
 
-    try:
-        prompt, negative, n = _prompts(kw)
-        metadata = generate(
-            kw["model"],
-            out=kw["out"],
-            conditions=parse_conditions(kw["conditions"]),
-            prompt=prompt,
-            negative_prompt=negative,
-            n=n,
-            seed=kw["seed"],
-            sampler=kw["sampler"],
-            sampler_options=parse_key_values(kw["sampler_option"], what="--sampler-option"),
-            schedule=kw["schedule"],
-            schedule_options=parse_key_values(kw["schedule_option"], what="--schedule-option"),
-            steps=kw["steps"],
-            guidance=kw["guidance"],
-            guidance_options=parse_key_values(kw["guidance_option"], what="--guidance-option"),
-            filters=kw["filters"],
-            filter_options=_split_filter_options(kw["filter_option"], kw["filters"]),
-            on_flag=kw["on_flag"],
-            batch_size=kw["batch_size"],
-            device=kw["device"],
-            dtype=kw["dtype"],
-            shard=kw["shard"],
-            grid=kw["grid"],
-            trust_pickle=kw["trust_pickle"],
-            attention_slicing=kw["attention_slicing"],
-            vae_tiling=kw["vae_tiling"],
-            progress=not kw["quiet"],
-            options_from_strings=True,
-        )
-    except DtkError as exc:
-        raise UserError(str(exc)) from None
+    prompt, negative, n = _prompts(kw)
+    metadata = generate(
+        kw["model"],
+        out=kw["out"],
+        conditions=parse_conditions(kw["conditions"]),
+        prompt=prompt,
+        negative_prompt=negative,
+        n=n,
+        seed=kw["seed"],
+        sampler=kw["sampler"],
+        sampler_options=parse_key_values(kw["sampler_option"], what="--sampler-option"),
+        schedule=kw["schedule"],
+        schedule_options=parse_key_values(kw["schedule_option"], what="--schedule-option"),
+        steps=kw["steps"],
+        guidance=kw["guidance"],
+        guidance_options=parse_key_values(kw["guidance_option"], what="--guidance-option"),
+        filters=kw["filters"],
+        filter_options=_split_filter_options(kw["filter_option"], kw["filters"]),
+        on_flag=kw["on_flag"],
+        batch_size=kw["batch_size"],
+        device=kw["device"],
+        dtype=kw["dtype"],
+        shard=kw["shard"],
+        grid=kw["grid"],
+        trust_pickle=kw["trust_pickle"],
+        attention_slicing=kw["attention_slicing"],
+        vae_tiling=kw["vae_tiling"],
+        progress=not kw["quiet"],
+        options_from_strings=True,
+    )
     click.echo(f"{len(metadata)} images in {kw['out']}", err=True)
 
 
@@ -407,10 +401,7 @@ def train_command(**kw: Any) -> None:
         beta_schedule=kw["beta_schedule"],
         checkpoint_every=kw["checkpoint_every"],
     )
-    try:
-        out = train(config, resume=kw["resume"], progress=not kw["quiet"])
-    except DtkError as exc:
-        raise UserError(str(exc)) from None
+    out = train(config, resume=kw["resume"], progress=not kw["quiet"])
     click.echo(f"model written to {out}", err=True)
 
 
@@ -421,13 +412,10 @@ def merge_command(out: pathlib.Path) -> None:
     from toolkit.output import OutputFolder
 
     folder = OutputFolder(out)
-    try:
-        run = folder.read_run()
-        if run is None:
-            raise DtkError(f"{out} is not a dtk output folder (no run.json)")
-        metadata = folder.merge()
-    except DtkError as exc:
-        raise UserError(str(exc)) from None
+    run = folder.read_run()
+    if run is None:
+        raise DtkError(f"{out} is not a dtk output folder (no run.json)")
+    metadata = folder.merge()
     missing = run.get("n", 0) - len(folder.records())
     click.echo(f"{len(metadata)} images in {out}", err=True)
     if missing > 0:

@@ -11,8 +11,6 @@ from typing import Any
 
 import click
 
-from toolkit.errors import DtkError
-
 
 @click.command("train-classifier")
 @click.argument("data", type=click.Path(path_type=pathlib.Path))
@@ -69,27 +67,23 @@ def train_classifier_command(**kw: Any) -> None:
           --augment shift,recolor,blur --epochs 10
     """
     from toolkit.classifier import train_classifier
-    from toolkit.cli import UserError
 
     augment = [a.strip() for a in kw["augment"].split(",") if a.strip()]
-    try:
-        config = train_classifier(
-            kw["data"],
-            kw["attribute"],
-            kw["out"],
-            epochs=kw["epochs"],
-            seed=kw["seed"],
-            augment=augment,
-            batch_size=kw["batch_size"],
-            lr=kw["lr"],
-            image_size=kw["image_size"],
-            eval_data=kw["eval_data"],
-            eval_by=kw["eval_by"],
-            command=_command(kw, augment),
-            progress=not kw["quiet"],
-        )
-    except DtkError as exc:
-        raise UserError(str(exc)) from None
+    config = train_classifier(
+        kw["data"],
+        kw["attribute"],
+        kw["out"],
+        epochs=kw["epochs"],
+        seed=kw["seed"],
+        augment=augment,
+        batch_size=kw["batch_size"],
+        lr=kw["lr"],
+        image_size=kw["image_size"],
+        eval_data=kw["eval_data"],
+        eval_by=kw["eval_by"],
+        command=_command(kw, augment),
+        progress=not kw["quiet"],
+    )
     message = f"{kw['attribute']} classifier ({len(config['labels'])} labels) in {kw['out']}"
     if config["eval"] is not None:
         message += f"; accuracy {config['eval']['accuracy']:.4f} on {kw['eval_data']}"

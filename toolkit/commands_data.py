@@ -66,16 +66,12 @@ def colored_digits_command(
       dtk data colored-digits data/test --split test
       dtk data colored-digits data/train-balanced --split train-balanced
     """
-    from toolkit.cli import UserError
     from toolkit.colored_digits import write
 
     source = ctx.get_parameter_source("minority_share")
-    try:
-        if split != "train" and source == click.core.ParameterSource.COMMANDLINE:
-            raise DtkError(f"--minority-share applies to --split train only, not {split}")
-        metadata = write(out, split, minority_share, seed, progress=not quiet)
-    except DtkError as exc:
-        raise UserError(str(exc)) from None
+    if split != "train" and source == click.core.ParameterSource.COMMANDLINE:
+        raise DtkError(f"--minority-share applies to --split train only, not {split}")
+    metadata = write(out, split, minority_share, seed, progress=not quiet)
     counts = metadata["group"].value_counts()
     summary = ", ".join(f"{counts.get(g, 0)} {g}" for g in ("light", "dark"))
     click.echo(f"{len(metadata)} images ({summary}) in {out}", err=True)
