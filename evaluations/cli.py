@@ -9,25 +9,15 @@ one line with exit status 2.
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterable
 from typing import Any
 
 import click
 
 import toolkit
+from toolkit import parse_key_values
 
 PATH = click.Path(path_type=pathlib.Path)
 EXISTING = click.Path(path_type=pathlib.Path, exists=True, file_okay=False)
-
-
-def _key_values(pairs: Iterable[str], what: str) -> dict[str, str]:
-    result = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise toolkit.DtkError(f"{what} must look like KEY=VALUE, got {pair!r}")
-        result[key.strip()] = value.strip()
-    return result
 
 
 def generation_options(
@@ -92,7 +82,8 @@ def _generation(kw: dict[str, Any]) -> dict[str, Any]:
     guidance, guidance_options = kw.pop("guidance"), kw.pop("guidance_option")
     if guidance is not None:
         generation["guidance"] = guidance
-        generation["guidance_options"] = _key_values(guidance_options, "--guidance-option")
+        options = parse_key_values(guidance_options, what="--guidance-option")
+        generation["guidance_options"] = options
     elif guidance_options:
         raise toolkit.DtkError("--guidance-option needs --guidance NAME")
     return generation
@@ -178,8 +169,10 @@ def bias_command(**kw: Any) -> None:
     quiet = kw.pop("quiet")
     result = audit_bias(
         kw.pop("out"),
-        conditions=_key_values(kw.pop("conditions"), "--condition"),
-        classifier_options=_key_values(kw.pop("classifier_option"), "--classifier-option"),
+        conditions=parse_key_values(kw.pop("conditions"), what="--condition"),
+        classifier_options=parse_key_values(
+            kw.pop("classifier_option"), what="--classifier-option"
+        ),
         generation=generation,
         progress=not quiet,
         **kw,
@@ -274,7 +267,9 @@ def synthesize_command(**kw: Any) -> None:
     quiet = kw.pop("quiet")
     out = kw.pop("out")
     by = kw.pop("by") or None
-    kw["classifier_options"] = _key_values(kw.pop("classifier_option"), "--classifier-option")
+    kw["classifier_options"] = parse_key_values(
+        kw.pop("classifier_option"), what="--classifier-option"
+    )
 
     def show_plan(plan: Any) -> None:
         click.echo(f"plan ({int(plan['generate'].sum())} images to generate):", err=True)

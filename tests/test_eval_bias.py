@@ -183,3 +183,18 @@ def test_by_still_spreads_an_attribute_fair_guidance_leaves_alone(tmp_path):
         str(i % 10) for i in range(20)
     ]
     assert set(metadata["group"]) == {"light", "dark"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--classifier-option", "nonsense"], "--classifier-option 'nonsense' is not of the form"),
+        (["--condition", "digit=1", "--condition", "digit=2"], "'digit' is given twice"),
+    ],
+)
+def test_malformed_key_values_are_one_line(tmp_path, args, message):
+    result = dtk("eval", "bias", *args, "--out", tmp_path / "audit", "-q")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "audit").exists()
