@@ -223,7 +223,7 @@ def synthesize(
     defaults = {"steps": DEFAULT_STEPS, **({} if "guidance" in given else DEFAULT_GUIDANCE)}
     generation = {**defaults, **given}
     pending = [
-        ({by: str(row[by])} if by else {}) | {attribute: str(row[attribute])}
+        _condition(row, attribute, by)
         for _, row in plan.iterrows()
         for _ in range(int(row["generate"]))
     ]
