@@ -35,7 +35,7 @@ def evaluate_downstream(
     out = pathlib.Path(out)
     result = run_downstream(real, test, synthetic, **options)
     data = result.to_json()
-    groups = group_names(result.runs)
+    groups = result.config["groups"]
     data = {
         "command": "eval downstream",
         "created": now(),
@@ -69,10 +69,6 @@ def evaluate_downstream(
 def _where(data: Any) -> str:
     """The folder of a dataset given as a path or as a loaded `toolkit.ImageDataset`."""
     return str(getattr(data, "root", data))
-
-
-def group_names(runs: pandas.DataFrame) -> list[str]:
-    return [c[len("accuracy_") :] for c in runs.columns if c.startswith("accuracy_")]
 
 
 def accuracy_by_group(runs: pandas.DataFrame, groups: Iterable[str]) -> pandas.DataFrame:
