@@ -26,23 +26,12 @@ import subprocess
 import time
 
 import pandas
+from tables import markdown  # benchmarks/tables.py, beside this script
 
 import toolkit
 from evaluations.bias import audit_bias
 from evaluations.downstream_job import evaluate_downstream, summary_table
 from evaluations.synthesis import synthesize
-
-
-def markdown(frame: pandas.DataFrame) -> str:
-    """A markdown table (pandas' to_markdown needs the optional `tabulate`)."""
-
-    def cell(value: object) -> str:
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
-             "|" + "---|" * len(frame.columns)]  # fmt: skip
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
-    return "\n".join(lines)
 
 
 def planted_truth(out: pathlib.Path) -> pandas.DataFrame:

@@ -19,6 +19,7 @@ import time
 
 import pandas
 import torch
+from tables import markdown  # benchmarks/tables.py, beside this script
 
 import toolkit
 from toolkit.denoiser import UNetDenoiser
@@ -93,15 +94,6 @@ def main() -> None:
         table.to_csv(args.csv, index=False)
     if args.plot:
         plot(table, args.plot)
-
-
-def markdown(table: pandas.DataFrame) -> str:
-    def cell(value: object) -> str:
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + " --- |" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(False)]
-    return "\n".join(lines)
 
 
 def plot(table: pandas.DataFrame, path: pathlib.Path) -> None:
