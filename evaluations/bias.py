@@ -11,6 +11,7 @@ own errors when a labeled calibration folder is given (`evaluations.metrics`).
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -174,7 +175,7 @@ def audit_bias(
             "calibration": None if calibration is None else str(calibration),
             "bootstrap": n_boot,
         },
-        "plugins": _plugins_used(classifier, source),
+        "plugins": _plugins_used(classifier, folder),
         "versions": versions(),
         "attributes": results,
     }
@@ -282,14 +283,13 @@ def shares_frame(summary: Mapping[str, Any]) -> pandas.DataFrame:
     return pandas.DataFrame(rows)
 
 
-def _plugins_used(classifier: str, source: Mapping[str, Any]) -> list[dict[str, str]]:
+def _plugins_used(classifier: str, folder: pathlib.Path) -> list[dict[str, str]]:
+    """The classifier, then the plugins that made the images, as the folder's run.json (one
+    `toolkit.generate` wrote) records them; a folder from elsewhere has none."""
     used = [provenance("attribute_classifier", classifier)]
-    generation = source.get("generation") or {}
-    if "model" in source:
-        used.append(provenance("sampler", generation.get("sampler", "dpmpp_2m")))
-        used.append(provenance("schedule", generation.get("schedule", "karras")))
-        if generation.get("guidance"):
-            used.append(provenance("guidance", generation["guidance"]))
+    run_file = folder / "run.json"
+    if run_file.is_file():
+        used += json.loads(run_file.read_text()).get("plugins", [])
     return used
 
 

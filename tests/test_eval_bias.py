@@ -112,6 +112,9 @@ def test_generated_audit_spreads_the_by_attribute(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["n"] == 20 and saved["attributes"]["group"]["total"] == 20
     assert {p["kind"] for p in saved["plugins"]} >= {"attribute_classifier", "sampler"}
+    # what generation really used, the implicit default guidance included
+    used = {p["kind"]: p["name"] for p in saved["plugins"]}
+    assert (used["sampler"], used["schedule"], used["guidance"]) == ("dpmpp_2m", "karras", "cfg")
 
 
 @pytest.mark.parametrize(
