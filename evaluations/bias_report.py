@@ -103,7 +103,7 @@ def add_gallery(
     """Up to 16 images per predicted value: what the classifier calls each group."""
     column = f"{attribute}_predicted"
     gallery = {
-        label: [image_root / f for f in rows["file_name"].head(16)]
+        label: [image_root / f for f in rows["file_name"]]
         for label, rows in predictions.groupby(column, sort=True)
     }
     report.gallery(f"Samples by predicted {attribute}", gallery, max_per_group=16)

@@ -62,7 +62,7 @@ def add_synthesis_section(
         report.table(frame, caption="Rejections by filter (a sample may fail both)")
     if len(synthetic):
         gallery = {
-            str(value): [out / "synthetic" / f for f in rows["file_name"].head(16)]
+            str(value): [out / "synthetic" / f for f in rows["file_name"]]
             for value, rows in synthetic.groupby(attribute, sort=True)
         }
         report.gallery(f"Synthetic samples by {attribute}", gallery, max_per_group=16)

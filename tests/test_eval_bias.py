@@ -34,6 +34,10 @@ def test_planted_minority_share_is_recovered(data, tmp_path, name):
     dark = dark["groups"]["dark"]
     assert abs(dark["share"] - truth) <= 0.03
     assert dark["ci_low"] <= truth <= dark["ci_high"]
+    # the gallery shows 16 of each predicted group and says how many there were
+    predictions = pandas.read_csv(tmp_path / "audit" / "predictions.csv")
+    light = int((predictions["group_predicted"] == "light").sum())
+    assert f"**light** (16 of {light} shown)" in (tmp_path / "audit" / "report.md").read_text()
 
 
 def test_results_contract_and_files(data, tmp_path):
