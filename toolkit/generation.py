@@ -208,8 +208,7 @@ def generate(
     negatives = _per_sample_prompts(negative_prompt, n, "negative prompt")
     # read from the configs alone, so a wrong option fails before weights load
     text = is_text_model(model_path)
-    conditional_model = not text and label_space(model_path) is not None
-    _check_prompts(model_path, text, conditional_model, requested, prompt, negative_prompt)
+    _check_prompts(model_path, text, requested, prompt, negative_prompt)
     if (attention_slicing or vae_tiling) and not text:
         option = "--attention-slicing" if attention_slicing else "--vae-tiling"
         raise DtkError(f"{option} is for text-to-image (latent) models; {model_path} is not one")
@@ -409,7 +408,6 @@ def _text_conditioning(
 def _check_prompts(
     path: pathlib.Path,
     text: bool,
-    conditional: bool,
     requested: list[dict[str, str]],
     prompt: Any,
     negative_prompt: Any,
@@ -421,6 +419,7 @@ def _check_prompts(
         )
     if not text and (prompt is not None or negative_prompt is not None):
         option = "--prompt" if prompt is not None else "--negative-prompt"
+        conditional = label_space(path) is not None  # read only to word the error
         kind = "class-conditional: use --condition KEY=VALUE" if conditional else "unconditional"
         raise DtkError(f"{path} takes no {option}: it is not a text-to-image model "
                        f"({kind})")  # fmt: skip
