@@ -338,6 +338,7 @@ def downstream_command(**kw: Any) -> None:
       dtk synthesize --out synth
       dtk eval downstream --synthetic synth/synthetic --out downstream
     """
+    from evaluations.downstream import NEEDS_SYNTHETIC
     from evaluations.downstream_job import evaluate_downstream, summary_table
 
     out = kw["out"]
@@ -349,11 +350,11 @@ def downstream_command(**kw: Any) -> None:
         test = out / "data" / "test"
         toolkit.write_colored_digits(test, "test", progress=not kw["quiet"])
     methods = [m.strip() for m in kw["methods"].split(",") if m.strip()]
-    if kw["synthetic"] is None:
-        dropped = [m for m in methods if m in ("synthetic", "pretrain_finetune")]
-        if dropped and kw["methods"] != DEFAULT_METHODS:  # asked for by name
-            raise toolkit.DtkError(f"method {dropped[0]!r} needs --synthetic DIR")
-        methods = [m for m in methods if m not in dropped]
+    # methods asked for by name need their data; the default ones without it are skipped
+    # by run_downstream, which says so in the results and the report
+    needing = [m for m in methods if m in NEEDS_SYNTHETIC]
+    if kw["synthetic"] is None and needing and kw["methods"] != DEFAULT_METHODS:
+        raise toolkit.DtkError(f"method {needing[0]!r} needs --synthetic DIR")
     data = evaluate_downstream(
         out, real, test, kw["synthetic"], label=kw["label"], attribute=kw["attribute"],
         methods=methods, models=[m.strip() for m in kw["models"].split(",") if m.strip()],

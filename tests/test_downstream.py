@@ -343,3 +343,14 @@ def test_the_command_refuses_synthetic_methods_without_synthetic_data(folders, t
                     "--methods", "real,synthetic", "--out", tmp_path / "d", "-q")  # fmt: skip
     assert result.exit_code == 2
     assert "method 'synthetic' needs --synthetic DIR" in result.output
+
+
+def test_the_default_methods_without_synthetic_data_say_what_was_not_run(folders, tmp_path):
+    out = tmp_path / "d"
+    result = dtk("eval", "downstream", "--real", folders["train"], "--test", folders["test"],
+                 "--models", "logreg", "--seeds", 1, "--steps", 4, "--out", out, "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())
+    assert {row["method"] for row in saved["summary"]} == {"real", "oversample", "jitter"}
+    assert set(saved["skipped"]) == {"synthetic", "pretrain_finetune"}
+    assert "Not run: `synthetic`: no synthetic data given" in (out / "report.md").read_text()
