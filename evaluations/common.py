@@ -56,26 +56,7 @@ def load_images(
     )
     if not files:
         raise toolkit.DtkError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return _read_files(root, files), pandas.DataFrame({"file_name": files})
-
-
-def _read_files(root: pathlib.Path, files: list[str]) -> torch.Tensor:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    arrays, size = [], None
-    for name in files:
-        try:
-            with Image.open(root / name) as image:
-                image = image.convert("RGB")
-                size = size or image.size
-                if image.size != size:
-                    image = image.resize(size, Image.BILINEAR)
-                arrays.append(np.asarray(image, dtype=np.uint8))
-        except OSError as exc:
-            raise toolkit.DtkError(f"cannot read image {root / name}: {exc}") from None
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    return toolkit.read_images(root, files), pandas.DataFrame({"file_name": files})
 
 
 def provenance(kind: str, name: str) -> dict[str, str]:

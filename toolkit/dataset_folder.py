@@ -81,27 +81,43 @@ def load_image_folder(
     size: int | None = None,
     channels: int = 3,
 ) -> ImageDataset:
-    """Load every image listed in ``metadata.csv`` (resized to `size` if given)."""
+    """Load every image listed in ``metadata.csv``, resized to `size` if given, else to the
+    first image's size."""
+    root = pathlib.Path(root)
+    metadata = read_metadata(root, attributes)
+    if metadata.empty:
+        raise DtkError(f"{root}/metadata.csv lists no images")
+    side = None if size is None else (size, size)
+    images = read_images(root, metadata["file_name"], size=side, channels=channels)
+    return ImageDataset(root, images, metadata)
+
+
+def read_images(
+    root: str | pathlib.Path,
+    files: Sequence[str],
+    *,
+    size: tuple[int, int] | None = None,
+    channels: int = 3,
+) -> torch.Tensor:
+    """The images at `files` (relative to `root`) as float ``[N, C, H, W]`` in [0, 1], each
+    resized to `size` (width, height) or, by default, to the first image's size."""
     from PIL import Image
 
     root = pathlib.Path(root)
-    metadata = read_metadata(root, attributes)
     mode = {1: "L", 3: "RGB"}[channels]
     arrays = []
-    for name in metadata["file_name"]:
+    for name in files:
         path = root / name
         try:
             with Image.open(path) as image:
                 image = image.convert(mode)
-                if size is not None and image.size != (size, size):
-                    image = image.resize((size, size), Image.BILINEAR)
+                size = size or image.size
+                if image.size != size:
+                    image = image.resize(size, Image.BILINEAR)
                 arrays.append(np.asarray(image, dtype=np.uint8))
         except OSError as exc:
             raise DtkError(f"cannot read image {path}: {exc}") from None
-    if not arrays:
-        raise DtkError(f"{root}/metadata.csv lists no images")
     stacked = np.stack(arrays)
     if stacked.ndim == 3:
         stacked = stacked[..., None]
-    images = torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 255
-    return ImageDataset(root, images, metadata)
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 255
