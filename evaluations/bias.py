@@ -20,13 +20,13 @@ import toolkit
 from evaluations import metrics
 from evaluations.common import (
     load_images,
-    natural_key,
     now,
     provenance,
     versions,
     write_csv,
     write_json,
 )
+from toolkit import natural_key
 
 if TYPE_CHECKING:
     import pandas

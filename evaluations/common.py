@@ -6,7 +6,6 @@ import datetime
 import json
 import math
 import pathlib
-import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,15 +16,6 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def natural_key(value: Any) -> tuple:
-    """Sort numbers by value (``2`` before ``10``), first, then other strings alphabetically."""
-    text = str(value)
-    return (0, float(text), text) if _NUMBER.fullmatch(text) else (1, 0.0, text)
 
 
 def load_images(

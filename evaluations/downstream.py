@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 
 import toolkit
-from evaluations.common import jsonable, natural_key
+from evaluations.common import jsonable
+from toolkit import natural_key
 
 if TYPE_CHECKING:
     import torch

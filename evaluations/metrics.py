@@ -18,8 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from evaluations.common import natural_key
-from toolkit import DtkError
+from toolkit import DtkError, natural_key
 
 __all__ = [
     "bias_amplification",

@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import toolkit
-from evaluations.common import natural_key, now, provenance, versions, write_csv, write_json
+from evaluations.common import now, provenance, versions, write_csv, write_json
+from toolkit import natural_key
 
 if TYPE_CHECKING:
     import pandas

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 else:
     np = lazy_import("numpy")
     torch = lazy_import("torch")
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 @dataclasses.dataclass
@@ -38,7 +41,7 @@ class ImageDataset:
 
     def values(self, attribute: str) -> list[str]:
         """The sorted distinct values of an attribute column (as strings)."""
-        return sorted(self.metadata[attribute].astype(str).unique(), key=_natural)
+        return sorted(self.metadata[attribute].astype(str).unique(), key=natural_key)
 
     def codes(self, attribute: str, labels: Sequence[str]) -> torch.Tensor:
         """The attribute as integer codes into `labels`."""
@@ -50,8 +53,11 @@ class ImageDataset:
         return torch.tensor([index[v] for v in column], dtype=torch.long)
 
 
-def _natural(value: str) -> tuple:
-    return (0, int(value), "") if value.lstrip("-").isdigit() else (1, 0, value)
+def natural_key(value: object) -> tuple:
+    """Sort key: numbers by value (``2`` before ``10``) first, then other strings
+    alphabetically."""
+    text = str(value)
+    return (0, float(text), text) if _NUMBER.fullmatch(text) else (1, 0.0, text)
 
 
 def read_metadata(root: str | pathlib.Path, attributes: Sequence[str] = ()) -> pandas.DataFrame:
