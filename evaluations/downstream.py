@@ -51,6 +51,7 @@ __all__ = [
     "build_model",
     "color_jitter",
     "evaluate",
+    "mean_interval",
     "oversample_index",
     "run_downstream",
     "summarize_runs",
@@ -87,6 +88,14 @@ def t_interval(values: Iterable[float], confidence: float = 0.95) -> tuple[Any, 
         array.std(ddof=1) / math.sqrt(len(array))
     )
     return mean - half, mean + half
+
+
+def mean_interval(name: str, values: np.ndarray, confidence: float = 0.95) -> dict[str, Any]:
+    """``{name}_mean``, ``{name}_ci_low`` and ``{name}_ci_high`` of `values` over seeds (the
+    mean None when there are none)."""
+    low, high = t_interval(values, confidence)
+    mean = float(values.mean()) if len(values) else None
+    return {f"{name}_mean": mean, f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
 def evaluate(y_true: Sequence[Any], y_pred: Sequence[Any], groups: Sequence[Any]) -> dict:
@@ -140,10 +149,7 @@ def summarize_runs(
                 "gap_reduction": reduction[np.isfinite(reduction)],
             }
             for name, values in columns.items():
-                low, high = t_interval(values, confidence)
-                row[f"{name}_mean"] = float(values.mean()) if len(values) else None
-                row[f"{name}_ci_low"] = low
-                row[f"{name}_ci_high"] = high
+                row.update(mean_interval(name, values, confidence))
             rows.append(row)
     columns = ["model", "method", "seeds"] + [
         f"{name}_{part}" for name in SUMMARY_METRICS for part in ("mean", "ci_low", "ci_high")

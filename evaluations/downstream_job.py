@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from evaluations.common import now, versions, write_csv, write_json
-from evaluations.downstream import run_downstream, t_interval
+from evaluations.downstream import mean_interval, run_downstream
 
 if TYPE_CHECKING:
     import pandas
@@ -80,10 +80,7 @@ def accuracy_by_group(runs: pandas.DataFrame, groups: Iterable[str]) -> pandas.D
         row: dict[str, Any] = {"model": model, "method": method}
         for group in groups:
             values = chosen[f"accuracy_{group}"].to_numpy(dtype=float)
-            low, high = t_interval(values)
-            row[f"accuracy_{group}_mean"] = float(values.mean())
-            row[f"accuracy_{group}_ci_low"] = low
-            row[f"accuracy_{group}_ci_high"] = high
+            row.update(mean_interval(f"accuracy_{group}", values))
         rows.append(row)
     return pandas.DataFrame(rows)
 
