@@ -187,7 +187,6 @@ def synthesize(
     metadata = toolkit.read_metadata(data, names)
     if text:  # a text model can draw any value: the data's values are the groups
         values = sorted(metadata[attribute].astype(str).unique(), key=natural_key)
-        model_classes = sorted(metadata[by].astype(str).unique(), key=natural_key) if by else None
     shares = toolkit.target_distribution(target, values, what="--target")
     foreign = sorted(set(metadata[attribute].astype(str)) - set(values), key=natural_key)
     if foreign:
@@ -197,7 +196,7 @@ def synthesize(
     classes = None
     if by:
         classes = sorted(metadata[by].astype(str).unique(), key=natural_key)
-        unknown = [c for c in classes if c not in model_classes]
+        unknown = [] if text else [c for c in classes if c not in model_classes]
         if unknown:
             raise toolkit.DtkError(
                 f"{data}: {by} values {unknown} are unknown to the model "
