@@ -198,7 +198,7 @@ def write_demo_report(
     report.heading("2. Fair guidance", level=2)
     add_attribute_section(report, GROUP, fair["attributes"][GROUP], level=3)
     report.heading("3. Synthetic minority data", level=2)
-    plan = pandas.read_csv(out / "synthesize" / "plan.csv", dtype=str)
+    plan = pandas.DataFrame(synthesis["plan"])  # the plan with its outcome, as numbers
     synthetic_rows = pandas.read_csv(out / "synthesize" / "synthetic" / "metadata.csv", dtype=str)
     add_synthesis_section(report, out / "synthesize", synthesis, plan, synthetic_rows, level=3)
     report.heading("4. Downstream fairness", level=2)
