@@ -1,4 +1,4 @@
-"""Reading a generated dataset folder back in tests."""
+"""Dataset folders in tests: reading generated images back, copying part of a folder."""
 
 from __future__ import annotations
 
@@ -18,3 +18,15 @@ def pixels(out: pathlib.Path, metadata: pandas.DataFrame | None = None) -> dict[
         int(row.index): np.asarray(Image.open(out / row.file_name), dtype=np.int16)
         for row in metadata.itertuples()
     }
+
+
+def copy_subset(
+    source: pathlib.Path, metadata: pandas.DataFrame, out: pathlib.Path
+) -> pathlib.Path:
+    """A dataset folder `out` holding the images of `source` that `metadata` lists, with
+    `metadata` as its metadata.csv."""
+    for name in metadata["file_name"]:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes((source / name).read_bytes())
+    metadata.to_csv(out / "metadata.csv", index=False)
+    return out

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from folders import copy_subset
 from invoke import dtk
 from scipy import stats
 
@@ -31,11 +32,7 @@ def folders(tmp_path_factory):
         assert result.exit_code == 0, result.output
     extra = toolkit.read_metadata(root / "extra", ["digit", "group"])
     dark = extra[extra["group"] == "dark"].assign(synthetic="True")
-    synthetic = root / "synthetic"
-    for name in dark["file_name"]:
-        (synthetic / name).parent.mkdir(parents=True, exist_ok=True)
-        (synthetic / name).write_bytes((root / "extra" / name).read_bytes())
-    dark.to_csv(synthetic / "metadata.csv", index=False)
+    synthetic = copy_subset(root / "extra", dark, root / "synthetic")
     return {"train": root / "train", "test": root / "test", "synthetic": synthetic}
 
 

@@ -6,6 +6,7 @@ import json
 
 import pandas
 import pytest
+from folders import copy_subset
 from invoke import dtk
 
 import toolkit
@@ -81,14 +82,9 @@ def test_results_contract_and_files(data, tmp_path):
 
 
 def test_a_label_with_no_images_still_counts(data, tmp_path):
-    light = tmp_path / "light"
-    light.mkdir()
     metadata = toolkit.read_metadata(data["test"])
     metadata = metadata[metadata["group"] == "light"].head(60)
-    for name in metadata["file_name"]:
-        (light / name).parent.mkdir(exist_ok=True)
-        (light / name).write_bytes((data["test"] / name).read_bytes())
-    metadata.to_csv(light / "metadata.csv", index=False)
+    light = copy_subset(data["test"], metadata, tmp_path / "light")
     result = audit_bias(tmp_path / "audit", images=light, progress=False, report=False)
     dark = result["attributes"]["group"]["groups"]["dark"]
     assert dark["count"] == 0 and dark["share"] == 0.0 and dark["ci_high"] > 0

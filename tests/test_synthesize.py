@@ -6,6 +6,7 @@ import json
 
 import pandas
 import pytest
+from folders import copy_subset
 from invoke import dtk
 
 import toolkit
@@ -65,12 +66,7 @@ def small_data(tmp_path_factory):
         metadata[(metadata.digit == d) & (metadata.group == g)].head(n)
         for d in ("0", "1") for g, n in (("light", 8), ("dark", 2))
     )  # fmt: skip
-    small = root / "small"
-    for name in keep["file_name"]:
-        (small / name).parent.mkdir(parents=True, exist_ok=True)
-        (small / name).write_bytes((full / name).read_bytes())
-    keep.to_csv(small / "metadata.csv", index=False)
-    return small
+    return copy_subset(full, keep, root / "small")
 
 
 def test_synthesize_end_to_end_and_resume(small_data, tmp_path):
