@@ -33,9 +33,7 @@ def models(tmp_path_factory):
 
 def diffusers_ddim(model_dir, n, seed, steps, **scheduler_kwargs) -> np.ndarray:
     pipe = DDIMPipeline.from_pretrained(model_dir)
-    pipe.scheduler = DDIMScheduler.from_config(
-        pipe.scheduler.config, clip_sample=False, **scheduler_kwargs
-    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **scheduler_kwargs)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
     images = pipe(
         batch_size=n, generator=generators, num_inference_steps=steps, eta=0.0, output_type="np"
@@ -62,7 +60,7 @@ def test_diffusers_adapter_equals_ours_and_diffusers(models, tmp_path):
     result = runner.invoke(cli, [
         "generate", "--model", str(models["uncond"]), "-n", "2", "--seed", "5",
         "--sampler", "diffusers", "--sampler-option", "scheduler=DDIMScheduler",
-        "--sampler-option", "clip_sample=false", "--steps", "10", "--out", str(out), "-q",
+        "--steps", "10", "--out", str(out), "-q",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     adapter = pixels(out)

@@ -21,8 +21,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from toolkit.checks import check_fraction, check_positive, check_seed, check_writable
 from toolkit.errors import (
     DtkError,
+    GenerationWarning,
     OptionError,
     PluginClashError,
     PluginError,
@@ -31,6 +33,7 @@ from toolkit.errors import (
 )
 from toolkit.hookspecs import hookimpl
 from toolkit.noise import NoiseLevels
+from toolkit.paths import inside, safe_name
 from toolkit.protocols import AttributeClassifier, Sampler, Schedule
 from toolkit.registry import get_registry
 
@@ -42,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttributeClassifier",
     "DtkError",
+    "GenerationWarning",
     "ImageDataset",
     "NoiseLevels",
     "OptionError",
@@ -54,11 +58,16 @@ __all__ = [
     "atomic_write",
     "attribute_classifier",
     "attribute_words",
+    "check_fraction",
+    "check_positive",
+    "check_seed",
+    "check_writable",
     "create_plugin",
     "default_model",
     "generate",
     "guidance",
     "hookimpl",
+    "inside",
     "label_space",
     "load_image_folder",
     "natural_key",
@@ -68,6 +77,7 @@ __all__ = [
     "read_metadata",
     "read_words",
     "resolve_device",
+    "safe_name",
     "safety_filter",
     "sampler",
     "schedule",

@@ -59,6 +59,7 @@ class LabelSpace:
             raise DtkError(f"{path} is not a valid toolkit.json: {exc}") from None
         if not attributes:
             raise DtkError(f"{path} names no attributes")
+        _check_names(path, attributes)
         return cls(attributes)
 
     @classmethod
@@ -140,6 +141,22 @@ class LabelSpace:
         return condition
 
 
+def _check_names(path: pathlib.Path, attributes: tuple[Attribute, ...]) -> None:
+    """Names and values must be told apart: distinct, and not empty (an empty value would
+    read as "unspecified" in metadata)."""
+    _check_distinct(path, "attribute names", [a.name for a in attributes])
+    for attribute in attributes:
+        _check_distinct(path, f"values of attribute {attribute.name!r}", list(attribute.values))
+
+
+def _check_distinct(path: pathlib.Path, what: str, items: list[str]) -> None:
+    if any(not item.strip() for item in items):
+        raise DtkError(f"{path}: the {what} include an empty one")
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        raise DtkError(f"{path}: the {what} name {repeated[0]!r} twice")
+
+
 def parse_conditions(pairs: Iterable[str]) -> dict[str, str]:
     """``["digit=3", "group=dark"]`` -> ``{"digit": "3", "group": "dark"}``."""
     from toolkit.options import parse_key_values
@@ -148,7 +165,13 @@ def parse_conditions(pairs: Iterable[str]) -> dict[str, str]:
 
 
 def folder_name(condition: Condition, order: Sequence[str]) -> str:
-    """The class subfolder of a sample: its attribute values joined, in the model's order."""
-    values = [str(condition[name]) for name in order if name in condition]
-    name = "_".join(values) if values else "unconditional"
-    return "".join(c if c.isalnum() or c in "-_.=" else "-" for c in name)
+    """The class subfolder of a sample: its attribute values joined, in the model's order.
+
+    Each value is made a safe name first (`toolkit.paths.safe_name`): a model folder may
+    name a value ``..``, ``/etc`` or nothing at all, and none of them may lead a file out
+    of the output folder or into a hidden one.
+    """
+    from toolkit.paths import safe_name
+
+    values = [safe_name(str(condition[name])) for name in order if name in condition]
+    return "_".join(values) if values else "unconditional"

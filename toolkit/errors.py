@@ -29,3 +29,8 @@ class PluginError(DtkError, RuntimeError):
 
 class PluginLoadWarning(UserWarning):
     """A plugin distribution could not be loaded and was skipped."""
+
+
+class GenerationWarning(UserWarning):
+    """Something went wrong with some samples of a run that still finished (the CLI shows
+    it as one ``dtk: warning:`` line)."""

@@ -11,20 +11,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from toolkit._lazy import lazy_import
+from toolkit.checks import check_positive, check_seed, check_writable
 from toolkit.conditions import folder_name
 from toolkit.denoiser import GuidedDenoiser, TextConditioning, UNetDenoiser, check_guidance
 from toolkit.distributed import Shard, barrier, resolve_shard
-from toolkit.errors import DtkError
+from toolkit.errors import DtkError, GenerationWarning
 from toolkit.images import contact_sheet, to_pixels, to_unit
 from toolkit.installed import versions
 from toolkit.model import LoadedModel, label_space, load_model
-from toolkit.output import WRITTEN, OutputFolder, atomic_write, check_writable
+from toolkit.output import WRITTEN, OutputFolder, atomic_write
 from toolkit.registry import Registry, get_registry
 from toolkit.safety import ON_FLAG, SampleRequest, Verdict, is_request_stage, run_filter
 from toolkit.text_model import TextModel, is_text_model
@@ -41,6 +44,8 @@ IDENTITY = ("model", "conditions", "prompt", "negative_prompt", "seed", "sampler
             "steps", "guidance", "filters", "on_flag", "dtype")  # fmt: skip
 #: guidance for a prompted text model when none is named, as diffusers' StableDiffusionPipeline
 TEXT_GUIDANCE = ("cfg", {"scale": 7.5})
+#: the reason recorded for a sample whose result is not finite
+NON_FINITE = "non-finite values (NaN or inf) in the result"
 
 
 def default_model() -> pathlib.Path | None:
@@ -119,11 +124,6 @@ def _per_sample_prompts(prompt: str | Sequence[str] | None, n: int, what: str) -
     return prompts
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DtkError(f"{name} must be a whole number >= 1, got {value!r}")
-
-
 def generate(
     model: str | pathlib.Path | None = None,
     *,
@@ -148,6 +148,7 @@ def generate(
     dtype: str = "float32",
     shard: str | Shard | None = None,
     grid: str | pathlib.Path | None = None,
+    wait: bool = False,
     trust_pickle: bool = False,
     attention_slicing: bool = False,
     vae_tiling: bool = False,
@@ -169,19 +170,23 @@ def generate(
     ``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i))``.
     Plugin options are checked against each plugin's signature; with
     `options_from_strings` they are converted from ``KEY=VALUE`` strings first.
+    One run at a time writes a folder (or a shard of it): another run of the same part is
+    refused, or with `wait` waited for. A sample whose result is not finite (NaN or inf) is
+    not written: it is recorded with status ``failed`` in rejected.csv, and a
+    `GenerationWarning` says how many.
     """
     # 1. Everything a user can get wrong is checked before any file is touched.
-    _check_positive("n", n)
-    _check_positive("steps", steps)
-    _check_positive("batch size", batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise DtkError(f"seed must be a whole number >= 0, got {seed!r}")
+    check_positive("n", n)
+    check_positive("steps", steps)
+    check_positive("batch size", batch_size)
+    check_seed(seed, n)
     if on_flag not in ON_FLAG:
         raise DtkError(f"on_flag must be one of {', '.join(ON_FLAG)}, got {on_flag!r}")
     if dtype not in DTYPES:
         raise DtkError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = pathlib.Path(out)
     check_writable(out)
+    grid = None if grid is None else check_grid(pathlib.Path(grid), out)
 
     registry = get_registry()
     strings = options_from_strings
@@ -270,88 +275,118 @@ def generate(
         "versions": versions(),
     }
 
-    # 2. The folder: claim it (or resume it), then generate what is missing.
+    # 2. The folder: hold this part's lock, claim the folder (or resume it), then
+    # generate what is missing.
     folder = OutputFolder(out)
-    if shard_.is_main or not shard_.distributed:
-        folder.claim(run, IDENTITY)
-    barrier(shard_)
-    done = folder.done()
-    todo = [i for i in range(n) if shard_.owns(i) and i not in done]
-    common = {
-        "model": str(model_path),
-        "sampler": sampler,
-        "sampler_options": json.dumps(sampler_p.options, sort_keys=True, default=str),
-        "schedule": schedule,
-        "schedule_options": json.dumps(schedule_p.options, sort_keys=True, default=str),
-        "steps": steps,
-        "guidance": guidance,
-        "guidance_options": json.dumps(guidance_p.options, sort_keys=True, default=str),
-    }
-    requests = {
-        i: SampleRequest(
-            index=i,
-            seed=seed + i,
-            conditions=per_sample[i],
-            prompt=prompts[i] if text else None,
-            negative_prompt=negatives[i] if text else None,
-        )
-        for i in todo
-    }
-    request_filters = [f for f in filter_ps if is_request_stage(f.instance)]
-    image_filters = [f for f in filter_ps if not is_request_stage(f.instance)]
-    progress_bar = _progress(len(todo), progress and shard_.is_main, shard_)
-
-    with folder.part_writer(shard_.name) as writer, torch.inference_mode():
-        # request-stage filters refuse before any compute
-        batch_requests = [requests[i] for i in todo]
-        refusals = _judge(request_filters, None, batch_requests)
-        to_compute = []
-        for request, verdicts in zip(batch_requests, refusals):
-            if any(v.flagged for v in verdicts.values()):
-                record = _record(request, common, attribute_order, verdicts, "refused")
-                writer.write(record, None)
-                progress_bar.update(1)
-            else:
-                to_compute.append(request)
-        writer.flush()
-
-        denoiser = UNetDenoiser(loaded)
-        for start in range(0, len(to_compute), batch_size):
-            batch = to_compute[start : start + batch_size]
-            batch_labels = None if labels is None else labels[[r.index for r in batch]]
-            images = sample_images(
-                denoiser,
-                sampler_p.instance,
-                guidance_p.instance,
-                sigmas,
-                seeds=[r.seed for r in batch],
-                conditions=[r.conditions for r in batch],
-                labels=batch_labels,
-                null_label=loaded.labels.null_label if loaded.labels else None,
-                conditioning=_text_conditioning(loaded, batch, guidance_p) if text else None,
+    with folder.hold(shard_.name, wait=wait):
+        if shard_.is_main or not shard_.distributed:
+            folder.claim(run, IDENTITY)
+        barrier(shard_)
+        done = folder.done()
+        todo = [i for i in range(n) if shard_.owns(i) and i not in done]
+        common = {
+            "model": str(model_path),
+            "sampler": sampler,
+            "sampler_options": json.dumps(sampler_p.options, sort_keys=True, default=str),
+            "schedule": schedule,
+            "schedule_options": json.dumps(schedule_p.options, sort_keys=True, default=str),
+            "steps": steps,
+            "guidance": guidance,
+            "guidance_options": json.dumps(guidance_p.options, sort_keys=True, default=str),
+        }
+        requests = [
+            SampleRequest(
+                index=i,
+                seed=seed + i,
+                conditions=per_sample[i],
+                prompt=prompts[i] if text else None,
+                negative_prompt=negatives[i] if text else None,
             )
-            verdicts = _judge(image_filters, images, batch)
-            pixels = to_pixels(images)
-            for k, request in enumerate(batch):
-                flagged = any(v.flagged for v in verdicts[k].values())
-                status = "ok" if not flagged else {"drop": "dropped", "blank": "blank",
-                                                   "tag": "tagged"}[on_flag]  # fmt: skip
-                record = _record(request, common, attribute_order, verdicts[k], status)
-                image = pixels[k] if status != "blank" else pixels[k] * 0
-                writer.write(record, image if status in WRITTEN else None)
-            writer.flush()
-            progress_bar.update(len(batch))
-    progress_bar.close()
+            for i in todo
+        ]
+        request_filters = [f for f in filter_ps if is_request_stage(f.instance)]
+        image_filters = [f for f in filter_ps if not is_request_stage(f.instance)]
+        progress_bar = _progress(len(todo), progress and shard_.is_main, shard_)
+        failed = 0
 
-    barrier(shard_)
-    metadata = folder.merge() if shard_.is_main or not shard_.distributed else None
+        with folder.part_writer(shard_.name) as writer, torch.inference_mode():
+            # request-stage filters refuse before any compute
+            refusals = _judge(request_filters, None, requests)
+            to_compute = []
+            for request, verdicts in zip(requests, refusals):
+                if any(v.flagged for v in verdicts.values()):
+                    record = _record(request, common, attribute_order, verdicts, "refused")
+                    writer.write(record, None)
+                    progress_bar.update(1)
+                else:
+                    to_compute.append(request)
+            writer.flush()
+
+            denoiser = UNetDenoiser(loaded)
+            for start in range(0, len(to_compute), batch_size):
+                batch = to_compute[start : start + batch_size]
+                batch_labels = None if labels is None else labels[[r.index for r in batch]]
+                images = sample_images(
+                    denoiser,
+                    sampler_p.instance,
+                    guidance_p.instance,
+                    sigmas,
+                    seeds=[r.seed for r in batch],
+                    conditions=[r.conditions for r in batch],
+                    labels=batch_labels,
+                    null_label=loaded.labels.null_label if loaded.labels else None,
+                    conditioning=_text_conditioning(loaded, batch, guidance_p) if text else None,
+                )
+                # the pixels to save are fixed before any filter sees the images
+                pixels = to_pixels(images)
+                finite = torch.isfinite(images).flatten(1).all(1).tolist()
+                verdicts = _judge(image_filters, images, batch)
+                for k, request in enumerate(batch):
+                    status = _status(verdicts[k], on_flag) if finite[k] else "failed"
+                    failed += not finite[k]
+                    record = _record(request, common, attribute_order, verdicts[k], status)
+                    if not finite[k]:
+                        record["reason"] = NON_FINITE
+                    image = pixels[k] if status != "blank" else pixels[k] * 0
+                    writer.write(record, image if status in WRITTEN else None)
+                writer.flush()
+                progress_bar.update(len(batch))
+        progress_bar.close()
+
+        barrier(shard_)
+        metadata = folder.merge() if shard_.is_main or not shard_.distributed else None
+    if failed:
+        warnings.warn(
+            f"{failed} of {len(todo)} samples had non-finite values ({NON_FINITE}) and were "
+            f"not written; see {out / 'rejected.csv'}",
+            GenerationWarning,
+            stacklevel=2,
+        )
     if grid is not None and shard_.is_main:
-        _write_grid(folder, pathlib.Path(grid), metadata)
+        _write_grid(folder, grid, metadata)
     if metadata is None:
         import pandas
 
         metadata = pandas.DataFrame()
     return metadata
+
+
+def check_grid(grid: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """The ``--grid`` path, checked before any compute: a writable ``.png`` file path."""
+    if grid.suffix.lower() != ".png":
+        raise DtkError(f"--grid {grid}: the contact sheet is a PNG; give a path ending in .png")
+    if grid.is_dir():
+        raise DtkError(f"--grid {grid} is a folder; give the path of a .png file")
+    if grid.exists() and not os.access(grid, os.W_OK):
+        raise DtkError(f"--grid {grid} is not writable")
+    check_writable(grid.parent, what="--grid's folder")
+    return grid
+
+
+def _status(verdicts: Mapping[str, Verdict], on_flag: str) -> str:
+    if not any(v.flagged for v in verdicts.values()):
+        return "ok"
+    return {"drop": "dropped", "blank": "blank", "tag": "tagged"}[on_flag]
 
 
 def sample_images(
@@ -483,7 +518,9 @@ def _judge(
 ) -> list[dict[str, Verdict]]:
     verdicts: list[dict[str, Verdict]] = [{} for _ in requests]
     for flt in filters:
-        for k, verdict in enumerate(run_filter(flt.name, flt.instance, images, requests)):
+        # each filter judges its own copy: one that changes its input changes nothing else
+        seen = None if images is None else images.clone()
+        for k, verdict in enumerate(run_filter(flt.name, flt.instance, seen, requests)):
             verdicts[k][flt.name] = verdict
     return verdicts
 
@@ -521,7 +558,7 @@ def _record(
 def _write_grid(folder: OutputFolder, path: pathlib.Path, metadata: Any) -> None:
     if metadata is None or metadata.empty:
         return
-    files = [folder.root / f for f in metadata["file_name"].head(64)]
+    files = [folder.path(f) for f in metadata["file_name"].head(64)]
     atomic_write(path, contact_sheet(files))
 
 

@@ -18,8 +18,10 @@ else:
 
 
 def to_unit(x0: torch.Tensor) -> torch.Tensor:
-    """Clean-image estimates in [-1, 1] -> float images in [0, 1] (NaN kept for filters)."""
-    return ((x0.float() + 1) / 2).clamp(0, 1)
+    """Clean-image estimates in [-1, 1] -> float images in [0, 1]; a non-finite value
+    (NaN or inf) becomes NaN, which the clamp would otherwise hide for inf."""
+    x0 = x0.float()
+    return torch.where(torch.isfinite(x0), ((x0 + 1) / 2).clamp(0, 1), torch.nan)
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,80 @@
+"""Advisory locks on an output folder, so two runs never write the same samples.
+
+A lock is an OS file lock (``flock``) on a small file under ``OUT/.dtk/locks/``: the kernel
+drops it when its holder exits, however it exits, so a crashed or killed run never blocks
+the folder. The file also says who holds it (pid, host, start time) for the message a
+refused run prints. The files are left in place: deleting a lock file while another
+process waits on it would let a third process lock a new file beside the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+import socket
+import sys
+from collections.abc import Iterator
+
+from toolkit.errors import DtkError
+
+try:  # POSIX; elsewhere locks are not available and runs are not protected
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+class FolderBusyError(DtkError):
+    """Another run holds the lock."""
+
+
+def _holder(path: pathlib.Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or "pid" not in info:
+        return "another dtk run"
+    return (
+        f"another dtk run (pid {info.get('pid')} on {info.get('host', '?')}, "
+        f"started {info.get('started', '?')})"
+    )
+
+
+@contextlib.contextmanager
+def hold(path: pathlib.Path, what: str, *, wait: bool = False) -> Iterator[None]:
+    """Hold the lock file `path` for the duration of the block.
+
+    Taken: refused with a `FolderBusyError` naming the holder, or, with `wait`, waited for.
+    `what` names the locked thing in messages.
+    """
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(path)
+            if not wait:
+                raise FolderBusyError(
+                    f"{what} is in use by {holder}; wait for it to finish, or rerun with "
+                    "--wait to start when it does"
+                ) from None
+            print(f"dtk: waiting for {holder} to finish with {what}", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _write_holder(fd)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _write_holder(fd: int) -> None:
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
