@@ -12,7 +12,6 @@ import importlib
 import importlib.metadata
 import json
 import sys
-import textwrap
 from typing import TYPE_CHECKING, Literal
 
 import pluggy
@@ -148,33 +147,6 @@ def fresh_registry(monkeypatch):
     monkeypatch.setattr(toolkit.registry, "_default", None)
 
 
-@pytest.fixture
-def make_dist(tmp_path, monkeypatch):
-    """``make_dist(name, version, module=source, ...)`` installs distribution `name` into a
-    folder on sys.path: the modules, and a ``.dist-info`` giving each module an entry point
-    of its own name in the ``dtk`` group."""
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-    modules: list[str] = []
-
-    def make(name: str, version: str = "1.0", **sources: str) -> None:
-        for module, source in sources.items():
-            (site / f"{module}.py").write_text(textwrap.dedent(source))
-            modules.append(module)
-        info = site / f"{name.replace('-', '_')}-{version}.dist-info"
-        info.mkdir()
-        metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-        (info / "METADATA").write_text(metadata)
-        entry_points = "".join(f"{module} = {module}\n" for module in sources)
-        (info / "entry_points.txt").write_text("[dtk]\n" + entry_points)
-        importlib.invalidate_caches()
-
-    yield make
-    for module in modules:
-        sys.modules.pop(module, None)
-
-
 def by_distribution(rows: list[dict], distribution: str) -> list[dict]:
     return [row for row in rows if row["distribution"] == distribution]
 
@@ -272,7 +244,7 @@ def test_unknown_option_lists_the_accepted_ones():
 
 def test_option_of_a_plugin_without_options():
     with pytest.raises(OptionError, match=r"unknown option 'eta'.*it takes no options"):
-        toolkit.sampler("ddpm", eta=1.0)
+        toolkit.sampler("dpmpp_2m", eta=1.0)
 
 
 @pytest.mark.parametrize(
@@ -796,3 +768,182 @@ def test_cli_allow_list(make_dist):
     assert status[("fake-b", "b_sampler")] == "ok"
     assert status[("fake-typo", "")] == "not installed"
     assert "DTK_LOAD_PLUGINS names 'fake-typo'" in result.stderr
+
+
+# -- a plugin cannot end or silence dtk ----------------------------------------------------
+
+EXITS_AT_IMPORT = """
+    import sys
+
+    sys.exit(0)
+"""
+
+EXITS_IN_HOOK = """
+    import sys
+
+    import toolkit
+
+    @toolkit.hookimpl
+    def register_samplers(register):
+        sys.exit(3)
+"""
+
+SILENCES_AT_IMPORT = """
+    import io
+    import sys
+
+    sys.stdout = io.StringIO()
+    sys.stderr = io.StringIO()
+"""
+
+EXITS_WHEN_STARTED = """
+    import sys
+
+    import toolkit
+
+    class Quitter:
+        name = "quitter"
+
+        def __init__(self) -> None:
+            sys.exit(0)
+
+        def __call__(self, denoise, x, sigmas, *, noise, callback=None):
+            return x
+
+    @toolkit.hookimpl
+    def register_samplers(register):
+        register(Quitter)
+"""
+
+
+@pytest.mark.filterwarnings("always::toolkit.errors.PluginLoadWarning")
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        (EXITS_AT_IMPORT, "RuntimeError: sys.exit(0) was called"),
+        (EXITS_IN_HOOK, "RuntimeError: sys.exit(3) was called"),
+    ],
+    ids=["import", "hook"],
+)
+def test_a_plugin_calling_sys_exit_is_a_load_error(make_dist, source, error):
+    make_dist("fake-exit", fake_exit=source)
+    result = invoke("plugins", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)  # the listing is printed: dtk did not end early
+    [row] = [r for r in rows if r["distribution"] == "fake-exit"]
+    assert (row["status"], row["error"]) == ("error", error)
+    assert "dtk: warning: dtk plugin fake-exit 1.0" in result.stderr
+    assert {r["status"] for r in rows if r["distribution"] == BUILTIN} == {"ok"}
+
+
+@pytest.mark.filterwarnings("always::toolkit.errors.PluginLoadWarning")
+def test_a_plugin_cannot_silence_dtk(make_dist):
+    make_dist("fake-silence", fake_silence=SILENCES_AT_IMPORT)
+    before = sys.stdout, sys.stderr
+    registry = Registry().load()
+    assert (sys.stdout, sys.stderr) == before
+    assert [r["distribution"] for r in problems_of(registry)] == []
+
+
+def test_a_plugin_calling_sys_exit_when_started_names_its_distribution(make_dist):
+    make_dist("fake-quitter", "0.2", fake_quitter=EXITS_WHEN_STARTED)
+    with pytest.raises(PluginError, match=r"'quitter' from fake-quitter 0\.2 failed to start.*"
+                                          r"sys\.exit\(0\) was called"):  # fmt: skip
+        toolkit.sampler("quitter")
+
+
+@pytest.mark.filterwarnings("always::toolkit.errors.PluginLoadWarning")
+def test_generate_survives_a_plugin_calling_sys_exit(make_dist, tmp_path):
+    make_dist("fake-exit", fake_exit=EXITS_AT_IMPORT)
+    out = tmp_path / "out"
+    result = invoke("generate", "-n", "1", "--steps", "1", "--out", str(out), "-q")
+    assert result.exit_code == 0, result.output
+    assert "sys.exit(0) was called" in result.stderr
+    assert "1 images in" in result.stderr
+    assert len(list(out.glob("*/*.png"))) == 1
+
+
+# -- commands: one more kind of plugin ------------------------------------------------------
+
+
+def command_module(name: str, says: str) -> str:
+    """Source of a plugin module registering one click command called `name`."""
+    return f"""
+        import click
+        import toolkit
+
+        @click.command({name!r})
+        def command():
+            \"\"\"{says}\"\"\"
+            click.echo({says!r})
+
+        @toolkit.hookimpl
+        def register_commands(register):
+            register(command)
+    """
+
+
+def test_builtin_commands_are_registered():
+    rows = get_registry().rows("command")
+    assert {r["name"] for r in rows} >= {"generate", "plugins", "merge", "eval", "synthesize",
+                                          "demo", "train", "train-classifier", "data"}  # fmt: skip
+    assert {(r["distribution"], r["status"]) for r in rows} == {(BUILTIN, "ok")}
+
+
+def test_a_third_party_command_joins_dtk(make_dist):
+    make_dist("fake-hello", fake_hello=command_module("hello", "hello from a plugin"))
+    result = invoke("hello")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "hello from a plugin\n"
+    assert "hello" in invoke("--help").stdout
+
+
+@pytest.mark.parametrize("name", ["eval", "generate"])
+def test_a_third_party_command_never_replaces_a_builtin(make_dist, name):
+    make_dist("fake-takeover", fake_takeover=command_module(name, "taken over"))
+    result = invoke(name, "--help")
+    assert result.exit_code == 0, result.output
+    assert "taken over" not in result.stdout
+    listing = invoke("plugins", "--json", "--kind", "command")
+    rows = [r for r in json.loads(listing.stdout) if r["name"] == name]
+    status = {r["distribution"]: (r["status"], r["error"]) for r in rows}
+    assert status[BUILTIN] == ("ok", None)
+    assert status["fake-takeover"] == (
+        "clash",
+        f"the built-in command {name!r} cannot be replaced; this one is not added",
+    )
+
+
+def test_two_third_party_commands_of_one_name_are_both_left_out(make_dist):
+    make_dist("fake-one", fake_one=command_module("twin", "one"))
+    make_dist("fake-two", fake_two=command_module("twin", "two"))
+    result = invoke("twin")
+    assert result.exit_code == 2
+    assert "No such command 'twin'" in result.stderr
+    rows = [r for r in get_registry().rows("command") if r["name"] == "twin"]
+    assert sorted((r["distribution"], r["status"]) for r in rows) == [
+        ("fake-one", "clash"),
+        ("fake-two", "clash"),
+    ]
+
+
+def test_commands_follow_the_allow_list(make_dist):
+    make_dist("fake-hello", fake_hello=command_module("hello", "hi"))
+    result = invoke("hello", DTK_LOAD_PLUGINS="")
+    assert result.exit_code == 2
+    assert "No such command 'hello'" in result.stderr
+
+
+def test_register_commands_takes_click_commands(make_dist):
+    make_dist("fake-notcommand", fake_notcommand="""
+        import toolkit
+
+        @toolkit.hookimpl
+        def register_commands(register):
+            register(print)
+    """)  # fmt: skip
+    registry = Registry()
+    with pytest.warns(PluginLoadWarning, match="register_commands\\(\\) failed"):
+        registry.load()
+    [row] = problems_of(registry)
+    assert row["error"].startswith("PluginError: register_commands takes click commands")

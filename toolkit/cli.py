@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from toolkit.errors import DtkError, PluginLoadWarning
+from toolkit.errors import DtkError, GenerationWarning, PluginLoadWarning
 from toolkit.registry import KINDS, get_registry
 
 
@@ -24,7 +24,7 @@ class UserError(click.ClickException):
 
 
 def _show_plugin_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
-    if issubclass(category, PluginLoadWarning):
+    if issubclass(category, (PluginLoadWarning, GenerationWarning)):
         click.echo(f"dtk: warning: {message}", err=True)
     else:
         _default_showwarning(message, category, *args, **kwargs)
@@ -33,47 +33,23 @@ def _show_plugin_warning(message: Any, category: Any, *args: Any, **kwargs: Any)
 _default_showwarning = warnings.showwarning
 
 
-#: entry-point group of extra ``dtk`` subcommands (name = a click command); `evaluations`
-#: adds ``eval``, ``synthesize`` and ``demo`` through it, so `toolkit` never imports them
-COMMANDS_GROUP = "dtk.commands"
-
-
 class DtkGroup(click.Group):
-    """The ``dtk`` group: subcommands from `COMMANDS_GROUP` entry points join the built-in
-    ones (loaded when listed or called), and a `DtkError` from any subcommand is a user
-    error: one line, exit status 2."""
+    """The ``dtk`` group. Its subcommands are the registry's commands (the
+    ``register_commands`` hook: the core's own, `evaluations`' and third-party ones, under
+    the registry's rules), and a `DtkError` from any subcommand is a user error: one line,
+    exit status 2."""
 
-    def _entry_points(self) -> dict[str, Any]:
-        from importlib.metadata import entry_points
-
-        found = {}
-        for entry in entry_points(group=COMMANDS_GROUP):
-            if entry.name not in self.commands:
-                found.setdefault(entry.name, entry)
-        return found
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        # before anything loads the registry (resolving the subcommand does), so its load
+        # warnings come out as one "dtk: warning:" line each
+        warnings.showwarning = _show_plugin_warning
+        return super().make_context(*args, **kwargs)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*self.commands, *self._entry_points()})
+        return sorted({*self.commands, *get_registry().commands()})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.commands:
-            return self.commands[name]
-        entry = self._entry_points().get(name)
-        if entry is None:
-            return None
-        try:
-            command = entry.load()
-        except Exception as exc:  # a broken extension must not break the rest of dtk
-            click.echo(
-                f"dtk: warning: command {name!r} ({entry.value}) failed to load: "
-                f"{type(exc).__name__}: {exc}",
-                err=True,
-            )
-            return None
-        if not isinstance(command, click.Command):
-            click.echo(f"dtk: warning: {entry.value} is not a click command", err=True)
-            return None
-        return command
+        return self.commands.get(name) or get_registry().commands().get(name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -96,10 +72,9 @@ def cli() -> None:
       DTK_LOAD_PLUGINS=a,b   load only these third-party plugin distributions ('' = none)
       DTK_STRICT_PLUGINS=1   raise on a broken plugin instead of skipping it
     """
-    warnings.showwarning = _show_plugin_warning
 
 
-@cli.command("plugins")
+@click.command("plugins")
 @click.option(
     "--kind",
     type=click.Choice(list(KINDS)),
@@ -174,7 +149,7 @@ def _prompts(kw: dict[str, Any]) -> tuple[Any, Any, int]:
     return prompts, negatives if negatives is not None else kw["negative_prompt"], n
 
 
-@cli.command("generate")
+@click.command("generate")
 @click.option(
     "--model",
     type=click.Path(path_type=pathlib.Path),
@@ -242,6 +217,12 @@ def _prompts(kw: dict[str, Any]) -> tuple[Any, Any, int]:
 )
 @click.option("--shard", metavar="K/N", help="Generate only sample indices i with i % N == K.")
 @click.option(
+    "--wait",
+    is_flag=True,
+    help="If another run is writing the same --out (and shard), wait for it to finish "
+    "instead of stopping.",
+)
+@click.option(
     "--grid", type=click.Path(path_type=pathlib.Path), help="Also write a contact-sheet PNG."
 )
 @click.option("--trust-pickle", is_flag=True, help="Allow pickled (.bin) weights.")
@@ -305,6 +286,7 @@ def generate_command(**kw: Any) -> None:
         dtype=kw["dtype"],
         shard=kw["shard"],
         grid=kw["grid"],
+        wait=kw["wait"],
         trust_pickle=kw["trust_pickle"],
         attention_slicing=kw["attention_slicing"],
         vae_tiling=kw["vae_tiling"],
@@ -314,101 +296,23 @@ def generate_command(**kw: Any) -> None:
     click.echo(f"{len(metadata)} images in {kw['out']}", err=True)
 
 
-@cli.command("train")
-@click.argument("data", type=click.Path(path_type=pathlib.Path))
-@click.option(
-    "--attribute",
-    "attributes",
-    multiple=True,
-    required=True,
-    help="A metadata column to condition on; repeatable (e.g. --attribute digit "
-    "--attribute group).",
-)
-@click.option(
-    "--out",
-    type=click.Path(path_type=pathlib.Path),
-    required=True,
-    help="The model folder to write (a checkpoint goes beside it: OUT.checkpoint).",
-)
-@click.option("--steps", type=int, default=None, help="Optimizer steps [default: 2000].")
-@click.option("--max-minutes", type=float, default=None, help="Stop after this wall time.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="AdamW peak rate.")
-@click.option("--ema-decay", type=float, default=0.999, show_default=True)
-@click.option(
-    "--p-drop",
-    type=float,
-    default=0.15,
-    show_default=True,
-    help="Chance of dropping each attribute to 'unspecified' (classifier-free training).",
-)
-@click.option(
-    "--beta-schedule",
-    type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2"]),
-    default="linear",
-    show_default=True,
-)
-@click.option("--size", type=int, default=16, show_default=True, help="Image side in pixels.")
-@click.option(
-    "--channels",
-    default="32,64,64",
-    show_default=True,
-    help="UNet block widths (three resolutions, attention at the lowest).",
-)
-@click.option("--checkpoint-every", type=int, default=500, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from OUT.checkpoint.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def train_command(**kw: Any) -> None:
-    """Train a class-conditional diffusion model on a dataset folder.
+@click.command("merge")
+@click.argument("out", type=click.Path(path_type=pathlib.Path, file_okay=False, exists=True))
+def merge_command(out: pathlib.Path) -> None:
+    """Join the metadata of shard jobs into OUT/metadata.csv and OUT/rejected.csv.
 
-    DATA is a folder with metadata.csv (file_name and attribute columns), such as
-    `dtk data colored-digits` writes. The result is a model folder that `dtk generate`
-    loads, with toolkit.json naming the attributes; each attribute can be left
-    unspecified at sampling time.
+    Each `dtk generate --shard K/N` job (or torchrun rank) logs its finished samples in
+    OUT/.dtk/parts/; the last job to finish merges them, and `dtk merge` does it again by
+    hand, after jobs ran on machines that did not all finish, say. Merging never drops a
+    sample that metadata.csv already lists: a folder copied without its hidden .dtk/
+    folder, or with a damaged part log, is refused with the file and line at fault.
 
     \b
     Examples:
-      dtk data colored-digits digits-train
-      dtk train digits-train --attribute digit --attribute group --out my-model
-      dtk train digits-train --attribute digit --out m --max-minutes 5
-      dtk train digits-train --attribute digit --out m --steps 4000 --resume
+      dtk generate -n 1000 --shard 0/2 --out big &
+      dtk generate -n 1000 --shard 1/2 --out big
+      dtk merge big
     """
-    from toolkit.training import TrainConfig, train
-
-    try:
-        channels = tuple(int(c) for c in kw["channels"].split(","))
-    except ValueError:
-        raise UserError(
-            f"--channels must be comma-separated integers, got {kw['channels']!r}"
-        ) from None
-    steps = kw["steps"]
-    if steps is None and kw["max_minutes"] is None:
-        steps = 2000
-    config = TrainConfig(
-        data=str(kw["data"]),
-        attributes=list(kw["attributes"]),
-        out=str(kw["out"]),
-        steps=steps,
-        max_minutes=kw["max_minutes"],
-        batch_size=kw["batch_size"],
-        lr=kw["lr"],
-        ema_decay=kw["ema_decay"],
-        p_drop=kw["p_drop"],
-        seed=kw["seed"],
-        size=kw["size"],
-        block_out_channels=channels,
-        beta_schedule=kw["beta_schedule"],
-        checkpoint_every=kw["checkpoint_every"],
-    )
-    out = train(config, resume=kw["resume"], progress=not kw["quiet"])
-    click.echo(f"model written to {out}", err=True)
-
-
-@cli.command("merge")
-@click.argument("out", type=click.Path(path_type=pathlib.Path, file_okay=False, exists=True))
-def merge_command(out: pathlib.Path) -> None:
-    """Join the metadata of shards (``--shard K/N`` jobs) into OUT/metadata.csv."""
     from toolkit.output import OutputFolder
 
     folder = OutputFolder(out)
@@ -420,14 +324,6 @@ def merge_command(out: pathlib.Path) -> None:
     click.echo(f"{len(metadata)} images in {out}", err=True)
     if missing > 0:
         click.echo(f"{missing} samples not generated yet (rerun the missing shards)", err=True)
-
-
-# Commands kept in their own modules (imports stay light: no torch).
-from toolkit.commands_classifier import train_classifier_command  # noqa: E402
-from toolkit.commands_data import data_group  # noqa: E402
-
-cli.add_command(data_group)
-cli.add_command(train_classifier_command)
 
 
 def main() -> None:

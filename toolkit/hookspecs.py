@@ -115,3 +115,19 @@ def register_attribute_classifiers(register: Register) -> None:
     (the list of values) and ``predict_proba(images)`` returning a ``[B, len(labels)]``
     tensor of probabilities for float images ``[B, C, H, W]`` in ``[0, 1]``.
     """
+
+
+@hookspec
+def register_commands(register: Register) -> None:
+    """Register ``dtk`` subcommands.
+
+    :param register: call it with each command: a ``click.Command`` (or ``click.Group``)
+        instance, whose ``name`` is the subcommand's name (``dtk NAME``).
+
+    Unlike the other kinds, a command is registered as an instance, not a class. A command
+    can add a name to ``dtk``, never replace one: a name the built-in distribution already
+    uses stays the built-in's, and the other registration is listed with status ``clash``
+    by ``dtk plugins``; two third-party commands of one name are both left out. Keep the
+    command's module light (no torch at import): ``dtk --help`` loads it. A
+    `toolkit.DtkError` raised by the command is shown as one line with exit status 2.
+    """

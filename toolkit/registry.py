@@ -11,16 +11,22 @@ the hard way:
   the built-in plugins always load;
 * two distributions registering one name for one kind is a clash, never settled by load
   order: the bare name is refused with a message naming both, and ``dist:name`` picks one.
+  Commands (``dtk NAME``) have no ``dist:name``: a built-in command always keeps its
+  name, and a clashing third-party command is listed as a clash and not added;
+* a plugin cannot end or silence the process that loads it: ``sys.exit()`` at import or
+  in a hook is a load error like any other, and ``sys.stdout``/``sys.stderr`` are put back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import os
 import re
+import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pluggy
@@ -45,6 +51,7 @@ KINDS: dict[str, str] = {
     "guidance": "register_guidance",
     "safety_filter": "register_safety_filters",
     "attribute_classifier": "register_attribute_classifiers",
+    "command": "register_commands",
 }
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -68,6 +75,10 @@ class Registration:
     @property
     def qualified_name(self) -> str:
         return f"{self.distribution}:{self.name}"
+
+    @property
+    def builtin(self) -> bool:
+        return canonical_distribution(self.distribution) == BUILTIN_DISTRIBUTION
 
     def provenance(self) -> dict[str, str]:
         """What a run records about the plugin it used."""
@@ -157,7 +168,8 @@ class Registry:
                 continue
             plugin_name = f"{dist}:{ep.name}"
             try:
-                module = ep.load()
+                with _contained():
+                    module = ep.load()
                 try:
                     manager.register(module, name=plugin_name)
                     manager.check_pending()
@@ -195,6 +207,9 @@ class Registry:
         pending: list[Registration] = []
 
         def register(cls: type) -> None:
+            if kind == "command":
+                pending.append(_command_registration(cls, dist, version, pending))
+                return
             name = getattr(cls, "name", None)
             if not isinstance(cls, type):
                 raise PluginError(f"register() takes a class, got {cls!r}")
@@ -212,7 +227,8 @@ class Registry:
 
         kwargs = {arg: register for arg in impl.argnames}
         try:
-            impl.function(**kwargs)
+            with _contained():
+                impl.function(**kwargs)
         except Exception as exc:
             entry_point = impl.plugin_name.split(":", 1)[1]
             self._fail(entry_point, dist, version, f"{hook_name}() failed", exc)
@@ -235,7 +251,17 @@ class Registry:
         by_key: dict[tuple[str, str], list[Registration]] = {}
         for reg in self._registrations:
             by_key.setdefault((reg.kind, reg.name), []).append(reg)
-        for regs in by_key.values():
+        for (kind, name), regs in by_key.items():
+            builtin = [r for r in regs if r.builtin]
+            if kind == "command" and builtin:
+                # a built-in command keeps its name: `dtk eval` is never someone else's
+                for reg in regs:
+                    if not reg.builtin:
+                        self._errors_by_registration[(kind, name, reg.distribution)] = (
+                            f"the built-in command {name!r} cannot be replaced; this one is "
+                            "not added"
+                        )
+                continue
             if len(regs) > 1:
                 for reg in regs:
                     others = [o.distribution for o in regs if o is not reg]
@@ -290,6 +316,15 @@ class Registry:
                     }
                 )
         return rows
+
+    def commands(self) -> dict[str, Any]:
+        """The ``dtk`` subcommands by name: every registered command that is not a clash."""
+        return {
+            reg.name: reg.cls
+            for reg in self.registrations
+            if reg.kind == "command"
+            and (reg.kind, reg.name, reg.distribution) not in self._errors_by_registration
+        }
 
     def get(self, kind: str, name: str) -> Registration:
         """The registration for `name` (or ``dist:name``); clear errors when there is none."""
@@ -351,7 +386,8 @@ class Registry:
         `PluginError` naming its distribution."""
         reg = self.get(kind, name)
         try:
-            return reg.cls(**kwargs)
+            with _contained():
+                return reg.cls(**kwargs)
         except DtkError:
             raise
         except Exception as exc:
@@ -359,6 +395,36 @@ class Registry:
                 f"{kind.replace('_', ' ')} {name!r} from {reg.distribution} {reg.version} "
                 f"failed to start: {type(exc).__name__}: {exc}"
             ) from exc
+
+
+def _command_registration(
+    command: Any, dist: str, version: str, pending: list[Registration]
+) -> Registration:
+    """A ``register_commands`` registration: a click command, under its own name."""
+    import click
+
+    if not isinstance(command, click.Command):
+        raise PluginError(f"register_commands takes click commands, got {command!r}")
+    name = command.name
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise PluginError(f"command name {name!r} is not a valid dtk subcommand name")
+    if any(r.name == name for r in pending):
+        raise PluginError(f"command {name!r} is registered twice")
+    return Registration("command", name, command, dist, version)
+
+
+@contextlib.contextmanager
+def _contained() -> Iterator[None]:
+    """Run plugin code so that it cannot end or silence the process: ``sys.exit()`` becomes
+    an ordinary error (reported against the plugin like any other), and replaced standard
+    streams are put back."""
+    streams = sys.stdout, sys.stderr
+    try:
+        yield
+    except SystemExit as exc:
+        raise RuntimeError(f"sys.exit({exc.code!r}) was called") from None
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 def _check_kind(kind: str) -> None:
