@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +51,30 @@ def use_safetensors(folder: pathlib.Path, stem: str, trust_pickle: bool) -> bool
             )
         return False
     raise DtkError(f"{folder}: no weights ({stem}.safetensors)")
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+    r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)"
+)
+
+
+def load_failure(folder: pathlib.Path, part: str, exc: BaseException) -> DtkError:
+    """One line for a component that failed to load: loaders raise many types with
+    messages of up to hundreds of lines (one per tensor whose shape does not fit)."""
+    message = str(exc)
+    mismatches = _SIZE_MISMATCH.findall(message)
+    if mismatches:
+        name, saved, expected = mismatches[0]
+        return DtkError(
+            f"{folder}: the {part}'s weights do not fit its config.json: {len(mismatches)} "
+            f"tensor(s) differ in shape (first: {name} is {saved} in the weights, "
+            f"{expected} by the config)"
+        )
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    if len(first) > 300:
+        first = first[:297] + "..."
+    return DtkError(f"{folder}: cannot load the {part}: {type(exc).__name__}: {first}")
 
 
 @contextlib.contextmanager

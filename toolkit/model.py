@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from toolkit._lazy import lazy_import
 from toolkit.conditions import LabelSpace
 from toolkit.errors import DtkError
-from toolkit.loading import read_config, scheduler_noise, use_safetensors
+from toolkit.families import detect_family
+from toolkit.loading import load_failure, read_config, scheduler_noise, use_safetensors
 from toolkit.noise import NoiseLevels
 from toolkit.text_model import TextModel, is_text_model, load_text_model
 
@@ -75,10 +76,7 @@ def unet_sample_shape(unet: Any) -> tuple[int, int, int]:
 
 def find_unet_folder(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path | None]:
     """(unet folder, scheduler config file, toolkit.json or None) of a model folder."""
-    if not path.exists():
-        raise DtkError(f"model folder {path} does not exist")
-    if not path.is_dir():
-        raise DtkError(f"model path {path} is not a folder")
+    detect_family(path)  # a folder of a family dtk does not load is refused by name
     if (path / "model_index.json").is_file():
         unet_dir = path / "unet"
         scheduler = path / "scheduler" / "scheduler_config.json"
@@ -137,7 +135,7 @@ def load_model(
             torch_dtype=dtype,
         )
     except Exception as exc:  # diffusers raises many types for a damaged folder
-        raise DtkError(f"{unet_dir}: cannot load the UNet: {type(exc).__name__}: {exc}") from None
+        raise load_failure(unet_dir, "UNet", exc) from None
     unet.eval().requires_grad_(False)
     unet.to(device=device)
 

@@ -11,7 +11,6 @@ same images. Weights load from safetensors; pickled weights only with ``trust_pi
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 from collections.abc import Sequence
@@ -19,7 +18,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from toolkit._lazy import lazy_import
 from toolkit.errors import DtkError
-from toolkit.loading import quiet_transformers, read_config, scheduler_noise, use_safetensors
+from toolkit.loading import (
+    load_failure,
+    quiet_transformers,
+    read_config,
+    scheduler_noise,
+    use_safetensors,
+)
 from toolkit.noise import NoiseLevels
 
 if TYPE_CHECKING:
@@ -38,18 +43,11 @@ TEXT_UNETS = ("UNet2DConditionModel",)
 
 
 def is_text_model(path: pathlib.Path) -> bool:
-    """Whether a model folder is a text-conditioned pipeline (read from its configs only)."""
-    index = path / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        components = json.loads(index.read_text())
-        unet_class = json.loads((path / "unet" / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError):
-        # a damaged folder: let the UNet2DModel loader give its error
-        return False
-    has_text = isinstance(components.get("text_encoder"), list) and any(components["text_encoder"])
-    return has_text or unet_class in TEXT_UNETS
+    """Whether a model folder is a text-conditioned pipeline (read from its configs only);
+    a folder of a family dtk does not load is refused (`toolkit.families`)."""
+    from toolkit.families import TEXT, detect_family
+
+    return detect_family(path) == TEXT
 
 
 @dataclasses.dataclass
@@ -175,9 +173,7 @@ def load_text_model(
             module = cls.from_pretrained(folder, use_safetensors=safe, local_files_only=True,
                                          torch_dtype=part_dtype, **kwargs)  # fmt: skip
         except Exception as exc:  # loaders raise many types for a damaged folder
-            raise DtkError(
-                f"{folder}: cannot load the {part}: {type(exc).__name__}: {exc}"
-            ) from None
+            raise load_failure(folder, part, exc) from None
         return module.eval().requires_grad_(False).to(device=device)
 
     diffusers_kwargs = {"low_cpu_mem_usage": False}
@@ -192,9 +188,7 @@ def load_text_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     except Exception as exc:  # a broken tokenizer folder can fail in many ways
-        raise DtkError(
-            f"{path / 'tokenizer'}: cannot load the tokenizer: {type(exc).__name__}: {exc}"
-        ) from None
+        raise load_failure(path / "tokenizer", "tokenizer", exc) from None
     width = unet.config.cross_attention_dim
     if isinstance(width, int) and width != text_encoder.config.hidden_size:
         raise DtkError(
