@@ -1,7 +1,8 @@
 """Built-in noise schedules: ``steps + 1`` strictly decreasing sigmas ending in 0.
 
 ``leading``, ``trailing`` and ``linspace`` reproduce the sigmas diffusers'
-``EulerDiscreteScheduler`` computes for that ``timestep_spacing`` (Lin et al. 2023, table 2);
+``EulerDiscreteScheduler`` computes for that ``timestep_spacing`` (Lin et al. 2023, table 2),
+``linspace variant=dpmsolver`` those of ``DPMSolverMultistepScheduler`` and ``UniPC``;
 ``karras``, ``exponential``, ``polyexponential`` and ``vp`` follow k-diffusion;
 ``beta`` is Lee et al. 2024 as diffusers' ``use_beta_sigmas``.
 """
@@ -9,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import toolkit
 from toolkit._lazy import lazy_import
@@ -108,14 +109,32 @@ class Trailing:
 
 
 class Linspace:
-    """Evenly spaced (fractional) timesteps from ``T-1`` down to 0: diffusers' Euler default."""
+    """Evenly spaced timesteps from ``T-1`` down to 0, as diffusers' ``linspace`` spacing.
+
+    diffusers has two: `variant` ``euler`` (EulerDiscrete, Heun, KDPM2, LMS) takes `steps`
+    fractional timesteps ``linspace(0, T-1, steps)``, the last at t = 0; ``dpmsolver``
+    (DPMSolverMultistep, DPMSolverSinglestep, UniPCMultistep) divides ``[0, T-1]`` into
+    `steps` intervals, rounds the ``steps + 1`` ends to integers and drops t = 0: the last
+    step goes from ``round((T-1) / steps)`` straight to sigma 0 (their default
+    ``final_sigmas_type="zero"``; DEIS and SA-Solver take the same timesteps but end at the
+    first training sigma).
+    """
 
     name = "linspace"
+
+    def __init__(self, variant: Literal["euler", "dpmsolver"] = "euler") -> None:
+        if variant not in ("euler", "dpmsolver"):
+            raise DtkError(f"linspace: variant must be euler or dpmsolver, got {variant!r}")
+        self.variant = variant
 
     def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
         _check_steps(self.name, steps)
         sigmas = _discrete(self.name, noise)
-        timesteps = np.linspace(0, len(sigmas) - 1, steps, dtype=np.float32)[::-1]
+        last = len(sigmas) - 1
+        if self.variant == "euler":
+            timesteps = np.linspace(0, last, steps, dtype=np.float32)[::-1]
+        else:
+            timesteps = np.linspace(0, last, steps + 1).round()[::-1][:-1]
         return _finish(self.name, _at_timesteps(sigmas, timesteps))
 
 

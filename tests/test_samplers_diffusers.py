@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from sampling_helpers import (
@@ -117,6 +118,11 @@ DPMPP_3M_SDE = Twin("dpmpp_3m_sde", "DPMSolverMultistepScheduler",
                     vp=True, final_extra_draw=1)  # fmt: skip
 DPMPP_2M_KARRAS = Twin("dpmpp_2m-karras", "DPMSolverMultistepScheduler",
                        {**DPMPP, "use_karras_sigmas": True}, "dpmpp_2m", vp=True)  # fmt: skip
+DPMPP_2M_TRUNCATED = [
+    Twin(f"dpmpp_2m-{flag}", "DPMSolverMultistepScheduler", {**DPMPP, flag: True}, "dpmpp_2m",
+         vp=True)
+    for flag in ("use_exponential_sigmas", "use_beta_sigmas")
+]  # fmt: skip
 
 
 def make_scheduler(case: Twin) -> Any:
@@ -180,7 +186,8 @@ def test_every_sampler_with_a_diffusers_twin_is_compared() -> None:
     ``diffusers`` sampler runs diffusers' schedulers itself."""
     from plugins.samplers import SAMPLERS
 
-    tested = {c.sampler for c in [*TWINS, *UNIPC_BH1, EULER_CHURN, DPMPP_3M_SDE, DPMPP_2M_KARRAS]}
+    variants = [*UNIPC_BH1, EULER_CHURN, DPMPP_3M_SDE, DPMPP_2M_KARRAS, *DPMPP_2M_TRUNCATED]
+    tested = {c.sampler for c in [*TWINS, *variants]}
     untwinned = {"dpmpp_2s_ancestral", "dpmpp_sde", "diffusers"}
     assert tested == {cls.name for cls in SAMPLERS} - untwinned
 
@@ -324,4 +331,39 @@ def test_dpmpp_2m_karras_diffusers_rounds_the_timesteps(unet: Any, noise0: torch
     ours, _ = run_both(case, unet, noise0)
     # Measured 1.2e-3: rounding moves t by at most half a timestep, which changes this
     # UNet's output by ~1.5%, on some steps only. 1e-2 catches a gross mismatch.
+    assert 1e-4 < rel_err(ours.sample, ref.sample) < 1e-2
+
+
+def int64_timestep(levels: Any) -> Any:
+    """diffusers' timestep for ``use_exponential_sigmas`` / ``use_beta_sigmas`` in the
+    multistep solvers, as a replacement for our interpolated ``t``: ``t(sigma)`` interpolated
+    in log sigma against the float32 logs of the float32 training sigmas, then cast to int64
+    (truncated). With these (SD's) betas float32 puts ``t(sigma_max)`` at 998.99999975, so
+    even the first step is at t = 998 rather than 999."""
+    log_sigmas = np.log(levels.sigmas.float().numpy()).astype(np.float64)
+    index = np.arange(len(log_sigmas))
+
+    def timestep(t: torch.Tensor) -> torch.Tensor:
+        sigma = float(levels.t_to_sigma(t))
+        return torch.tensor(float(int(np.interp(math.log(sigma), log_sigmas, index))))
+
+    return timestep
+
+
+@pytest.mark.parametrize("case", DPMPP_2M_TRUNCATED, ids=lambda c: c.id)
+def test_dpmpp_2m_exponential_and_beta_diffusers_truncates_the_timesteps(
+    case: Twin, unet: Any, noise0: torch.Tensor
+) -> None:
+    """With ``use_exponential_sigmas`` or ``use_beta_sigmas`` diffusers' DPMSolverMultistep
+    (and DPMSolverSinglestep, UniPCMultistep, DEISMultistep, SASolver) keeps ``t(sigma)``
+    unrounded and stores it as int64, which truncates: the UNet sees ``floor(t(sigma))``
+    (see `int64_timestep`), up to a whole timestep below its sigma; with Karras sigmas it
+    rounds instead. Our `exponential` and `beta` schedules give the same sigmas
+    (`test_schedules`); ours interpolates ``t``. Given a denoiser that computes diffusers'
+    timestep, ours matches diffusers."""
+    levels = toolkit.NoiseLevels.from_scheduler_config(SCHEDULER_CONFIG)
+    truncated, ref = run_both(case, unet, noise0, timestep=int64_timestep(levels))
+    assert rel_err(truncated.sample, ref.sample) <= TOL
+    ours, _ = run_both(case, unet, noise0)
+    # Measured 3.4e-3 (exponential) and 1.0e-3 (beta); 1e-2 catches a gross mismatch.
     assert 1e-4 < rel_err(ours.sample, ref.sample) < 1e-2

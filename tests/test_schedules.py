@@ -1,9 +1,11 @@
-"""Built-in schedules against diffusers' EulerDiscreteScheduler and k-diffusion's formulas."""
+"""Built-in schedules against diffusers' schedulers (EulerDiscrete; the multistep solvers for
+``linspace variant=dpmsolver``) and k-diffusion's formulas."""
 
 from __future__ import annotations
 
 import math
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,33 @@ def test_spacings_match_diffusers_euler(spacing, config, steps):
     theirs = diffusers_sigmas(config, steps, timestep_spacing=spacing)
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours, theirs, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 10, 50])
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize(
+    "scheduler",
+    ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler"],
+)
+def test_linspace_dpmsolver_matches_the_multistep_solvers_default(scheduler, config, steps):
+    """Their default spacing, ``linspace`` with ``final_sigmas_type="zero"``: ``steps + 1``
+    rounded timesteps from T-1 to 0, t = 0 dropped, then sigma 0 (999, 899, ..., 100, then
+    sigma 0 for 10 of 1000 steps)."""
+    theirs = getattr(diffusers, scheduler)(**config)
+    theirs.set_timesteps(steps)
+    levels = NoiseLevels.from_scheduler_config(theirs.config)
+    ours = toolkit.schedule("linspace", variant="dpmsolver")(steps, levels)
+    torch.testing.assert_close(ours, theirs.sigmas.double(), rtol=2e-7, atol=0)
+    if config is CONFIGS["linear"] and steps == 10:
+        assert theirs.timesteps.tolist() == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+    # not Euler's linspace, which ends at t = 0 (the first training sigma) before sigma 0
+    euler = toolkit.schedule("linspace")(steps, levels)
+    assert steps == 1 or not torch.allclose(ours, euler)
+
+
+def test_linspace_variant_is_checked():
+    with pytest.raises(toolkit.OptionError, match="variant"):
+        toolkit.schedule("linspace", variant="trapezoid")
 
 
 def test_leading_offset_matches_steps_offset():
