@@ -8,6 +8,7 @@ one line with exit status 2.
 
 from __future__ import annotations
 
+import math
 import pathlib
 from typing import Any
 
@@ -70,6 +71,19 @@ def classifier_options(classifier_help: str) -> Any:
     return decorate
 
 
+def _check_generation(generation: dict[str, Any]) -> None:
+    """The generation settings a command passes on, checked before it writes anything: the
+    counts, the device, and that each named plugin exists and takes its options."""
+    toolkit.check_positive("--steps", generation["steps"])
+    toolkit.check_positive("--batch-size", generation["batch_size"])
+    toolkit.resolve_device(generation["device"])
+    toolkit.create_plugin("sampler", generation["sampler"])
+    toolkit.create_plugin("schedule", generation["schedule"])
+    if "guidance" in generation:
+        toolkit.create_plugin("guidance", generation["guidance"],
+                              generation["guidance_options"], from_strings=True)  # fmt: skip
+
+
 def _generation(kw: dict[str, Any]) -> dict[str, Any]:
     generation = {
         "sampler": kw.pop("sampler"),
@@ -86,6 +100,7 @@ def _generation(kw: dict[str, Any]) -> dict[str, Any]:
         generation["guidance_options"] = options
     elif guidance_options:
         raise toolkit.DtkError("--guidance-option needs --guidance NAME")
+    _check_generation(generation)
     return generation
 
 
@@ -161,6 +176,11 @@ def bias_command(**kw: Any) -> None:
 
     if kw["images"] is not None and kw["model"] is not None:
         raise toolkit.DtkError("give --model or --images, not both")
+    toolkit.check_writable(kw["out"])
+    if kw["images"] is None:  # the samples are seeds seed .. seed + n - 1
+        toolkit.check_positive("-n", kw["n"])
+        toolkit.check_seed(kw["seed"], kw["n"], what="--seed")
+    toolkit.check_fraction("--min-confidence", kw["min_confidence"])
     generation = _generation(kw)
     for key in ("prompt", "negative_prompt"):
         value = kw.pop(key)
@@ -262,14 +282,24 @@ def synthesize_command(**kw: Any) -> None:
     """
     from evaluations.synthesis import synthesize
 
+    toolkit.check_writable(kw["out"])
+    if kw["budget"] is not None:
+        toolkit.check_positive("--budget", kw["budget"])
+    toolkit.check_positive("--max-rounds", kw["max_rounds"])
+    # each round takes the seeds after the previous round's and retries at most what that
+    # round made, so a run uses at most planned x rounds seeds (planned is --budget if given)
+    toolkit.check_seed(kw["seed"], (kw["budget"] or 1) * kw["max_rounds"], what="--seed")
+    toolkit.check_fraction("--consistency-threshold", kw["consistency_threshold"])
+    toolkit.check_fraction("--memorization-threshold", kw["memorization_threshold"],
+                           high=math.inf)  # fmt: skip
     generation = _generation(kw)
     filters = [f.strip() for f in kw.pop("filters").split(",") if f.strip()]
-    quiet = kw.pop("quiet")
-    out = kw.pop("out")
-    by = kw.pop("by") or None
     kw["classifier_options"] = parse_key_values(
         kw.pop("classifier_option"), what="--classifier-option"
     )
+    quiet = kw.pop("quiet")
+    out = kw.pop("out")
+    by = kw.pop("by") or None
 
     def show_plan(plan: Any) -> None:
         click.echo(f"plan ({int(plan['generate'].sum())} images to generate):", err=True)
@@ -338,10 +368,26 @@ def downstream_command(**kw: Any) -> None:
       dtk synthesize --out synth
       dtk eval downstream --synthetic synth/synthetic --out downstream
     """
-    from evaluations.downstream import NEEDS_SYNTHETIC
+    from evaluations.downstream import METHODS, MODELS, NEEDS_SYNTHETIC
     from evaluations.downstream_job import evaluate_downstream, summary_table
 
     out = kw["out"]
+    # everything is checked before the default data is written
+    toolkit.check_writable(out)
+    toolkit.check_positive("--seeds", kw["seeds"])
+    toolkit.check_positive("--threads", kw["threads"])
+    if kw["steps"] is not None:
+        toolkit.check_positive("--steps", kw["steps"])
+        if kw["steps"] < 2:
+            raise toolkit.DtkError(f"--steps must be at least 2 (pretrain_finetune halves it), "
+                                   f"got {kw['steps']}")  # fmt: skip
+    for option, known in (("models", MODELS), ("methods", METHODS)):
+        chosen = [m.strip() for m in kw[option].split(",") if m.strip()]
+        unknown = [m for m in chosen if m not in known]
+        if unknown or not chosen:
+            what = f"unknown {option[:-1]} {unknown[0]!r}" if unknown else "none given"
+            raise toolkit.DtkError(f"--{option}: {what}; choose from: {', '.join(known)}")
+    toolkit.resolve_device(kw["device"])
     real, test = kw["real"], kw["test"]
     if real is None:
         real = out / "data" / "train"
@@ -390,6 +436,14 @@ def demo_command(**kw: Any) -> None:
     from evaluations.demo import run_demo
 
     out = kw.pop("out")
+    # everything is checked before the first stage writes its data
+    toolkit.check_writable(out)  # (run_demo checks -n before it writes)
+    for option in ("seeds", "steps"):
+        toolkit.check_positive(f"--{option}", kw[option])
+    if kw["budget"] is not None:
+        toolkit.check_positive("--budget", kw["budget"])
+    toolkit.resolve_device(kw["device"])
+    toolkit.create_plugin("sampler", kw["sampler"])
     result = run_demo(out, progress=not kw.pop("quiet"), **kw)
     head = result["headline"]
     generated = head["generated_minority_share"]["share"]

@@ -167,7 +167,7 @@ def test_train_classifier_writes_a_folder_the_cnn_plugin_serves(small, test_spli
     [
         (("--attribute", "color"), "has no column 'color'"),
         (("--attribute", "split"), "attribute 'split' has one value only (test)"),
-        (("--attribute", "group", "--epochs", "0"), "--epochs must be at least 1"),
+        (("--attribute", "group", "--epochs", "0"), "--epochs must be a whole number >= 1"),
         (("--attribute", "group", "--augment", "shift,flip"), "unknown augmentation 'flip'"),
         (("--attribute", "group", "--image-size", "10"), "multiple of 4"),
         (("--attribute", "group", "--lr", "-1"), "--lr must be a positive number"),
@@ -194,6 +194,86 @@ def test_train_classifier_refuses_bad_folders(small, tmp_path):
     result = dtk("train-classifier", small, "--attribute", "group", "--out", tmp_path / "clf",
                  "--eval", other)  # fmt: skip
     assert result.exit_code == 2 and "'purple'" in result.stderr
+    assert not (tmp_path / "clf").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Twelve random images: digits 0 and 1, and a `shade` some images lack."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        name = f"{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / name)
+        rows.append({"file_name": name, "digit": i % 2, "shade": "" if i % 4 == 0 else "pale"})
+    pandas.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
+    return folder
+
+
+def read_no_images(*args, **kwargs):
+    raise AssertionError("images were read before the mistake was found")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--seed", "-1"), "--seed must be a whole number >= 0, got -1"),
+        (("--seed", str(2**64)), "--seed 18446744073709551616 is too large"),
+        (("--attribute", "shade"), "some images have no 'shade' value"),
+        (("--attribute", ""), "--attribute must name a metadata column"),
+        (("--eval-by", "digit"), "--eval-by needs --eval DATA"),
+        (("--out", "FILE"), "exists and is not a folder"),
+    ],
+)
+def test_train_classifier_hostile_input(tiny, tmp_path, monkeypatch, args, message):
+    """Refused in one line before any image is read or anything written."""
+    monkeypatch.setattr("toolkit.dataset_folder.read_images", read_no_images)
+    (tmp_path / "FILE").write_text("mine")
+    args = [tmp_path / a if a == "FILE" else a for a in args]
+    result = dtk("train-classifier", tiny, "--attribute", "digit", "--out", tmp_path / "clf",
+                 "--epochs", "1", "-q", *args)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_train_classifier_checks_the_eval_folder_before_reading_images(tiny, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    other = tmp_path / "other"
+    shutil.copytree(tiny, other)
+    metadata = pandas.read_csv(other / "metadata.csv")
+    metadata.loc[0, "digit"] = 7
+    metadata.to_csv(other / "metadata.csv", index=False)
+    monkeypatch.setattr("toolkit.dataset_folder.read_images", read_no_images)
+    result = dtk("train-classifier", tiny, "--attribute", "digit", "--out", tmp_path / "clf",
+                 "--eval", other, "-q")  # fmt: skip
+    assert result.exit_code == 2 and "'7'" in result.stderr, result.output
+    assert not (tmp_path / "clf").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"channels": (16, 32)}, "channels takes three widths"),
+        ({"label_smoothing": 2.0}, "label_smoothing must be in [0, 1]"),
+        ({"epochs": 1.5}, "--epochs must be a whole number >= 1"),
+        ({"seed": -3}, "--seed must be a whole number >= 0"),
+    ],
+)
+def test_train_classifier_python_callers_get_the_same_checks(tiny, tmp_path, monkeypatch,
+                                                             options, message):  # fmt: skip
+    from toolkit.classifier import train_classifier
+
+    monkeypatch.setattr("toolkit.dataset_folder.read_images", read_no_images)
+    with pytest.raises(toolkit.DtkError) as caught:
+        train_classifier(tiny, "digit", tmp_path / "clf", progress=False, **options)
+    assert message in str(caught.value)
     assert not (tmp_path / "clf").exists()
 
 

@@ -15,6 +15,7 @@ from invoke import dtk
 
 from toolkit import colored_digits as cd
 from toolkit.dataset_folder import load_image_folder
+from toolkit.errors import DtkError
 from toolkit.output import png_bytes
 
 N_SHAPES = 1797
@@ -239,6 +240,37 @@ def test_bad_options_are_one_line_errors(tmp_path, args, message):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--seed", "-1"), "--seed must be a whole number >= 0, got -1"),
+        (("--seed", str(2**64)), "--seed 18446744073709551616 is too large"),
+        (("--seed", "9" * 30), "is too large"),
+    ],
+)
+def test_out_of_range_seeds_are_one_line_errors(tmp_path, args, message):
+    result = dtk("data", "colored-digits", tmp_path / "out", "-q", *args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_callers_get_the_same_seed_check(tmp_path):
+    with pytest.raises(DtkError, match="--seed must be a whole number >= 0"):
+        cd.write(tmp_path / "out", "test", seed=-1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    result = dtk("data", "colored-digits", tmp_path / "file", "-q")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"Error: OUT {tmp_path / 'file'} exists "
+                                                  "and is not a folder"]  # fmt: skip
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_an_unknown_split_is_refused(tmp_path):

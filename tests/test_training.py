@@ -1,4 +1,4 @@
-"""`dtk train` on a small dataset folder."""
+"""`dtk train` on a small dataset folder, and the settings it refuses before any work."""
 
 from __future__ import annotations
 
@@ -12,7 +12,18 @@ from click.testing import CliRunner
 from PIL import Image
 
 from toolkit.cli import cli
+from toolkit.errors import DtkError
 from toolkit.generation import generate
+from toolkit.training import TrainConfig, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are tiny: on a CPU shared with other jobs one thread is fastest."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +37,9 @@ def data(tmp_path_factory):
         (root / digit).mkdir(exist_ok=True)
         pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / name)
-        rows.append({"file_name": name, "digit": digit, "group": group})
+        # `shade` is missing for some images: it cannot be a label
+        shade = "" if i % 5 == 0 else "pale"
+        rows.append({"file_name": name, "digit": digit, "group": group, "shade": shade})
     pandas.DataFrame(rows).to_csv(root / "metadata.csv", index=False)
     return root
 
@@ -127,3 +140,100 @@ def test_existing_output_is_not_overwritten(data, tmp_path):
     (tmp_path / "m").mkdir()
     result = CliRunner().invoke(cli, train_args(data, tmp_path / "m", "--steps", "1"))
     assert result.exit_code == 2 and "exists" in result.stderr
+
+
+# -- hostile settings: one line, exit 2, nothing written, before any image is read ------------
+
+
+def read_no_images(*args, **kwargs):
+    raise AssertionError("images were read before the mistake was found")
+
+
+@pytest.fixture
+def no_images(monkeypatch):
+    """Reading an image fails the test: the mistake must be found before that."""
+    monkeypatch.setattr("toolkit.dataset_folder.read_images", read_no_images)
+
+
+def refused(result, message, folder):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in folder.iterdir()) == []  # nothing written
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--channels", "32,64"], "--channels takes three widths"),
+        (["--channels", "8,16,16,16"], "--channels takes three widths"),
+        (["--channels", "32,64,63"], "multiple of 8 (GroupNorm splits it into 8 groups"),
+        (["--channels", "0,16,16"], "positive multiple of 8"),
+        (["--size", "0"], "--size must be a positive multiple of 4"),
+        (["--size", "-4"], "--size must be a positive multiple of 4"),
+        (["--lr", "-1"], "--lr must be a finite number > 0"),
+        (["--lr", "0"], "--lr must be a finite number > 0"),
+        (["--lr", "inf"], "--lr must be a finite number > 0"),
+        (["--ema-decay", "5"], "--ema-decay must be in [0, 1), got 5.0"),
+        (["--ema-decay", "-1"], "--ema-decay must be in [0, 1)"),
+        (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+        (["--attribute", "digit"], "--attribute digit is given twice"),
+        (["--max-minutes", "nan"], "--max-minutes must be a finite number > 0"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be a whole number >= 0"),
+        (["--seed", "-1"], "--seed must be a whole number >= 0"),
+        (["--seed", str(2**64)], "--seed 18446744073709551616 is too large"),
+        (["--attribute", "shade"], "some images have no 'shade' value"),
+    ],
+)
+def test_hostile_settings_are_refused_before_any_work(data, tmp_path, no_images, extra, message):
+    args = train_args(data, tmp_path / "m", "--steps", "2", *extra)
+    refused(CliRunner().invoke(cli, args), message, tmp_path)
+
+
+def test_an_out_that_is_a_file_is_refused(data, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    result = CliRunner().invoke(cli, train_args(data, tmp_path / "file", "--steps", "2"))
+    assert result.exit_code == 2 and "--out" in result.stderr
+    assert "exists and is not a folder" in result.stderr, result.stderr
+    result = CliRunner().invoke(cli, train_args(data, tmp_path / "file" / "m", "--steps", "2"))
+    assert result.exit_code == 2 and "is not writable" in result.stderr, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_checkpoint_is_checked_before_any_image_is_read(data, tmp_path, monkeypatch):
+    args = train_args(data, tmp_path / "m", "--steps", "2")
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    monkeypatch.setattr("toolkit.dataset_folder.read_images", read_no_images)
+    other = CliRunner().invoke(cli, [*args, "--lr", "1e-4", "--resume"])
+    assert other.exit_code == 2 and "other settings" in other.stderr, other.output
+    (tmp_path / "m.checkpoint" / "state.json").write_text("{not json")
+    damaged = CliRunner().invoke(cli, [*args, "--resume"])
+    assert damaged.exit_code == 2 and "Traceback" not in damaged.output
+    assert "state.json is damaged" in damaged.stderr, damaged.output
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"ema_decay": 5.0}, "--ema-decay must be in [0, 1)"),
+        ({"block_out_channels": (32, 64)}, "--channels takes three widths"),
+        ({"block_out_channels": (8, 16, 12)}, "multiple of 8"),
+        ({"size": 0}, "--size must be a positive multiple of 4"),
+        ({"lr": -1.0}, "--lr must be a finite number > 0"),
+        ({"attributes": ["digit", "digit"]}, "--attribute digit is given twice"),
+        ({"steps": 2.5}, "--steps must be a whole number >= 1"),
+        ({"warmup": -1}, "warmup must be a whole number >= 0"),
+        ({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0"),
+        ({"seed": 2**64}, "--seed 18446744073709551616 is too large"),
+    ],
+)
+def test_python_callers_get_the_same_checks(data, tmp_path, no_images, settings, message):
+    config = TrainConfig(**{"data": str(data), "attributes": ["digit"],
+                            "out": str(tmp_path / "m"), "steps": 2, "batch_size": 4,
+                            "block_out_channels": (8, 16, 16), **settings})  # fmt: skip
+    with pytest.raises(DtkError) as caught:
+        train(config, progress=False)
+    assert message in str(caught.value)
+    assert list(tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from toolkit._lazy import lazy_import
+from toolkit.checks import check_fraction, check_positive, check_seed
 from toolkit.errors import DtkError
 
 if TYPE_CHECKING:
@@ -243,32 +244,56 @@ def train_classifier(
     from safetensors.torch import save
     from tqdm.auto import tqdm
 
-    from toolkit.dataset_folder import load_image_folder
-    from toolkit.output import atomic_write, check_writable
+    from toolkit.checks import check_writable
+    from toolkit.dataset_folder import load_image_folder, natural_key, read_metadata
+    from toolkit.output import atomic_write
 
+    # Everything a user can get wrong is refused before any image is read or file written.
     out = pathlib.Path(out)
-    for name, value in (("--epochs", epochs), ("--batch-size", batch_size)):
-        if value < 1:
-            raise DtkError(f"{name} must be at least 1, got {value}")
-    if not (lr > 0 and math.isfinite(lr)):
+    check_positive("--epochs", epochs)
+    check_positive("--batch-size", batch_size)
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise DtkError(f"--lr must be a positive number, got {lr}")
-    if image_size < 4 or image_size % 4:
+    check_fraction("weight_decay", weight_decay, high=math.inf)
+    check_fraction("label_smoothing", label_smoothing)
+    check_seed(seed, what="--seed")
+    whole = isinstance(image_size, int) and not isinstance(image_size, bool)
+    if not whole or image_size < 4 or image_size % 4:  # the network pools twice
         raise DtkError(f"--image-size must be a positive multiple of 4, got {image_size}")
+    channels = list(channels)
+    if len(channels) != 3:
+        raise DtkError(f"channels takes three widths (one per convolution), got {channels}")
+    for width in channels:
+        check_positive("each of channels", width)
+    augment = [a.strip() for a in augment.split(",")] if isinstance(augment, str) else augment
     unknown = [a for a in augment if a not in AUGMENTATIONS]
     if unknown:
         raise DtkError(
             f"unknown augmentation {unknown[0]!r}; choose from: {', '.join(AUGMENTATIONS)}"
         )
     augment = [a for a in AUGMENTATIONS if a in augment]
+    if not isinstance(attribute, str) or not attribute:
+        raise DtkError(f"--attribute must name a metadata column, got {attribute!r}")
+    eval_by = [eval_by] if isinstance(eval_by, str) else list(eval_by)
+    if eval_by and eval_data is None:
+        raise DtkError("--eval-by needs --eval DATA: the folder whose accuracy it breaks down")
     check_writable(out)
-    dataset = load_image_folder(data, [attribute], size=image_size)
-    labels = dataset.values(attribute)
+    column = read_metadata(data, [attribute])[attribute].astype(str)
+    if (column == "").any():
+        raise DtkError(f"{data}: some images have no {attribute!r} value")
+    labels = sorted(column.unique(), key=natural_key)
     if len(labels) < 2:
         raise DtkError(f"{data}: attribute {attribute!r} has one value only ({labels[0]})")
+    if eval_data is not None:
+        # every value must be one the classifier knows
+        evaluated = read_metadata(eval_data, [attribute, *eval_by])[attribute].astype(str)
+        unknown = sorted(set(evaluated) - set(labels), key=natural_key)
+        if unknown:
+            raise DtkError(f"{eval_data}: {attribute} values {unknown} are not in {labels}")
+    dataset = load_image_folder(data, [attribute], size=image_size)
     evaluation = None
     if eval_data is not None:
         evaluation = load_image_folder(eval_data, [attribute, *eval_by], size=image_size)
-        evaluation.codes(attribute, labels)  # every value must be one the classifier knows
     targets = dataset.codes(attribute, labels)
 
     architecture = {
@@ -341,8 +366,11 @@ def train_classifier(
     if evaluation is not None:
         config["eval"] = accuracy(TrainedClassifier(config, network), evaluation, by=eval_by)
     state = {k: v.detach().contiguous() for k, v in network.state_dict().items()}
-    atomic_write(out / WEIGHTS, save(state, metadata={"format": FORMAT}))
-    atomic_write(out / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    try:
+        atomic_write(out / WEIGHTS, save(state, metadata={"format": FORMAT}))
+        atomic_write(out / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    except OSError as exc:  # a full disk, a folder check_writable could not foresee
+        raise DtkError(f"cannot write {out}: {exc}") from None
     return config
 
 

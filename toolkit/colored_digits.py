@@ -40,6 +40,7 @@ import pathlib
 from typing import TYPE_CHECKING, Any
 
 from toolkit._lazy import lazy_import
+from toolkit.checks import check_seed
 from toolkit.errors import DtkError
 from toolkit.output import atomic_write, png_bytes
 
@@ -177,6 +178,7 @@ def rows(split: str, minority_share: float = 0.05, seed: int = 0) -> list[dict[s
     if split not in SPLITS:
         raise DtkError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     check_share(minority_share)
+    check_seed(seed, what="--seed")  # numpy takes any seed >= 0; torch's range, for one rule
     _, target = shapes()
     train, test = holdout()
     if split == "train":
@@ -267,7 +269,7 @@ def write(
 
 
 def _check_out(out: pathlib.Path, info: dict[str, Any]) -> None:
-    from toolkit.output import check_writable
+    from toolkit.checks import check_writable
 
     check_writable(out)
     if not out.exists() or not any(out.iterdir()):

@@ -17,7 +17,7 @@ import click
 @click.option("--attribute", required=True, help="The metadata.csv column to predict.")
 @click.option(
     "--out",
-    type=click.Path(path_type=pathlib.Path, file_okay=False),
+    type=click.Path(path_type=pathlib.Path),
     required=True,
     help="Folder for model.safetensors and config.json.",
 )

@@ -18,7 +18,7 @@ def data_group() -> None:
 
 
 @data_group.command("colored-digits")
-@click.argument("out", type=click.Path(path_type=pathlib.Path, file_okay=False))
+@click.argument("out", type=click.Path(path_type=pathlib.Path))
 @click.option(
     "--split",
     type=click.Choice(["train", "test", "train-balanced"]),
@@ -68,6 +68,8 @@ def colored_digits_command(
     """
     from toolkit.colored_digits import write
 
+    if out.exists() and not out.is_dir():
+        raise DtkError(f"OUT {out} exists and is not a folder")
     source = ctx.get_parameter_source("minority_share")
     if split != "train" and source == click.core.ParameterSource.COMMANDLINE:
         raise DtkError(f"--minority-share applies to --split train only, not {split}")

@@ -9,6 +9,7 @@ checkpoints that `--resume` continues from, a wall-clock or step budget, one fix
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,17 +19,23 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch  # this module is imported only to train
 
+from toolkit.checks import check_fraction, check_positive, check_seed, check_writable
 from toolkit.conditions import Attribute, LabelSpace
-from toolkit.dataset_folder import load_image_folder
+from toolkit.dataset_folder import load_image_folder, read_metadata
 from toolkit.errors import DtkError
 from toolkit.output import atomic_write
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+#: `build_unet` halves the image side twice (three resolutions)
+DOWNSAMPLING = 4
+#: GroupNorm splits every block width into this many groups, and attention heads are this
+#: many channels wide (diffusers' default head size), so each width is a multiple of it
+WIDTH_MULTIPLE = 8
 
 
 @dataclasses.dataclass
@@ -52,22 +59,66 @@ class TrainConfig:
     checkpoint_every: int = 500
 
     def check(self) -> None:
-        if not self.attributes:
+        """Every setting a user can get wrong, refused with one line before any data is read
+        or any file written (`train` calls it; so does ``dtk train``, through `train`)."""
+        attributes = list(self.attributes)
+        if not attributes:
             raise DtkError("give at least one --attribute (a metadata column to condition on)")
+        for attribute in attributes:
+            if not isinstance(attribute, str) or not attribute:
+                raise DtkError(f"--attribute must name a metadata column, got {attribute!r}")
+        twice = next((a for a in attributes if attributes.count(a) > 1), None)
+        if twice is not None:
+            raise DtkError(f"--attribute {twice} is given twice; name each attribute once")
         if self.steps is None and self.max_minutes is None:
             raise DtkError("give --steps or --max-minutes")
-        if self.steps is not None and self.steps < 1:
-            raise DtkError("--steps must be >= 1")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise DtkError("--max-minutes must be positive")
-        if self.batch_size < 1:
-            raise DtkError("--batch-size must be >= 1")
-        if not 0 <= self.p_drop < 1:
-            raise DtkError("--p-drop must be in [0, 1)")
+        if self.steps is not None:
+            check_positive("--steps", self.steps)
+        if self.max_minutes is not None:
+            check_fraction("--max-minutes", self.max_minutes, high=math.inf, open_low=True)
+        check_positive("--batch-size", self.batch_size)
+        check_fraction("--lr", self.lr, high=math.inf, open_low=True)
+        check_fraction("weight_decay", self.weight_decay, high=math.inf)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise DtkError(f"warmup must be a whole number >= 0, got {self.warmup!r}")
+        # the moving average keeps `ema_decay` of itself each step: 1 would never move
+        check_fraction("--ema-decay", self.ema_decay, open_high=True)
+        # with p_drop = 1 every label would be dropped: the model would learn no attribute
+        check_fraction("--p-drop", self.p_drop, open_high=True)
+        check_seed(self.seed, what="--seed")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise DtkError(f"--beta-schedule must be one of {', '.join(BETA_SCHEDULES)}")
-        if self.size % 4:
-            raise DtkError("--size must be a multiple of 4")
+        check_positive("num_train_timesteps", self.num_train_timesteps)
+        every = self.checkpoint_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise DtkError(
+                f"--checkpoint-every must be a whole number >= 0 (0: only at the end), "
+                f"got {every!r}"
+            )
+        size = self.size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % DOWNSAMPLING:
+            raise DtkError(
+                f"--size must be a positive multiple of {DOWNSAMPLING} (the UNet halves the "
+                f"image twice), got {size!r}"
+            )
+        self._check_channels()
+
+    def _check_channels(self) -> None:
+        channels = tuple(self.block_out_channels)
+        shown = ",".join(str(c) for c in channels)
+        if len(channels) != 3:
+            raise DtkError(
+                f"--channels takes three widths, one per resolution (e.g. 32,64,64), got "
+                f"{len(channels)}: {shown!r}"
+            )
+        for width in channels:
+            if (isinstance(width, bool) or not isinstance(width, int) or width < 1
+                    or width % WIDTH_MULTIPLE):  # fmt: skip
+                raise DtkError(
+                    f"--channels {shown}: each width must be a positive multiple of "
+                    f"{WIDTH_MULTIPLE} (GroupNorm splits it into {WIDTH_MULTIPLE} groups, and "
+                    f"attention heads are {WIDTH_MULTIPLE} channels wide), got {width!r}"
+                )
 
 
 def build_unet(config: TrainConfig, num_labels: int) -> Any:
@@ -82,7 +133,8 @@ def build_unet(config: TrainConfig, num_labels: int) -> Any:
         layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
+        norm_num_groups=WIDTH_MULTIPLE,
+        attention_head_dim=WIDTH_MULTIPLE,
         num_class_embeds=num_labels,
     )
 
@@ -118,10 +170,15 @@ class FactorizedEmbedding(torch.nn.Module):
 
 
 def label_space(dataset: Any, attributes: Sequence[str]) -> LabelSpace:
-    for attribute in attributes:
-        if "" in dataset.values(attribute):
-            raise DtkError(f"{dataset.root}: some images have no {attribute!r} value")
+    _check_values(dataset.metadata, dataset.root, attributes)
     return LabelSpace(tuple(Attribute(a, tuple(dataset.values(a)), True) for a in attributes))
+
+
+def _check_values(metadata: Any, root: Any, attributes: Sequence[str]) -> None:
+    """Every image has a value of every attribute (a blank one would become a label)."""
+    for attribute in attributes:
+        if (metadata[attribute].astype(str) == "").any():
+            raise DtkError(f"{root}: some images have no {attribute!r} value")
 
 
 def _drop_labels(codes: torch.Tensor, space: LabelSpace, p: float, g: torch.Generator) -> Any:
@@ -144,13 +201,18 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
+    # Everything a user can get wrong is refused before any image is read or file written.
     config.check()
     out = pathlib.Path(config.out)
     checkpoint = out.with_name(out.name + ".checkpoint")
+    check_writable(out)
+    check_writable(checkpoint)
     if resume and not (checkpoint / "state.json").is_file():
         raise DtkError(f"nothing to resume: no checkpoint at {checkpoint}")
     if not resume and (out.exists() or checkpoint.exists()):
         raise DtkError(f"--out {out} (or its checkpoint) exists; choose another or pass --resume")
+    state = _read_state(checkpoint, config) if resume else None
+    _check_values(read_metadata(config.data, config.attributes), config.data, config.attributes)
     dataset = load_image_folder(config.data, config.attributes, size=config.size)
     space = label_space(dataset, config.attributes)
     codes = torch.stack(
@@ -173,10 +235,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     alphas_cumprod = scheduler.alphas_cumprod
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step, elapsed = 0, 0.0
-    if resume:
-        state = json.loads((checkpoint / "state.json").read_text())
-        if _identity(state["config"]) != _identity(_jsonable(config)):
-            raise DtkError(f"{checkpoint} was made with other settings; cannot --resume it")
+    if state is not None:
         unet.load_state_dict(load_file(checkpoint / "model.safetensors"))
         ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
@@ -225,33 +284,57 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     ema.eval()
     factorized = ema.class_embedding
     ema.class_embedding = factorized.materialize()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(staging)
-        (staging / "toolkit.json").write_text(json.dumps(space.to_json(), indent=2) + "\n")
-        record = {
-            "command": "dtk train " + " ".join(sys.argv[2:])
-            if sys.argv[1:2] == ["train"]
-            else None,
-            "config": _jsonable(config),
-            "steps_done": step,
-            "minutes": round((time.monotonic() - started) / 60, 2),
-            "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])) if losses else None,
-            "parameters": sum(p.numel() for p in ema.parameters()),
-        }
-        (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with _writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(staging)
+            (staging / "toolkit.json").write_text(json.dumps(space.to_json(), indent=2) + "\n")
+            record = {
+                "command": "dtk train " + " ".join(sys.argv[2:])
+                if sys.argv[1:2] == ["train"]
+                else None,
+                "config": _jsonable(config),
+                "steps_done": step,
+                "minutes": round((time.monotonic() - started) / 60, 2),
+                "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])) if losses else None,
+                "parameters": sum(p.numel() for p in ema.parameters()),
+            }
+            (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     ema.class_embedding = factorized
     if not (config.checkpoint_every and step % config.checkpoint_every == 0):  # else saved
         _save_checkpoint(checkpoint, unet, ema, optimizer, g, step, time.monotonic() - started,
                          config)  # fmt: skip
     return out
+
+
+def _read_state(checkpoint: pathlib.Path, config: TrainConfig) -> dict[str, Any]:
+    """The checkpoint's ``state.json``, refused if damaged or made with other settings."""
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+        made_with = dict(state["config"])
+        state["step"], state["elapsed"] = int(state["step"]), float(state["elapsed"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DtkError(f"{checkpoint}/state.json is damaged ({exc}); cannot --resume it") from None
+    if _identity(made_with) != _identity(_jsonable(config)):
+        raise DtkError(f"{checkpoint} was made with other settings; cannot --resume it")
+    return state
+
+
+@contextlib.contextmanager
+def _writing(path: pathlib.Path) -> Iterator[None]:
+    """An OSError while writing `path` (a full disk, a folder `check_writable` could not
+    foresee) comes from the user's environment: one line, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise DtkError(f"cannot write {path}: {exc}") from None
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -286,10 +369,11 @@ def _save_checkpoint(
         torch.save(obj, buffer)
         return buffer.getvalue()
 
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "model.safetensors", save(unet.state_dict()))
-    atomic_write(folder / "ema.safetensors", save(ema.state_dict()))
-    atomic_write(folder / "optimizer.pt", tensor_bytes(optimizer.state_dict()))
-    atomic_write(folder / "rng.pt", tensor_bytes(g.get_state()))
     state = {"step": step, "elapsed": elapsed, "config": _jsonable(config)}
-    atomic_write(folder / "state.json", (json.dumps(state, indent=2) + "\n").encode())
+    with _writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "model.safetensors", save(unet.state_dict()))
+        atomic_write(folder / "ema.safetensors", save(ema.state_dict()))
+        atomic_write(folder / "optimizer.pt", tensor_bytes(optimizer.state_dict()))
+        atomic_write(folder / "rng.pt", tensor_bytes(g.get_state()))
+        atomic_write(folder / "state.json", (json.dumps(state, indent=2) + "\n").encode())
