@@ -6,11 +6,14 @@ from any folder. An attribute-classifier plugin labels each image; predictions b
 zero counts included) is the single source of every figure: shares with Wilson intervals,
 Fairness Discrepancy, KL, total variation, mean absolute deviation (bootstrap intervals),
 bias amplification against a reference folder, and shares corrected for the classifier's
-own errors when a labeled calibration folder is given (`evaluations.metrics`).
+own errors when a labeled calibration folder is given (`evaluations.metrics`); the
+classifier's confusion counts and accuracy there are kept beside them, so a reader can see
+why the correction moved the shares, or why it did not.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -26,6 +29,7 @@ from evaluations.common import (
     write_csv,
     write_json,
 )
+from evaluations.report import shown_path
 from toolkit import natural_key
 
 if TYPE_CHECKING:
@@ -108,11 +112,12 @@ def audit_bias(
             seed=seed,
             progress=progress, **dict(generation or {}),
         )  # fmt: skip
-        source = {"model": str(model or toolkit.default_model()), "conditions": dict(conditions
-                  or {}), "n": n, "seed": seed, "generation": dict(generation or {})}  # fmt: skip
+        source = {"model": shown_path(model or toolkit.default_model()), "conditions":
+                  dict(conditions or {}), "n": n, "seed": seed,
+                  "generation": dict(generation or {})}  # fmt: skip
     else:
         folder = pathlib.Path(images)
-        source = {"images": str(folder)}
+        source = {"images": shown_path(folder)}
     pixels, table = load_images(folder, [by] if by else [])
     by_values = None if by is None else table[by].astype(str).tolist()
 
@@ -123,9 +128,10 @@ def audit_bias(
     results: dict[str, Any] = {}
     for attribute, instance in classifiers.items():
         labels = list(instance.labels)
-        predicted, confidence = _predict(instance, pixels, min_confidence)
+        predicted, confidence, top = _predict(instance, pixels, min_confidence)
         predictions[f"{attribute}_predicted"] = predicted
         predictions[f"{attribute}_confidence"] = confidence
+        predictions[f"{attribute}_top"] = top
         reference_counts = None
         if reference_data is not None:
             reference_counts = _reference_counts(
@@ -139,9 +145,11 @@ def audit_bias(
             shares = {k: float(v) / float(known.sum()) for k, v in known.items()}
         else:
             shares = toolkit.target_distribution(target, labels, what="--target")
-        confusion = None
+        confusion = checked = None
         if calibration_data is not None:
-            confusion = _confusion(calibration_data, attribute, instance, labels, min_confidence)
+            confusion, checked = _calibration(
+                calibration_data, attribute, instance, labels, min_confidence
+            )
         counts = metrics.count_table(predicted, labels, by=by_values, unknown=UNKNOWN)
         overall = counts["all"] if by is not None else counts["count"]
         summary = metrics.summarize(
@@ -154,6 +162,8 @@ def audit_bias(
                 for value in counts.columns
                 if value != "all"
             }
+        if checked is not None:
+            summary["calibration"] = {"folder": shown_path(calibration), **checked}
         summary["classifier"] = provenance("attribute_classifier", classifier)
         results[attribute] = summary
         write_csv(out / f"counts_{attribute}.csv", counts.rename_axis(attribute), index=True)
@@ -170,9 +180,9 @@ def audit_bias(
             "classifier_options": options,
             "min_confidence": min_confidence,
             "target": target if isinstance(target, str) else dict(target),
-            "reference": None if reference is None else str(reference),
+            "reference": shown_path(reference),
             "by": by,
-            "calibration": None if calibration is None else str(calibration),
+            "calibration": shown_path(calibration),
             "bootstrap": n_boot,
         },
         "plugins": _plugins_used(classifier, folder),
@@ -214,16 +224,17 @@ def _spread(
 
 def _predict(
     classifier: Any, pixels: torch.Tensor, min_confidence: float
-) -> tuple[list[str], list[float]]:
-    """Per image: the most probable label, or ``unknown`` below `min_confidence`."""
+) -> tuple[list[str], list[float], list[str]]:
+    """Per image: the most probable label, or ``unknown`` below `min_confidence`; its
+    probability; and the most probable label even below the threshold (for the gallery)."""
     probabilities = classifier.predict_proba(pixels).float().cpu()
     confidence, index = probabilities.max(dim=1)
     labels = list(classifier.labels)
+    top = [labels[i] for i in index.tolist()]
     predicted = [
-        labels[i] if c >= min_confidence else UNKNOWN
-        for i, c in zip(index.tolist(), confidence.tolist())
+        label if c >= min_confidence else UNKNOWN for label, c in zip(top, confidence.tolist())
     ]
-    return predicted, [round(c, 6) for c in confidence.tolist()]
+    return predicted, [round(c, 6) for c in confidence.tolist()], top
 
 
 def _reference_counts(
@@ -245,25 +256,46 @@ def _reference_counts(
                 f"({', '.join(labels)})"
             )
     else:
-        values, _ = _predict(classifier, pixels, min_confidence)
+        values, _, _ = _predict(classifier, pixels, min_confidence)
     return metrics.count_table(values, labels, unknown=UNKNOWN)["count"]
 
 
-def _confusion(
+def _calibration(
     data: tuple[torch.Tensor, pandas.DataFrame],
     attribute: str,
     classifier: Any,
     labels: list[str],
     min_confidence: float,
-) -> Any:
+) -> tuple[Any, dict[str, Any]]:
+    """The confusion matrix the correction uses, and what the report shows of it: per true
+    label the counts of each prediction (``unknown`` included), the accuracy of the confident
+    predictions, and whether the matrix is the identity (then the correction is a no-op)."""
     pixels, table = data
     truth = table[attribute].astype(str).tolist()
-    predicted, _ = _predict(classifier, pixels, min_confidence)
+    predicted, _, _ = _predict(classifier, pixels, min_confidence)
     # unknown predictions are left out of the audited shares, so of the calibration too
     kept = [(t, p) for t, p in zip(truth, predicted) if p != UNKNOWN]
     if not kept:
         raise toolkit.DtkError(f"--calibration: no image got a confident {attribute} prediction")
-    return metrics.confusion_matrix([t for t, _ in kept], [p for _, p in kept], labels)
+    confusion = metrics.confusion_matrix([t for t, _ in kept], [p for _, p in kept], labels)
+    pairs = collections.Counter(zip(truth, predicted))
+    counts = {t: {p: pairs[t, p] for p in [*labels, UNKNOWN]} for t in labels}
+    correct = sum(1 for t, p in kept if t == p)
+    checked = {
+        "images": len(truth),
+        "unknown": len(truth) - len(kept),
+        "accuracy": correct / len(kept),
+        "errors": len(kept) - correct,
+        "counts": counts,
+        # C[i, j] = P(pred = i | true = j), written per true label: C's columns
+        "confusion": {
+            t: {p: float(confusion[i, j]) for i, p in enumerate(labels)}
+            for j, t in enumerate(labels)
+        },
+        # every label has calibration images (confusion_matrix checks), so no error = identity
+        "identity": correct == len(kept),
+    }
+    return confusion, checked
 
 
 def shares_frame(summary: Mapping[str, Any]) -> pandas.DataFrame:

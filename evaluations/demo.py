@@ -21,6 +21,7 @@ import toolkit
 from evaluations.bias import audit_bias
 from evaluations.common import now, versions, write_json
 from evaluations.downstream_job import evaluate_downstream
+from evaluations.report import shown_path
 
 GROUP, MINORITY = "group", "dark"
 
@@ -90,7 +91,7 @@ def run_demo(
             "sampler": sampler,
             "steps": steps,
             "budget": budget,
-            "model": str(toolkit.default_model()),
+            "model": shown_path(toolkit.default_model()),
         },
         "versions": versions(),
         "headline": headline(audit, fair, synthesis, downstream),
@@ -145,6 +146,17 @@ def _pct(value: Any) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+def duration(seconds: float) -> str:
+    """A stage's time as a person reads it: ``0.6 s``, ``12 s``, ``3.4 min``, ``1.2 h``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def write_demo_report(
     out: pathlib.Path,
     result: Mapping[str, Any],
@@ -155,7 +167,7 @@ def write_demo_report(
 ) -> None:
     import pandas
 
-    from evaluations.bias_report import add_attribute_section, add_gallery
+    from evaluations.bias_report import add_attribute_section, add_gallery, limitations
     from evaluations.downstream_job import add_downstream_section
     from evaluations.report import Report
     from evaluations.synthesis_report import add_synthesis_section
@@ -187,22 +199,32 @@ def write_demo_report(
         )
     report.heading("Summary", level=2)
     report.text("\n\n".join(lines))
+    seconds = {**result["seconds"], "total": sum(result["seconds"].values())}
     report.table(
-        pandas.DataFrame([{"stage": k, "seconds": v} for k, v in result["seconds"].items()]),
+        pandas.DataFrame([{"stage": k, "time": duration(v)} for k, v in seconds.items()]),
         caption="Time per stage",
     )
     predictions = pandas.read_csv(out / "audit" / "predictions.csv", dtype=str)
     report.heading("1. Audit of the generator", level=2)
     add_attribute_section(report, GROUP, audit["attributes"][GROUP], level=3)
-    add_gallery(report, GROUP, out / "audit" / "samples", predictions)
+    add_gallery(report, GROUP, out / "audit" / "samples", predictions, by="digit")
     report.heading("2. Fair guidance", level=2)
     add_attribute_section(report, GROUP, fair["attributes"][GROUP], level=3)
     report.heading("3. Synthetic minority data", level=2)
     plan = pandas.DataFrame(synthesis["plan"])  # the plan with its outcome, as numbers
     synthetic_rows = pandas.read_csv(out / "synthesize" / "synthetic" / "metadata.csv", dtype=str)
     add_synthesis_section(report, out / "synthesize", synthesis, plan, synthetic_rows, level=3)
-    report.heading("4. Downstream fairness", level=2)
-    add_downstream_section(report, downstream)
+    add_downstream_section(report, downstream, heading="4. Downstream fairness")
+    report.heading("Limitations", level=2)
+    report.text(limitations(audit))
+    report.text(
+        "**This run's size.** The audits classify "
+        f"{result['config']['n']} samples each and the downstream figures come from "
+        f"{result['config']['seeds']} seeds per method: the intervals say how far to trust "
+        "them (the t-intervals over seeds are not clipped to [0, 1]). The downstream test "
+        "is the real colored-digits `test` split: the figures hold for that data, not "
+        "beyond it."
+    )
     report.config({"config": result["config"], "versions": result["versions"],
                    "stages": result["stages"]})  # fmt: skip
     report.write(out)

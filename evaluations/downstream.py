@@ -560,7 +560,7 @@ def run_downstream(
             "test": len(test_set),
         },
         "real_group_counts": _counts(real_data.groups),
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(time.perf_counter() - started, 1),
     }
     return DownstreamResult(runs, summary, skipped, config)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from evaluations.common import now, versions, write_csv, write_json
 from evaluations.downstream import mean_interval, run_downstream
+from evaluations.report import shown_path
 
 if TYPE_CHECKING:
     import pandas
@@ -67,8 +69,11 @@ def evaluate_downstream(
 
 
 def _where(data: Any) -> str:
-    """The folder of a dataset given as a path or as a loaded `toolkit.ImageDataset`."""
-    return str(getattr(data, "root", data))
+    """The folder of a dataset given as a path or as a loaded `toolkit.ImageDataset`. A path
+    is its own answer: `pathlib.Path` has a ``root`` too (``"/"`` or ``""``), not the folder."""
+    if isinstance(data, (str, os.PathLike)):
+        return shown_path(data)
+    return shown_path(data.root)
 
 
 def accuracy_by_group(runs: pandas.DataFrame, groups: Iterable[str]) -> pandas.DataFrame:
@@ -114,13 +119,18 @@ def summary_table(data: Mapping[str, Any]) -> pandas.DataFrame:
     return pandas.DataFrame(rows)
 
 
-def add_downstream_section(report: Any, data: Mapping[str, Any]) -> None:
+def add_downstream_section(
+    report: Any, data: Mapping[str, Any], *, heading: str | None = None
+) -> None:
+    """The summary table and accuracy plots, under the level-2 `heading` if given (the
+    report's own title says "Downstream fairness"; the demo numbers its section)."""
     import pandas
 
     from evaluations.plots import accuracy_plot
 
     config = data["config"]
-    report.heading("Downstream fairness", level=2)
+    if heading is not None:
+        report.heading(heading, level=2)
     report.text(
         f"A `{config.get('label', 'digit')}` classifier trained per method and seed, tested "
         f"on `{config['test']}`; the gap is the best minus the worst "

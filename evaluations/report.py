@@ -8,6 +8,7 @@
     report.table(df, caption="Shares", float_format="{:.3f}")
     report.figure(png_bytes, caption="Shares by group", name="shares")
     report.gallery("Samples by predicted group", {"light": paths, "dark": paths})
+    report.gallery("Samples", {"dark": [(path, "dark 0.93"), ...]})  # a caption per image
     report.config({"run": ..., "plugins": ...})
     report.write(folder)  # folder/report.html, folder/report.md, folder/figures/*.png
 
@@ -21,10 +22,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import functools
 import html
 import io
 import json
 import math
+import os
 import pathlib
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -32,11 +35,15 @@ from typing import Any
 
 import numpy as np
 import pandas
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import toolkit
 
-__all__ = ["Report"]
+__all__ = ["Report", "round_robin", "shown_path"]
+
+#: A gallery image: its path, or its path and the caption shown under it.
+GalleryItem = str | pathlib.Path | tuple[str | pathlib.Path, str]
+
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 THUMB_MAX = 128  # embedded gallery images are downscaled to this; originals may be large
@@ -44,6 +51,7 @@ THUMB_DISPLAY = 64  # small images are shown at an integer multiple reaching thi
 SHEET_COLUMNS = 8
 SHEET_CELL = 64
 SHEET_PAD = 2
+SHEET_CAPTION = 14  # the strip under each contact-sheet cell that holds its caption
 MISSING = "—"
 
 # Only inline styles and data: images: the file stays one file, and whatever slips past
@@ -83,6 +91,9 @@ figcaption { color: var(--muted); font-size: .9rem; margin-top: .35rem; }
 .gallery-group .count { color: var(--muted); font-weight: normal; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 4px; }
 .thumbs img { image-rendering: pixelated; border: 1px solid var(--line); background: #fff; }
+.thumbs figure { margin: 0; text-align: center; }
+.thumbs figcaption { margin: 0; font-size: .75rem; color: var(--muted);
+                     font-variant-numeric: tabular-nums; }
 .note { color: var(--muted); font-size: .9rem; font-style: italic; }
 details { margin: 1rem 0; border: 1px solid var(--line); border-radius: 6px; padding: .5rem 1rem; }
 summary { cursor: pointer; font-weight: 600; }
@@ -192,22 +203,35 @@ def _fit(size: tuple[int, int], box: int) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def _contact_sheet(images: Sequence[Image.Image]) -> bytes:
+def _contact_sheet(images: Sequence[Image.Image], captions: Sequence[str] = ()) -> bytes:
+    """The images in a grid; with `captions`, each one's caption written under it (the
+    markdown report has no other place to put it)."""
     columns = max(1, min(SHEET_COLUMNS, len(images)))
     rows = max(1, math.ceil(len(images) / columns))
-    step = SHEET_CELL + SHEET_PAD
-    sheet = Image.new("RGB", (columns * step + SHEET_PAD, rows * step + SHEET_PAD), "#d1d9e0")
+    strip = SHEET_CAPTION if any(captions) else 0
+    step_x, step_y = SHEET_CELL + SHEET_PAD, SHEET_CELL + strip + SHEET_PAD
+    sheet = Image.new("RGB", (columns * step_x + SHEET_PAD, rows * step_y + SHEET_PAD),
+                      "#d1d9e0")  # fmt: skip
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=10) if strip else None
     for i, image in enumerate(images):
         size = _fit(image.size, SHEET_CELL)
         small = image.size[0] < size[0]
         resample = Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS
         tile = image.resize(size, resample)
-        x = SHEET_PAD + (i % columns) * step + (SHEET_CELL - size[0]) // 2
-        y = SHEET_PAD + (i // columns) * step + (SHEET_CELL - size[1]) // 2
+        left = SHEET_PAD + (i % columns) * step_x
+        top = SHEET_PAD + (i // columns) * step_y
+        x = left + (SHEET_CELL - size[0]) // 2
+        y = top + (SHEET_CELL - size[1]) // 2
         if tile.mode == "RGBA":
             sheet.paste(tile.convert("RGB"), (x, y), tile)
         else:
             sheet.paste(tile, (x, y))
+        if strip and i < len(captions) and captions[i]:
+            box = (left, top + SHEET_CELL, left + SHEET_CELL - 1, top + SHEET_CELL + strip - 1)
+            draw.rectangle(box, fill="#ffffff")
+            draw.text((left + SHEET_CELL // 2, top + SHEET_CELL + strip // 2), captions[i],
+                      fill="#1f2328", font=font, anchor="mm")  # fmt: skip
     return _encode_png(sheet)
 
 
@@ -300,6 +324,7 @@ class _GalleryGroup:
     total: int
     thumbs: list[bytes]
     sizes: list[tuple[int, int]]
+    captions: list[str]
     sheet: bytes | None
     skipped: list[str]
 
@@ -308,19 +333,21 @@ class _GalleryGroup:
 class _Gallery:
     title: str
     groups: list[_GalleryGroup]
+    note: str = ""
 
     def html(self) -> str:
         parts = [f'<section class="gallery"><h3>{html.escape(self.title)}</h3>']
+        if self.note:
+            parts.append(f"<p>{_inline_html(self.note)}</p>")
         for group in self.groups:
             count = f"{len(group.thumbs)} of {group.total} shown"
             parts.append(
                 f'<div class="gallery-group"><h4>{html.escape(group.label)} '
                 f'<span class="count">({count})</span></h4>'
             )
-            alt = html.escape(group.label)
             imgs = "".join(
-                f'<img src="{_data_uri(png)}" width="{w}" height="{h}" alt="{alt}">'
-                for png, (w, h) in zip(group.thumbs, group.sizes)
+                _thumb_html(png, size, group.label, caption)
+                for png, size, caption in zip(group.thumbs, group.sizes, group.captions)
             )
             if imgs:
                 parts.append(f'<div class="thumbs">{imgs}</div>')
@@ -332,18 +359,32 @@ class _Gallery:
 
     def md(self) -> str:
         parts = [f"### {_md_plain(self.title)}"]
+        if self.note:
+            parts.append(_inline_md(" ".join(self.note.split())))
         for group in self.groups:
             parts.append(
                 f"**{_md_plain(group.label)}** ({len(group.thumbs)} of {group.total} shown)"
             )
             if group.sheet is not None:
                 parts.append(f"![{_md_plain(group.label)}](figures/{group.name}.png)")
+            if any(group.captions):
+                said = "; ".join(c or MISSING for c in group.captions)
+                parts.append(f"*Under the images, in reading order:* {_md_plain(said)}")
             if note := _gallery_note(group):
                 parts.append(f"*{_md_plain(note)}*")
         return "\n\n".join(parts)
 
     def files(self) -> dict[str, bytes]:
         return {f"{g.name}.png": g.sheet for g in self.groups if g.sheet is not None}
+
+
+def _thumb_html(png: bytes, size: tuple[int, int], label: str, caption: str) -> str:
+    w, h = size
+    alt = html.escape(f"{label}: {caption}" if caption else label)
+    img = f'<img src="{_data_uri(png)}" width="{w}" height="{h}" alt="{alt}">'
+    if not caption:
+        return img
+    return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
 def _gallery_note(group: _GalleryGroup) -> str:
@@ -374,6 +415,49 @@ class _Config:
         body = self._json()
         fence = "`" * max(3, _longest_backtick_run(body) + 1)
         return f"### {_md_plain(self.title)}\n\n{fence}json\n{body}\n{fence}"
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def shown_path(path: str | os.PathLike[str] | None) -> str | None:
+    """`path` as a report and its results.json show it: as the user gave it (relative to
+    where the command ran, or absolute if they typed it so), except a file of the installed
+    package, which the user did not type — the shipped generator and classifiers — shown as
+    ``toolkit/...`` rather than as this machine's site-packages or checkout folder."""
+    if path is None:
+        return None
+    given = pathlib.Path(path)
+    package = _package()
+    if given.is_absolute() and package is not None:
+        try:
+            inside = given.resolve().relative_to(package)
+        except ValueError:
+            return str(path)
+        return (pathlib.PurePosixPath(package.name) / inside.as_posix()).as_posix()
+    return str(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _package() -> pathlib.Path | None:
+    """The installed toolkit's folder, found through its public API: the shipped generator
+    is ``<package>/assets/generator`` (an installation without one ships nothing to hide)."""
+    model = toolkit.default_model()
+    return None if model is None else model.resolve().parent.parent
+
+
+def round_robin(rows: pandas.DataFrame, column: str | None) -> pandas.DataFrame:
+    """`rows` reordered so that each value of `column` (in natural order) gives its first
+    row, then each its second, and so on: a gallery's first images cover every class before
+    any class repeats. Within a class the order is kept; no `column` keeps it all."""
+    if column is None or column not in rows.columns or rows.empty:
+        return rows
+    values = rows[column].astype(str)
+    rank = values.groupby(values, sort=False).cumcount()
+    order = sorted(set(values), key=toolkit.natural_key)
+    position = values.map({v: i for i, v in enumerate(order)})
+    keys = pandas.DataFrame({"rank": rank.to_numpy(), "class": position.to_numpy()})
+    return rows.iloc[keys.sort_values(["rank", "class"], kind="stable").index.to_numpy()]
 
 
 # ---------------------------------------------------------------------------- tables
@@ -476,34 +560,41 @@ class Report:
     def gallery(
         self,
         title: str,
-        groups: Mapping[str, Sequence[str | pathlib.Path]],
+        groups: Mapping[str, Sequence[GalleryItem]],
         *,
         max_per_group: int = 16,
+        note: str = "",
     ) -> Report:
-        """Up to `max_per_group` images per group; unreadable files are skipped and noted."""
+        """Up to `max_per_group` images per group, in the order given; an item is a path or
+        a ``(path, caption)`` pair, the caption shown under the image. `note` (inline markup
+        as in `text`) says what the gallery shows. Unreadable files are skipped and noted."""
         built = []
-        for label, paths in groups.items():
-            images, skipped = [], []
-            paths = list(paths)
-            for path in paths:
+        for label, items in groups.items():
+            images, captions, skipped = [], [], []
+            items = list(items)
+            for item in items:
                 if len(images) >= max_per_group:
                     break
+                path, caption = item if isinstance(item, tuple) else (item, "")
                 try:
                     images.append(_load_image(pathlib.Path(path)))
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                     skipped.append(pathlib.Path(path).name)
+                    continue
+                captions.append(str(caption))
             built.append(
                 _GalleryGroup(
                     label=str(label),
                     name=self._unique_name(f"gallery-{_slug(title)}-{_slug(str(label))}"),
-                    total=len(paths),
+                    total=len(items),
                     thumbs=[_encode_png(im) for im in images],
                     sizes=[_fit(im.size, THUMB_DISPLAY) for im in images],
-                    sheet=_contact_sheet(images) if images else None,
+                    captions=captions,
+                    sheet=_contact_sheet(images, captions) if images else None,
                     skipped=skipped,
                 )
             )
-        self._blocks.append(_Gallery(str(title), built))
+        self._blocks.append(_Gallery(str(title), built, str(note)))
         return self
 
     def config(self, data: Mapping[str, Any], *, title: str = "Configuration") -> Report:

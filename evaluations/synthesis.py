@@ -140,6 +140,8 @@ def synthesize(
     """
     import pandas
 
+    from evaluations.report import shown_path
+
     out = pathlib.Path(out)
     if budget is not None and budget < 1:
         raise toolkit.DtkError("--budget must be at least 1")
@@ -180,7 +182,16 @@ def synthesize(
             )
         values = list(space.attribute(attribute).values)
         model_classes = list(space.attribute(by).values) if by else None
-    if data is None:
+    # the filters are checked (made once) before the first file is written: the default
+    # data, or else plan.csv, once the plan has been checked against the words file
+    consistency = {
+        "attributes": [attribute] + ([by] if by and not text else []),
+        "threshold": consistency_threshold, "classifier": classifier,
+        "classifier_options": dict(classifier_options or {}),
+    } if "label_consistency" in filters else None  # fmt: skip
+    default_data = data is None
+    if default_data:
+        _check_consistency(consistency)
         data = out / "real"
         toolkit.write_colored_digits(data, "train", progress=progress)
     data = pathlib.Path(data)
@@ -205,19 +216,20 @@ def synthesize(
     plan = make_plan(metadata, attribute=attribute, values=values, target=shares, by=by,
                      classes=classes, budget=budget)  # fmt: skip
     _check_words(plan, spoken, words)
+    # each round takes the seeds after the previous round's and retries at most what that
+    # round made: a run uses at most planned x rounds seeds
+    toolkit.check_seed(seed, int(plan["generate"].sum()) * max_rounds, what="--seed")
+
+    if not default_data:
+        _check_consistency(consistency)
+    filter_options: dict[str, dict[str, Any]] = {}
+    if consistency is not None:
+        filter_options["label_consistency"] = consistency
+    if "memorization" in filters:
+        filter_options["memorization"] = {"data": data, "threshold": memorization_threshold}
     write_csv(out / "plan.csv", plan)
     if on_plan is not None:
         on_plan(plan)
-
-    filter_options: dict[str, dict[str, Any]] = {}
-    if "label_consistency" in filters:
-        # a text model's classes are checked by its prompts alone: one classifier, `attribute`
-        checked = [attribute] + ([by] if by and not text else [])
-        filter_options["label_consistency"] = {
-            "attributes": checked, "threshold": consistency_threshold, "classifier": classifier,
-            "classifier_options": dict(classifier_options or {})}  # fmt: skip
-    if "memorization" in filters:
-        filter_options["memorization"] = {"data": data, "threshold": memorization_threshold}
 
     given = dict(generation or {})
     defaults = {"steps": DEFAULT_STEPS, **({} if "guidance" in given else DEFAULT_GUIDANCE)}
@@ -271,8 +283,8 @@ def synthesize(
         "command": "synthesize",
         "created": now(),
         "config": {
-            "data": str(data),
-            "model": str(model),
+            "data": shown_path(data),
+            "model": shown_path(model),
             "out": str(out),
             "attribute": attribute,
             "by": by,
@@ -351,6 +363,14 @@ def _condition(row: Any, attribute: str, by: str | None) -> dict[str, str]:
     if by:
         condition = {by: str(row[by]), **condition}
     return condition
+
+
+def _check_consistency(options: dict[str, Any] | None) -> None:
+    """The label_consistency filter can be made with `options`: its classifiers exist and
+    take their options (a text model's classes are checked by its prompts alone, so it
+    checks `attribute` only)."""
+    if options is not None:
+        toolkit.create_plugin("safety_filter", "label_consistency", options)
 
 
 def _rejected(folder: pathlib.Path) -> pandas.DataFrame:

@@ -6,7 +6,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from evaluations.report import Report
+from evaluations.report import Report, round_robin
 
 if TYPE_CHECKING:
     import pandas
@@ -41,7 +41,7 @@ def add_synthesis_section(
     import pandas
 
     config = result["config"]
-    attribute = config["attribute"]
+    attribute, by = config["attribute"], config["by"]
     met = "met" if result["shortfall"] == 0 else f"short by {result['shortfall']} images"
     report.text(
         f"Real data `{config['data']}`, generator `{config['model']}`. Planned "
@@ -61,8 +61,14 @@ def add_synthesis_section(
         )
         report.table(frame, caption="Rejections by filter (a sample may fail both)")
     if len(synthetic):
-        gallery = {
-            str(value): [out / "synthetic" / f for f in rows["file_name"]]
-            for value, rows in synthetic.groupby(attribute, sort=True)
-        }
-        report.gallery(f"Synthetic samples by {attribute}", gallery, max_per_group=16)
+        # the rows come class by class: take the classes in turn, or 16 would show one class
+        gallery = {}
+        for value, rows in synthetic.groupby(attribute, sort=True):
+            rows = round_robin(rows, by)
+            names = rows["file_name"]
+            classes = rows[by] if by else [""] * len(rows)
+            gallery[str(value)] = [
+                (out / "synthetic" / f, f"{by} {c}" if by else "") for f, c in zip(names, classes)
+            ]
+        title = f"Synthetic samples by {attribute}" + (f", each {by} in turn" if by else "")
+        report.gallery(title, gallery, max_per_group=16)

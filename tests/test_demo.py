@@ -1,13 +1,20 @@
-"""`dtk demo` end to end through the installed `dtk` executable, and its report in Chromium."""
+"""`dtk demo` end to end through the installed `dtk` executable, and its report in Chromium;
+the report's parts on the smallest demo `run_demo` can make."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import shutil
 import subprocess
 
 import pandas
+import pytest
 from browser import check_renders
+
+import toolkit
+from evaluations import demo
 
 
 def test_demo_runs_every_stage_and_writes_one_report(tmp_path):
@@ -41,3 +48,83 @@ def test_demo_runs_every_stage_and_writes_one_report(tmp_path):
                     "Downstream fairness"):  # fmt: skip
         assert heading in page
     assert check_renders(out / "report.html", tmp_path) >= 5  # plots and galleries
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """`run_demo` at its smallest, from a folder with a relative --out as a user runs it;
+    downstream runs of 2 optimizer steps, as only the report is checked here."""
+    root = tmp_path_factory.mktemp("small-demo")
+    fast = functools.partial(demo.evaluate_downstream, steps=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr(demo, "evaluate_downstream", fast)
+        result = demo.run_demo("demo", n=10, seeds=2, steps=2, budget=10, progress=False)
+    return root, root / "demo", result
+
+
+def test_each_section_has_one_heading(small):
+    _, out, _ = small
+    report = (out / "report.md").read_text()
+    headings = [line for line in report.splitlines() if line.startswith("## ")]
+    assert headings == ["## Summary", "## 1. Audit of the generator", "## 2. Fair guidance",
+                        "## 3. Synthetic minority data", "## 4. Downstream fairness",
+                        "## Limitations"]  # fmt: skip
+    assert report.count("Downstream fairness") == 1
+    assert "tested on `demo/data/test`; the gap is" in report
+
+
+def test_reports_show_no_path_of_this_machine(small):
+    root, out, result = small
+    package = str(toolkit.default_model().parent.parent)
+    written = [p for p in out.rglob("*") if p.name in ("report.md", "report.html", "results.json")
+               and "samples" not in p.parts and "rounds" not in p.parts]  # fmt: skip
+    assert len(written) == 3 * 5
+    for path in written:
+        text = path.read_text()
+        assert str(root) not in text and package not in text, path
+    assert result["config"]["model"] == "toolkit/assets/generator"
+    downstream = json.loads((out / "downstream" / "results.json").read_text())["config"]
+    assert (downstream["real"], downstream["test"], downstream["synthetic"]) == (
+        "demo/data/train", "demo/data/test", "demo/synthesize/synthetic")  # fmt: skip
+
+
+def test_stage_times_are_rounded(small):
+    _, out, result = small
+    assert all(round(v, 1) == v for v in result["seconds"].values())
+    report = (out / "report.md").read_text()
+    table = report.split("*Time per stage*", 1)[1].split("\n\n", 2)[1].splitlines()
+    assert table[:2] == ["| stage | time |", "| --- | --- |"]
+    stages = [re.fullmatch(r"\| ([a-z ]+) \| (\d+(\.\d)? (s|min|h)) \|", row) for row in table[2:]]
+    assert all(stages), table
+    assert [m.group(1) for m in stages] == [*result["seconds"], "total"]
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(0.64, "0.6 s"), (9.94, "9.9 s"), (12.3456789,
+                         "12 s"), (204, "3.4 min"), (4320, "1.2 h")])  # fmt: skip
+def test_duration_reads_as_a_person_would_say_it(seconds, shown):
+    assert demo.duration(seconds) == shown
+
+
+def test_report_explains_the_correction_and_its_limits(small):
+    _, out, _ = small
+    report = (out / "report.md").read_text()
+    audit = report.split("## 1. Audit of the generator", 1)[1].split("## 2.", 1)[0]
+    assert "| true group | predicted dark | predicted light | predicted unknown |" in audit
+    assert "so `C` is the identity and the corrected shares equal the raw ones" in audit
+    limits = report.split("## Limitations", 1)[1]
+    assert "below 0.7 counts as `unknown`" in limits
+    assert "labeled images of `demo/data/test`" in limits
+    assert "**This run's size.** The audits classify 10 samples each" in limits
+
+
+def test_synthetic_gallery_takes_the_digits_in_turn(small):
+    _, out, _ = small
+    report = (out / "report.md").read_text()
+    section = report.split("### Synthetic samples by group", 1)[1]
+    line = next(x for x in section.splitlines() if x.startswith("*Under the images"))
+    digits = [c.removeprefix("digit ") for c in line.split(":* ", 1)[1].split("; ")]
+    present = set(pandas.read_csv(out / "synthesize" / "synthetic" / "metadata.csv",
+                                  dtype=str)["digit"])  # fmt: skip
+    assert len(present) > 1
+    assert digits[: len(present)] == sorted(present, key=toolkit.natural_key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 
 import numpy as np
 import pandas as pd
@@ -351,3 +352,24 @@ def test_the_default_methods_without_synthetic_data_say_what_was_not_run(folders
     assert {row["method"] for row in saved["summary"]} == {"real", "oversample", "jitter"}
     assert set(saved["skipped"]) == {"synthetic", "pretrain_finetune"}
     assert "Not run: `synthetic`: no synthetic data given" in (out / "report.md").read_text()
+
+
+def test_results_and_report_name_the_folders_as_given(folders, tmp_path, monkeypatch):
+    # a relative pathlib.Path has root "" (an absolute one "/"): the folder is the path itself
+    from evaluations.downstream_job import evaluate_downstream
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("train", "test", "synthetic"):
+        (tmp_path / name).symlink_to(folders[name], target_is_directory=True)
+    test = toolkit.load_image_folder(pathlib.Path("test"), ["digit", "group"])
+    data = evaluate_downstream(pathlib.Path("out"), pathlib.Path("train"), test, "synthetic",
+                               models=("logreg",), methods=("real", "synthetic"), seeds=1,
+                               steps=2, progress=False)  # fmt: skip
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    for config in (data["config"], saved["config"]):
+        assert (config["real"], config["test"], config["synthetic"]) == ("train", "test",
+                                                                         "synthetic")  # fmt: skip
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "tested on `test`; the gap is" in report
+    # the report's title says "Downstream fairness"; no section repeats it
+    assert report.count("Downstream fairness") == 1

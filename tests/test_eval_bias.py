@@ -201,3 +201,119 @@ def test_malformed_key_values_are_one_line(tmp_path, args, message):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "audit").exists()
+
+
+def subset(source, folder, per_group, groups=("dark", "light"), relabel=0):
+    """A dataset folder of `per_group` images of each group of `source`, digits mixed; the
+    first `relabel` light images are labeled dark, as a calibration folder with errors."""
+    metadata = toolkit.read_metadata(source)
+    parts = [metadata[metadata["group"] == g].iloc[::7].head(per_group) for g in groups]
+    chosen = pandas.concat(parts, ignore_index=True)
+    light = chosen.index[chosen["group"] == "light"][:relabel]
+    chosen.loc[light, "group"] = "dark"
+    return copy_subset(source, chosen, folder)
+
+
+def test_calibration_without_errors_explains_why_correction_changes_nothing(data, tmp_path):
+    images = subset(data["test"], tmp_path / "images", 20)
+    result = audit_bias(tmp_path / "audit", images=images, calibration=data["test"],
+                        n_boot=100, progress=False)  # fmt: skip
+    group = result["attributes"]["group"]
+    checked = group["calibration"]
+    assert checked["images"] == 860
+    counts = checked["counts"]
+    assert sum(sum(row.values()) for row in counts.values()) == 860
+    assert counts["dark"]["light"] == counts["light"]["dark"] == 0  # the shipped one is exact
+    assert checked["errors"] == 0 and checked["accuracy"] == 1.0 and checked["identity"]
+    assert checked["unknown"] == counts["dark"]["unknown"] + counts["light"]["unknown"]
+    assert checked["confusion"] == {"dark": {"dark": 1.0, "light": 0.0},
+                                    "light": {"dark": 0.0, "light": 1.0}}  # fmt: skip
+    for label in ("dark", "light"):
+        assert group["corrected"]["groups"][label]["share"] == group["groups"][label]["share"]
+    assert json.loads((tmp_path / "audit" / "results.json").read_text())["attributes"][
+        "group"]["calibration"] == json.loads(json.dumps(checked))  # fmt: skip
+    report = (tmp_path / "audit" / "report.md").read_text()
+    assert "| true group | predicted dark | predicted light | predicted unknown |" in report
+    assert f"| dark | {counts['dark']['dark']} | 0 | {counts['dark']['unknown']} |" in report
+    assert "labels 100.0% of the other" in report
+    assert "so `C` is the identity and the corrected shares equal the raw ones" in report
+
+
+def test_calibration_errors_move_the_corrected_shares(data, tmp_path):
+    images = subset(data["test"], tmp_path / "images", 20)
+    calibration = subset(data["test"], tmp_path / "calibration", 40, relabel=10)
+    result = audit_bias(tmp_path / "audit", images=images, calibration=calibration,
+                        n_boot=100, progress=False)  # fmt: skip
+    group = result["attributes"]["group"]
+    checked = group["calibration"]
+    counts = checked["counts"]
+    # the ten relabeled light images are "true dark" images the classifier calls light
+    assert counts["dark"]["light"] >= 9 and counts["light"]["dark"] == 0
+    known = checked["images"] - checked["unknown"]
+    assert checked["errors"] == counts["dark"]["light"] and not checked["identity"]
+    assert checked["accuracy"] == pytest.approx(1 - checked["errors"] / known)
+    # the correction reads the same confusion the report shows: C[pred, true]
+    labels = ["dark", "light"]
+    confusion = [[checked["confusion"][t][p] for t in labels] for p in labels]
+    raw = [group["groups"][label]["count"] for label in labels]
+    expected = metrics.corrected_shares(raw, confusion)
+    corrected = [group["corrected"]["groups"][label]["share"] for label in labels]
+    assert corrected == pytest.approx(list(expected))
+    assert corrected[0] > group["groups"]["dark"]["share"] + 0.05
+    report = (tmp_path / "audit" / "report.md").read_text()
+    assert "Its errors there move the shares: `dark`" in report
+    assert "is the identity" not in report
+
+
+def test_gallery_captions_show_each_images_label_and_probability(data, tmp_path):
+    images = subset(data["test"], tmp_path / "images", 6)
+    # a threshold few images reach: the unknown group shows which label each one leaned to
+    audit_bias(tmp_path / "audit", images=images, min_confidence=0.999, n_boot=100,
+               progress=False)  # fmt: skip
+    predictions = pandas.read_csv(tmp_path / "audit" / "predictions.csv")
+    assert predictions["group_top"].tolist() == ["dark"] * 6 + ["light"] * 6
+    report = (tmp_path / "audit" / "report.md").read_text()
+    page = (tmp_path / "audit" / "report.html").read_text()
+    lines = [line for line in report.splitlines() if line.startswith("*Under the images")]
+    shown = sorted(c for line in lines for c in line.split(":* ", 1)[1].split("; "))
+    tops, confidences = predictions["group_top"], predictions["group_confidence"]
+    expected = sorted(f"{t} ({c:.2f})" for t, c in zip(tops, confidences))
+    assert shown == expected
+    assert "unknown" in set(predictions["group_predicted"])
+    for caption in expected:
+        assert f"<figcaption>{caption}</figcaption>" in page
+    assert "most probable label" in report
+
+
+def test_the_report_says_what_the_classifier_cannot_judge(data, tmp_path):
+    images = subset(data["test"], tmp_path / "images", 5)
+    audit_bias(tmp_path / "shipped", images=images, n_boot=100, progress=False)
+    report = (tmp_path / "shipped" / "report.md").read_text()
+    limits = report.split("## Limitations", 1)[1].split("### Configuration", 1)[0]
+    assert "shipped `cnn` classifiers learned from the shipped colored-digits images" in limits
+    assert "by stroke width and paper grain" in limits
+    assert "(`group`: `dark`, `light`)" in limits
+    assert "below 0.7 counts as `unknown`" in limits
+    assert "No `--calibration` folder was given" in limits
+    # a classifier of the user's: nothing is claimed about how it was trained
+    folder = toolkit.default_model().parent / "classifiers" / "group"
+    audit_bias(tmp_path / "own", images=images, classifier_options={"path": str(folder)},
+               min_confidence=0.5, calibration=images, n_boot=100, progress=False)  # fmt: skip
+    limits = (tmp_path / "own" / "report.md").read_text().split("## Limitations", 1)[1]
+    assert "shipped" not in limits.split("### Configuration", 1)[0]
+    assert "below 0.5 counts as `unknown`" in limits
+    assert "on the labeled images of" in limits
+
+
+def test_a_generated_audit_shows_no_path_of_this_machine(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = dtk("eval", "bias", "-n", 10, "--steps", 2, "--bootstrap", 100, "--out", "audit",
+                 "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "audit" / "results.json").read_text())
+    assert saved["config"]["model"] == "toolkit/assets/generator"  # the shipped generator
+    assert saved["config"]["out"] == "audit"
+    package = str(toolkit.default_model().parent.parent)
+    for name in ("results.json", "report.md", "report.html"):
+        text = (tmp_path / "audit" / name).read_text()
+        assert package not in text and str(tmp_path) not in text, name
