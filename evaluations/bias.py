@@ -166,8 +166,10 @@ def audit_bias(
             summary["calibration"] = {"folder": shown_path(calibration), **checked}
         summary["classifier"] = provenance("attribute_classifier", classifier)
         results[attribute] = summary
-        write_csv(out / f"counts_{attribute}.csv", counts.rename_axis(attribute), index=True)
-        write_csv(out / f"shares_{attribute}.csv", shares_frame(summary))
+        # the attribute names a file: made a safe name, so no --attribute can lead out of OUT
+        stem = toolkit.safe_name(attribute)
+        write_csv(out / f"counts_{stem}.csv", counts.rename_axis(attribute), index=True)
+        write_csv(out / f"shares_{stem}.csv", shares_frame(summary))
 
     result = {
         "command": "eval bias",
