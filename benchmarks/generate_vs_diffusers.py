@@ -21,7 +21,7 @@ import time
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from toolkit.generation import generate
+from toolkit.generation.generate import generate
 
 
 def build_model(root: pathlib.Path, size: int) -> pathlib.Path:

@@ -22,9 +22,10 @@ import torch
 from tables import markdown  # benchmarks/tables.py, beside this script
 
 import toolkit
-from toolkit.denoiser import UNetDenoiser
-from toolkit.generation import default_model, sample_images
-from toolkit.model import load_model
+from toolkit import SampleRequest
+from toolkit.generation.generate import default_model
+from toolkit.models import load_model
+from toolkit.sampling.engine import sample_images
 
 TWO_CALLS = {"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"}
 SAMPLERS = ["ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral",
@@ -50,14 +51,13 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(default_model())
-    denoiser = UNetDenoiser(model)
     digit_clf = toolkit.attribute_classifier("cnn", attribute="digit")
     group_clf = toolkit.attribute_classifier("cnn", attribute="group")
     digits = model.labels.attribute("digit").values
     groups = model.labels.attribute("group").values
     requests = [{"digit": d, "group": g} for d in digits for g in groups] * args.per_cell
-    labels = torch.tensor([model.labels.label(r) for r in requests])
-    seeds = [args.seed + i for i in range(len(requests))]
+    batch = [SampleRequest(index=i, seed=args.seed + i, conditions=r)
+             for i, r in enumerate(requests)]  # fmt: skip
     want_digit = torch.tensor([digit_clf.labels.index(r["digit"]) for r in requests])
     want_group = torch.tensor([group_clf.labels.index(r["group"]) for r in requests])
 
@@ -70,8 +70,7 @@ def main() -> None:
             toolkit.guidance("none") if scale is None else toolkit.guidance("cfg", scale=scale)
         )
         start = time.perf_counter()
-        images = sample_images(denoiser, toolkit.sampler(name), guidance, sigmas, seeds=seeds,
-                               labels=labels, null_label=model.labels.null_label)  # fmt: skip
+        images = sample_images(model, toolkit.sampler(name), guidance, sigmas, batch)
         seconds = time.perf_counter() - start
         digit_ok = digit_clf.predict_proba(images).argmax(1) == want_digit
         group_ok = group_clf.predict_proba(images).argmax(1) == want_group

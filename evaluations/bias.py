@@ -169,7 +169,7 @@ def audit_bias(
         # the attribute names a file: made a safe name, so no --attribute can lead out of OUT
         stem = toolkit.safe_name(attribute)
         write_csv(out / f"counts_{stem}.csv", counts.rename_axis(attribute), index=True)
-        write_csv(out / f"shares_{stem}.csv", shares_frame(summary))
+        write_csv(out / f"shares_{stem}.csv", metrics.shares_frame(summary))
 
     result = {
         "command": "eval bias",
@@ -300,23 +300,6 @@ def _calibration(
     return confusion, checked
 
 
-def shares_frame(summary: Mapping[str, Any]) -> pandas.DataFrame:
-    """One row per label: count, share, its 95% interval, the target (and corrected share)."""
-    import pandas
-
-    corrected = (summary.get("corrected") or {}).get("groups", {})
-    reference = summary.get("reference") or {}
-    rows = []
-    for label, group in summary["groups"].items():
-        row = {"label": label, **group}
-        if reference:
-            row["reference_share"] = reference.get(label)
-        if corrected:
-            row["corrected_share"] = corrected.get(label, {}).get("share")
-        rows.append(row)
-    return pandas.DataFrame(rows)
-
-
 def _plugins_used(classifier: str, folder: pathlib.Path) -> list[dict[str, str]]:
     """The classifier, then the plugins that made the images, as the folder's run.json (one
     `toolkit.generate` wrote) records them; a folder from elsewhere has none."""
@@ -342,7 +325,7 @@ def _guidance_draws(
         "guidance", generation["guidance"], generation.get("guidance_options"),
         from_strings=bool(generation.get("options_from_strings")),
     )  # fmt: skip
-    assign = getattr(guidance, "assign", None)
+    assign = toolkit.optional_member("guidance", guidance, "assign")
     if assign is None:
         return False
     # the attributes as `toolkit.generate` hands them over (none for a text-to-image model)

@@ -7,6 +7,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from evaluations import metrics
 from evaluations.plots import shares_plot
 from evaluations.report import Report, round_robin
 
@@ -39,7 +40,6 @@ def add_attribute_section(
     report: Report, attribute: str, summary: Mapping[str, Any], *, level: int = 2
 ) -> None:
     """Shares plot, shares table and metrics table of one audited attribute."""
-    from evaluations.bias import shares_frame
 
     target = {label: group["target"] for label, group in summary["groups"].items()}
     corrected = (summary.get("corrected") or {}).get("groups")
@@ -60,7 +60,7 @@ def add_attribute_section(
         caption=f"Share of each {attribute} value with its 95% interval; the target marked.",
         name=f"shares_{attribute}",
     )
-    report.table(shares_frame(summary), caption=f"{attribute}: counts and shares")
+    report.table(metrics.shares_frame(summary), caption=f"{attribute}: counts and shares")
     report.table(metrics_frame(summary), caption="Distance from the target")
     if summary.get("by"):
         import pandas

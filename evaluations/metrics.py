@@ -431,3 +431,18 @@ def summarize(
             },
         }
     return summary
+
+
+def shares_frame(summary: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per label: count, share, its 95% interval, the target (and corrected share)."""
+    corrected = (summary.get("corrected") or {}).get("groups", {})
+    reference = summary.get("reference") or {}
+    rows = []
+    for label, group in summary["groups"].items():
+        row = {"label": label, **group}
+        if reference:
+            row["reference_share"] = reference.get(label)
+        if corrected:
+            row["corrected_share"] = corrected.get(label, {}).get("share")
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -11,14 +11,14 @@ import pathlib
 from typing import TYPE_CHECKING
 
 import toolkit
-from toolkit.errors import OptionError
+from toolkit import OptionError
 
 if TYPE_CHECKING:
     import torch
 
 
 class CNN:
-    """A small CNN attribute classifier (`toolkit.classifier`).
+    """A small CNN attribute classifier (`toolkit.recipes.classifier`).
 
     `path`: a folder written by ``dtk train-classifier``; default: the shipped classifier
     for `attribute`. `attribute`: what to predict; default ``digit`` (with `path`, the
@@ -28,8 +28,7 @@ class CNN:
     name = "cnn"
 
     def __init__(self, path: pathlib.Path | None = None, attribute: str | None = None) -> None:
-        from toolkit.assets import classifier_path
-        from toolkit.classifier import load_classifier
+        from toolkit import classifier_path, load_classifier
 
         folder = classifier_path(attribute or "digit") if path is None else pathlib.Path(path)
         self._classifier = load_classifier(folder)
@@ -47,5 +46,5 @@ class CNN:
 
 
 @toolkit.hookimpl
-def register_attribute_classifiers(register: toolkit.hookspecs.Register) -> None:
+def register_attribute_classifiers(register: toolkit.Register) -> None:
     register(CNN)

@@ -16,8 +16,7 @@ import pathlib
 from typing import TYPE_CHECKING, Any
 
 import toolkit
-from toolkit.errors import DtkError, OptionError
-from toolkit.loading import quiet_transformers
+from toolkit import DtkError, OptionError, quiet_transformers
 
 if TYPE_CHECKING:
     import torch
@@ -303,5 +302,5 @@ def _one_line(exc: BaseException) -> str:
 
 
 @toolkit.hookimpl
-def register_attribute_classifiers(register: toolkit.hookspecs.Register) -> None:
+def register_attribute_classifiers(register: toolkit.Register) -> None:
     register(CLIPClassifier)

@@ -25,10 +25,15 @@ from typing import TYPE_CHECKING
 import toolkit
 from plugins.guidance import CFG
 from plugins.momentum import WarmedMomentum
-from toolkit._lazy import lazy_import
-from toolkit.errors import DtkError, OptionError
-from toolkit.targets import quantile_draw, seeded_uniform, target_distribution
-from toolkit.words import value_words
+from toolkit import (
+    DtkError,
+    OptionError,
+    lazy_import,
+    quantile_draw,
+    seeded_uniform,
+    target_distribution,
+    value_words,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +51,8 @@ class FairGuidance(CFG):
     generation is guided towards it (classifier-free guidance at `scale`).
 
     `target` is ``uniform`` or shares such as ``light=0.5,dark=0.5``. The draw is fixed by the
-    sample's seed alone (`toolkit.targets.seeded_uniform`: low-discrepancy over consecutive
-    seeds), so a run's shares match the target closely and do not depend on batching or
+    sample's seed alone (`toolkit.conditions.targets.seeded_uniform`: low-discrepancy over
+    consecutive seeds), so a run's shares match the target closely and do not depend on batching or
     sharding; the drawn value is written to the sample's metadata like any condition.
 
     Label-conditioned models: the drawn value completes the condition (`scale` default 2).
@@ -206,5 +211,5 @@ def _edit_prompt(template: str, text: str) -> str:
 
 
 @toolkit.hookimpl
-def register_guidance(register: toolkit.hookspecs.Register) -> None:
+def register_guidance(register: toolkit.Register) -> None:
     register(FairGuidance)

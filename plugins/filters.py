@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import toolkit
-from toolkit.errors import OptionError
-from toolkit.safety import SampleRequest, Verdict
+from toolkit import OptionError, SampleRequest, Verdict
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +76,6 @@ class Blocklist:
 
 
 @toolkit.hookimpl
-def register_safety_filters(register: toolkit.hookspecs.Register) -> None:
+def register_safety_filters(register: toolkit.Register) -> None:
     register(NonFinite)
     register(Blocklist)

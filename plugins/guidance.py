@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import toolkit
-from toolkit.errors import OptionError
+from toolkit import OptionError
 
 if TYPE_CHECKING:
     import torch
@@ -90,6 +90,6 @@ class IntervalCFG(CFG):
 
 
 @toolkit.hookimpl
-def register_guidance(register: toolkit.hookspecs.Register) -> None:
+def register_guidance(register: toolkit.Register) -> None:
     for guidance in (NoGuidance, CFG, CFGRescale, IntervalCFG):
         register(guidance)

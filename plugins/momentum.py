@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from toolkit._lazy import lazy_import
+from toolkit import lazy_import
 
 if TYPE_CHECKING:
     import torch

@@ -13,14 +13,13 @@ import math
 from typing import TYPE_CHECKING, Literal
 
 import toolkit
-from toolkit._lazy import lazy_import
-from toolkit.errors import DtkError
+from toolkit import DtkError, lazy_import
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from toolkit.noise import NoiseLevels
+    from toolkit import NoiseLevels
 else:
     np = lazy_import("numpy")
     torch = lazy_import("torch")
@@ -245,6 +244,6 @@ SCHEDULES = (Leading, Trailing, Linspace, Karras, Exponential, Polyexponential, 
 
 
 @toolkit.hookimpl
-def register_schedules(register: toolkit.hookspecs.Register) -> None:
+def register_schedules(register: toolkit.Register) -> None:
     for schedule in SCHEDULES:
         register(schedule)

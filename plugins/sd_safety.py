@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import toolkit
-from toolkit.errors import OptionError
-from toolkit.loading import quiet_transformers
-from toolkit.safety import SampleRequest, Verdict
+from toolkit import OptionError, SampleRequest, Verdict, quiet_transformers
 
 if TYPE_CHECKING:
     import torch
@@ -137,11 +135,11 @@ def _component_dirs(model: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
 
 
 def _to_pil(images: torch.Tensor) -> list:
-    """The pixels the writer saves (``toolkit.images.to_pixels``' rounding), as PIL images,
+    """The pixels the writer saves (``toolkit.data.images.to_pixels``' rounding), as PIL images,
     which is what diffusers' pipeline hands the feature extractor."""
     from PIL import Image
 
-    from toolkit.images import to_pixels
+    from toolkit import to_pixels
 
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images [B, 1 or 3, H, W], got shape {tuple(images.shape)}")
@@ -152,5 +150,5 @@ def _to_pil(images: torch.Tensor) -> list:
 
 
 @toolkit.hookimpl
-def register_safety_filters(register: toolkit.hookspecs.Register) -> None:
+def register_safety_filters(register: toolkit.Register) -> None:
     register(SDSafetyChecker)

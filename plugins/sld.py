@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import toolkit
 from plugins.guidance import CFG
 from plugins.momentum import WarmedMomentum
-from toolkit._lazy import lazy_import
-from toolkit.errors import OptionError
+from toolkit import OptionError, lazy_import
 
 if TYPE_CHECKING:
     import torch
@@ -147,5 +146,5 @@ class SafeLatentDiffusion(CFG):
 
 
 @toolkit.hookimpl
-def register_guidance(register: toolkit.hookspecs.Register) -> None:
+def register_guidance(register: toolkit.Register) -> None:
     register(SafeLatentDiffusion)

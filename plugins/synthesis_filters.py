@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import toolkit
-from toolkit.errors import OptionError
-from toolkit.safety import SampleRequest, Verdict
+from toolkit import OptionError, SampleRequest, Verdict
 
 if TYPE_CHECKING:
     import torch
@@ -140,6 +139,6 @@ class Memorization:
 
 
 @toolkit.hookimpl
-def register_safety_filters(register: toolkit.hookspecs.Register) -> None:
+def register_safety_filters(register: toolkit.Register) -> None:
     register(LabelConsistency)
     register(Memorization)

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-import toolkit.registry
+import toolkit.registry.manager
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def make_dist(tmp_path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(toolkit.registry, "_default", None)
+    monkeypatch.setattr(toolkit.registry.manager, "_default", None)
     modules: list[str] = []
 
     def make(name: str, version: str = "1.0", **sources: str) -> None:
@@ -34,9 +34,9 @@ def make_dist(tmp_path, monkeypatch):
         entry_points = "".join(f"{module} = {module}\n" for module in sources)
         (info / "entry_points.txt").write_text("[dtk]\n" + entry_points)
         importlib.invalidate_caches()
-        toolkit.registry.reset_registry()
+        toolkit.registry.manager.reset_registry()
 
     yield make
     for module in modules:
         sys.modules.pop(module, None)
-    toolkit.registry.reset_registry()
+    toolkit.registry.manager.reset_registry()

@@ -189,3 +189,14 @@ def gaussian_ode_solution(
     """The probability-flow ODE's exact solution for data ~ N(mu, s^2 I): ``x - mu`` scales
     with ``sqrt(s^2 + sigma^2)``."""
     return mu + (x - mu) * math.sqrt((s**2 + sigma_to**2) / (s**2 + sigma_from**2))
+
+
+def sample_requests(seeds: Any, conditions: list[dict[str, str]] | None = None) -> list[Any]:
+    """One `SampleRequest` per seed (sample k conditioned on ``conditions[k]``, if given),
+    for `toolkit.sampling.engine.sample_images`."""
+    from toolkit import SampleRequest
+
+    seeds = list(seeds)
+    conditions = conditions or [{} for _ in seeds]
+    return [SampleRequest(index=k, seed=s, conditions=c)
+            for k, (s, c) in enumerate(zip(seeds, conditions))]  # fmt: skip

@@ -14,9 +14,9 @@ import torch
 from invoke import dtk
 
 import toolkit
-from toolkit import colored_digits as cd
 from toolkit.assets import classifier_path
-from toolkit.dataset_folder import load_image_folder
+from toolkit.data.dataset_folder import load_image_folder
+from toolkit.recipes import colored_digits as cd
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def read_no_images(*args, **kwargs):
 )
 def test_train_classifier_hostile_input(tiny, tmp_path, monkeypatch, args, message):
     """Refused in one line before any image is read or anything written."""
-    monkeypatch.setattr("toolkit.dataset_folder.read_images", read_no_images)
+    monkeypatch.setattr("toolkit.data.dataset_folder.read_images", read_no_images)
     (tmp_path / "FILE").write_text("mine")
     args = [tmp_path / a if a == "FILE" else a for a in args]
     result = dtk("train-classifier", tiny, "--attribute", "digit", "--out", tmp_path / "clf",
@@ -250,7 +250,7 @@ def test_train_classifier_checks_the_eval_folder_before_reading_images(tiny, tmp
     metadata = pandas.read_csv(other / "metadata.csv")
     metadata.loc[0, "digit"] = 7
     metadata.to_csv(other / "metadata.csv", index=False)
-    monkeypatch.setattr("toolkit.dataset_folder.read_images", read_no_images)
+    monkeypatch.setattr("toolkit.data.dataset_folder.read_images", read_no_images)
     result = dtk("train-classifier", tiny, "--attribute", "digit", "--out", tmp_path / "clf",
                  "--eval", other, "-q")  # fmt: skip
     assert result.exit_code == 2 and "'7'" in result.stderr, result.output
@@ -268,9 +268,9 @@ def test_train_classifier_checks_the_eval_folder_before_reading_images(tiny, tmp
 )
 def test_train_classifier_python_callers_get_the_same_checks(tiny, tmp_path, monkeypatch,
                                                              options, message):  # fmt: skip
-    from toolkit.classifier import train_classifier
+    from toolkit.recipes.classifier import train_classifier
 
-    monkeypatch.setattr("toolkit.dataset_folder.read_images", read_no_images)
+    monkeypatch.setattr("toolkit.data.dataset_folder.read_images", read_no_images)
     with pytest.raises(toolkit.DtkError) as caught:
         train_classifier(tiny, "digit", tmp_path / "clf", progress=False, **options)
     assert message in str(caught.value)
@@ -280,8 +280,9 @@ def test_train_classifier_python_callers_get_the_same_checks(tiny, tmp_path, mon
 def test_the_new_commands_and_plugin_do_not_import_torch():
     code = (
         "import sys\n"
-        "import plugins.classifiers, toolkit.assets, toolkit.classifier, toolkit.cli\n"
-        "import toolkit.colored_digits\n"
+        "import plugins.classifiers, toolkit.assets, toolkit.recipes.classifier\n"
+        "import toolkit.cli.group\n"
+        "import toolkit.recipes.colored_digits\n"
         "toolkit.assets.classifier_path('digit')\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

@@ -14,7 +14,7 @@ from tiny_clip import reference_proba, reference_text, save_clip
 
 import toolkit
 from toolkit.cli import cli
-from toolkit.registry import get_registry
+from toolkit.registry.manager import get_registry
 
 LABELS = ["light", "dark"]
 

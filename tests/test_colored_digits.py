@@ -13,10 +13,10 @@ import pandas
 import pytest
 from invoke import dtk
 
-from toolkit import colored_digits as cd
-from toolkit.dataset_folder import load_image_folder
+from toolkit.data.dataset_folder import load_image_folder
+from toolkit.data.output import png_bytes
 from toolkit.errors import DtkError
-from toolkit.output import png_bytes
+from toolkit.recipes import colored_digits as cd
 
 N_SHAPES = 1797
 N_TEST_SHAPES = 10 * cd.TEST_PER_DIGIT

@@ -22,15 +22,16 @@ from sampling_helpers import (
     gaussian_denoiser,
     rel_err,
     run_diffusers,
+    sample_requests,
     tiny_unet,
 )
 
 import toolkit
 from plugins.samplers.ddim import X0Clipping, config_value
-from toolkit.denoiser import UNetDenoiser
 from toolkit.errors import OptionError
-from toolkit.generation import default_model, sample_images
-from toolkit.model import load_model
+from toolkit.generation.generate import default_model
+from toolkit.models import load_model
+from toolkit.sampling.engine import sample_images
 
 TOL = 1e-4
 SEEDS = [10, 11, 12, 13]
@@ -68,10 +69,11 @@ def shipped() -> Any:
 
 
 def ours(shipped: Any, sampler: Any, steps: int) -> torch.Tensor:
-    model, labels = shipped
+    model, _ = shipped
     sigmas = toolkit.schedule("leading")(steps, model.noise_levels)
-    images = sample_images(UNetDenoiser(model), sampler, toolkit.guidance("none"), sigmas,
-                           seeds=SEEDS, labels=labels)  # fmt: skip
+    conditions = [{"digit": d, "group": g} for d, g in REQUESTS]
+    images = sample_images(model, sampler, toolkit.guidance("none"), sigmas,
+                           sample_requests(SEEDS, conditions))  # fmt: skip
     return images.permute(0, 2, 3, 1) * 255
 
 

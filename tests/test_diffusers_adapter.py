@@ -17,15 +17,15 @@ import diffusers
 import pytest
 import torch
 from click.testing import CliRunner
+from sampling_helpers import sample_requests
 from tiny_models import save_pipeline
 
 import toolkit
 from plugins.samplers.diffusers_adapter import REFUSED, SUPPORTED, DiffusersScheduler
 from toolkit.cli import cli
-from toolkit.denoiser import UNetDenoiser
 from toolkit.errors import DtkError, OptionError
-from toolkit.generation import sample_images
-from toolkit.model import load_model
+from toolkit.models import Model, load_model
+from toolkit.sampling.engine import sample_images
 
 # diffusers' KDPM2 schedulers call numpy on torch tensors (numpy 2 deprecation, not ours)
 pytestmark = [
@@ -72,22 +72,22 @@ def folders(tmp_path_factory: Any) -> dict[str, pathlib.Path]:
 
 
 @pytest.fixture(scope="module")
-def denoisers(folders: dict[str, pathlib.Path]) -> dict[str, UNetDenoiser]:
-    return {name: UNetDenoiser(load_model(path)) for name, path in folders.items()}
+def denoisers(folders: dict[str, pathlib.Path]) -> dict[str, Model]:
+    return {name: load_model(path) for name, path in folders.items()}
 
 
-def sample(denoiser: UNetDenoiser, sampler: Any, seeds: list[int], steps: int = STEPS) -> Any:
-    sigmas = toolkit.schedule("leading")(steps, denoiser.noise_levels)  # unused by the adapter
-    return sample_images(denoiser, sampler, toolkit.guidance("none"), sigmas, seeds=seeds)
+def sample(model: Model, sampler: Any, seeds: list[int], steps: int = STEPS) -> Any:
+    sigmas = toolkit.schedule("leading")(steps, model.noise_levels)  # unused by the adapter
+    return sample_images(model, sampler, toolkit.guidance("none"), sigmas, sample_requests(seeds))
 
 
-def diffusers_loop(denoiser: UNetDenoiser, seeds: list[int], steps: int = STEPS) -> Any:
+def diffusers_loop(denoiser: Model, seeds: list[int], steps: int = STEPS) -> Any:
     """The scheduler the folder's config names, in diffusers' standard loop, from our
     per-sample starting noise (deterministic schedulers only)."""
-    config = denoiser.model.scheduler_config
+    config = denoiser.scheduler_config
     scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     scheduler.set_timesteps(steps)
-    shape = denoiser.model.sample_shape
+    shape = denoiser.sample_shape
     noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
     x = torch.stack(noise) * scheduler.init_noise_sigma
     with torch.no_grad():
@@ -103,7 +103,7 @@ def diffusers_loop(denoiser: UNetDenoiser, seeds: list[int], steps: int = STEPS)
 @pytest.mark.parametrize("folder", ["pndm", "euler"])
 def test_without_scheduler_the_folders_own_scheduler_runs(denoisers, folder):
     denoiser = denoisers[folder]
-    name = denoiser.model.scheduler_config["_class_name"]
+    name = denoiser.scheduler_config["_class_name"]
     own = sample(denoiser, DiffusersScheduler(), SEEDS)
     named = sample(denoiser, DiffusersScheduler(scheduler=name), SEEDS)
     assert torch.equal(own, named)
@@ -257,7 +257,7 @@ def test_unipc_bh1_ends_finite_and_equals_our_unipc(denoisers, order):
     assert bool(theirs.isfinite().all())
     ours = toolkit.sampler("unipc", variant="bh1", order=order)
     sigmas = toolkit.schedule("linspace", variant="dpmsolver")(STEPS, denoiser.noise_levels)
-    native = sample_images(denoiser, ours, toolkit.guidance("none"), sigmas, seeds=SEEDS)
+    native = sample_images(denoiser, ours, toolkit.guidance("none"), sigmas, sample_requests(SEEDS))
     # measured 4e-6: both evaluate the UNet at the same integer timesteps
     assert (theirs - native).abs().max() <= 1e-4
 

@@ -20,10 +20,10 @@ import pytest
 from invoke import dtk_executable
 
 import toolkit
-import toolkit.registry
-from toolkit import hookspecs
-from toolkit.options import parse_key_values
-from toolkit.registry import KINDS, get_registry
+import toolkit.registry.manager
+from toolkit.registry import hookspecs
+from toolkit.registry.manager import KINDS, get_registry
+from toolkit.registry.options import parse_key_values
 
 try:
     import tomllib
@@ -168,7 +168,7 @@ def installed(tutorial, monkeypatch):
     monkeypatch.syspath_prepend(str(tutorial.site))
     monkeypatch.delenv("DTK_LOAD_PLUGINS", raising=False)
     monkeypatch.delenv("DTK_STRICT_PLUGINS", raising=False)
-    monkeypatch.setattr(toolkit.registry, "_default", None)
+    monkeypatch.setattr(toolkit.registry.manager, "_default", None)
     modules = set(tutorial.entry_points.values())
     yield tutorial
     for name in modules & set(sys.modules):
@@ -270,9 +270,9 @@ def test_tutorial_command_line_options_are_valid(markdown, installed):
 
 def test_tutorial_plugin_is_lazy(tutorial):
     code = (
-        "import sys, toolkit.cli\n"
+        "import sys, toolkit.cli.group\n"
         "sys.argv = ['dtk', 'plugins']\n"
-        "try:\n    toolkit.cli.main()\nexcept SystemExit:\n    pass\n"
+        "try:\n    toolkit.cli.group.main()\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     done = tutorial.run(sys.executable, "-c", code)

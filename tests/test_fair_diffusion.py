@@ -20,7 +20,7 @@ from tiny_sd import pipeline_parts, save_sd_pipeline, spy_forwards
 from plugins.fair import FairGuidance
 from toolkit.cli import cli
 from toolkit.errors import DtkError, OptionError
-from toolkit.generation import generate
+from toolkit.generation.generate import generate
 
 CAT = "a photo of a cat"
 VALUES = ["red", "blue"]

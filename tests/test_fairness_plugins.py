@@ -11,8 +11,8 @@ from folders import pixels
 from tiny_models import save_pipeline
 
 import toolkit
-from toolkit.safety import SampleRequest
-from toolkit.targets import quantile_draw, seeded_uniform
+from toolkit.conditions.targets import quantile_draw, seeded_uniform
+from toolkit.sampling.safety import SampleRequest
 
 
 @pytest.fixture(scope="module")

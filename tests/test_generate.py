@@ -16,7 +16,7 @@ from tiny_models import save_bare_unet, save_pipeline
 
 import toolkit
 from toolkit.cli import cli
-from toolkit.generation import generate
+from toolkit.generation.generate import generate
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +155,16 @@ def test_a_different_run_in_the_same_folder_is_refused(models, tmp_path):
 
 
 def test_cfg_is_one_batched_forward_per_step(models, tmp_path, monkeypatch):
-    from toolkit import denoiser as denoiser_module
+    from toolkit.models.label_unet import LabelUNet
 
     batches = []
-    original = denoiser_module.UNetDenoiser.__call__
+    original = LabelUNet.denoise
 
     def spy(self, x, sigma, class_labels=None):
         batches.append((x.shape[0], None if class_labels is None else class_labels.tolist()))
-        return original(self, x, sigma, class_labels)
+        return original(self, x, sigma, class_labels=class_labels)
 
-    monkeypatch.setattr(denoiser_module.UNetDenoiser, "__call__", spy)
+    monkeypatch.setattr(LabelUNet, "denoise", spy)
     generate(models["cond"], out=tmp_path / "cfg", conditions={"digit": "1"}, n=3,
              batch_size=3, sampler="euler", steps=5, guidance="cfg",
              guidance_options={"scale": 3.0}, progress=False)  # fmt: skip
@@ -210,12 +210,12 @@ def test_on_flag_policies(models, tmp_path, on_flag, status):
 
 
 def test_blocklist_refuses_before_compute(models, tmp_path, monkeypatch):
-    from toolkit import denoiser as denoiser_module
+    from toolkit.models.label_unet import LabelUNet
 
     def no_compute(*args, **kwargs):
         raise AssertionError("a refused request must not reach the model")
 
-    monkeypatch.setattr(denoiser_module.UNetDenoiser, "__call__", no_compute)
+    monkeypatch.setattr(LabelUNet, "denoise", no_compute)
     result = CliRunner().invoke(cli, [
         "generate", "--model", str(models["cond"]), "--condition", "group=dark", "-n", "2",
         "--filter", "blocklist", "--filter-option", "words=Dark,other", "--out",

@@ -11,11 +11,11 @@ from invoke import dtk
 from tiny_models import save_pipeline
 
 from toolkit import GenerationWarning
-from toolkit.generation import generate
+from toolkit.generation.generate import generate
 
 VANDAL_FILTER = """
     import toolkit
-    from toolkit.safety import Verdict
+    from toolkit.sampling.safety import Verdict
 
     class Vandal:
         name = "vandal"

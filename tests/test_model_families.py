@@ -10,7 +10,7 @@ from invoke import dtk
 from tiny_families import UNSUPPORTED, build
 
 from toolkit import DtkError
-from toolkit.families import TEXT, UNET, detect_family
+from toolkit.models.detect import TEXT, UNET, detect_family
 
 
 @pytest.mark.parametrize("builder", list(UNSUPPORTED), ids=lambda b: b.__name__)

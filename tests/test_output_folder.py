@@ -21,12 +21,12 @@ import pytest
 from invoke import dtk
 from tiny_models import ATTRIBUTES, save_pipeline
 
-import toolkit
+import toolkit.generation.run as run_module
 from toolkit import DtkError
-from toolkit.generation import generate
-from toolkit.locking import hold
-from toolkit.output import OutputFolder
-from toolkit.paths import inside, safe_name
+from toolkit.data.locking import hold
+from toolkit.data.output import OutputFolder
+from toolkit.data.paths import inside, safe_name
+from toolkit.generation.generate import generate
 
 QUICK = {"n": 2, "steps": 1, "batch_size": 2, "progress": False}
 
@@ -154,7 +154,7 @@ def test_a_killed_holder_does_not_block_the_folder(model, tmp_path):
     lock = out / ".dtk" / "locks" / "shard-0000-of-0001.lock"
     script = (
         "import os, pathlib, signal, sys\n"
-        "from toolkit.locking import hold\n"
+        "from toolkit.data.locking import hold\n"
         "with hold(pathlib.Path(sys.argv[1]), 'x'):\n"
         "    print('held', flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -216,7 +216,7 @@ def test_a_run_failing_after_its_claim_unclaims_the_folder(model, tmp_path, monk
     def broken(*args, **kwargs):
         raise DtkError("the sampler broke")
 
-    monkeypatch.setattr(toolkit.generation, "sample_images", broken)
+    monkeypatch.setattr(run_module, "sample_images", broken)
     with pytest.raises(DtkError, match="the sampler broke"):
         generate(model, out=out, **QUICK)
     assert not (tmp_path / "new").exists()  # created for the run, removed with it
@@ -233,7 +233,7 @@ def test_a_failed_resume_keeps_the_folder_and_its_samples(model, tmp_path, monke
     def broken(*args, **kwargs):
         raise DtkError("the sampler broke")
 
-    monkeypatch.setattr(toolkit.generation, "sample_images", broken)
+    monkeypatch.setattr(run_module, "sample_images", broken)
     with pytest.raises(DtkError):
         generate(model, out=out, **dict(QUICK, n=4))
     assert {f for f in before if ".dtk/locks" not in f} <= files_under(out)

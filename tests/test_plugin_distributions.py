@@ -21,10 +21,10 @@ from click.testing import CliRunner
 from invoke import dtk_executable
 
 import toolkit
-import toolkit.registry
+import toolkit.registry.manager
 from toolkit import NoiseLevels, PluginClashError, PluginLoadWarning
 from toolkit.cli import cli
-from toolkit.registry import get_registry
+from toolkit.registry.manager import get_registry
 
 PYPROJECT = """
     [build-system]
@@ -201,7 +201,7 @@ def installed(site, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv("DTK_LOAD_PLUGINS", raising=False)
     monkeypatch.delenv("DTK_STRICT_PLUGINS", raising=False)
-    monkeypatch.setattr(toolkit.registry, "_default", None)
+    monkeypatch.setattr(toolkit.registry.manager, "_default", None)
     yield site
     for name in [m for m in sys.modules if m.startswith("dtk_test_")]:
         del sys.modules[name]
@@ -436,11 +436,11 @@ def test_cli_allow_list_with_an_unknown_name(installed):
 
 CHECK_IMPORTS = """
 import sys
-import toolkit.cli
+import toolkit.cli.group
 
 sys.argv = ["dtk", *sys.argv[1:]]
 try:
-    toolkit.cli.main()
+    toolkit.cli.group.main()
 except SystemExit as exit:
     assert exit.code in (0, None), exit.code
 heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import toolkit
-import toolkit.registry
+import toolkit.registry.manager
 from toolkit import (
     OptionError,
     PluginClashError,
@@ -28,8 +28,8 @@ from toolkit import (
     UnknownPluginError,
 )
 from toolkit.cli import cli
-from toolkit.options import option_specs, parse_key_values, validate_options
-from toolkit.registry import Registry, get_registry, reset_registry
+from toolkit.registry.manager import Registry, get_registry, reset_registry
+from toolkit.registry.options import option_specs, parse_key_values, validate_options
 
 if TYPE_CHECKING:
     from torch import device as Device  # only for type checkers, as in a lazy plugin
@@ -144,7 +144,7 @@ def fresh_registry(monkeypatch):
     """Each test sees a process-wide registry loaded afresh, under a clean environment."""
     monkeypatch.delenv("DTK_LOAD_PLUGINS", raising=False)
     monkeypatch.delenv("DTK_STRICT_PLUGINS", raising=False)
-    monkeypatch.setattr(toolkit.registry, "_default", None)
+    monkeypatch.setattr(toolkit.registry.manager, "_default", None)
 
 
 def by_distribution(rows: list[dict], distribution: str) -> list[dict]:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import pandas
-import torch
 from click.testing import CliRunner
 from PIL import Image
+from sampling_helpers import sample_requests
 
 import toolkit
 from toolkit.cli import cli
-from toolkit.denoiser import UNetDenoiser
-from toolkit.generation import default_model, sample_images
-from toolkit.model import load_model
+from toolkit.generation.generate import default_model
+from toolkit.models import load_model
+from toolkit.sampling.engine import sample_images
 
 
 def test_the_default_model_is_shipped_with_its_provenance():
@@ -44,12 +44,9 @@ def test_generate_without_model_uses_the_shipped_one(tmp_path):
 def test_the_shipped_generator_draws_the_requested_digit_and_group():
     model = load_model(default_model())
     requests = [{"digit": str(d), "group": g} for d in range(10) for g in ("light", "dark")]
-    labels = torch.tensor([model.labels.label(r) for r in requests])
     sigmas = toolkit.schedule("karras")(20, model.noise_levels)
-    images = sample_images(UNetDenoiser(model), toolkit.sampler("dpmpp_2m"),
-                           toolkit.guidance("cfg", scale=2.0), sigmas,
-                           seeds=range(len(requests)), labels=labels,
-                           null_label=model.labels.null_label)  # fmt: skip
+    images = sample_images(model, toolkit.sampler("dpmpp_2m"), toolkit.guidance("cfg", scale=2.0),
+                           sigmas, sample_requests(range(len(requests)), requests))  # fmt: skip
     for attribute in ("digit", "group"):
         classifier = toolkit.attribute_classifier("cnn", attribute=attribute)
         predicted = classifier.predict_proba(images).argmax(1).tolist()

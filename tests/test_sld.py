@@ -21,7 +21,7 @@ from tiny_sd import pipeline_parts, save_sd_pipeline, spy_forwards
 from plugins.sld import DEFAULT_CONCEPT, PRESETS, SafeLatentDiffusion
 from toolkit.cli import cli
 from toolkit.errors import OptionError
-from toolkit.generation import generate
+from toolkit.generation.generate import generate
 
 CAT = "a photo of a cat"
 # a concept the tiny tokenizer knows word by word, so it is not truncated

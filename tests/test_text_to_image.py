@@ -16,8 +16,8 @@ from tiny_models import save_pipeline
 from tiny_sd import save_sd_pipeline, spy_forwards
 
 from toolkit.cli import cli
-from toolkit.generation import generate
-from toolkit.text_model import TextModel
+from toolkit.generation.generate import generate
+from toolkit.models.stable_diffusion import StableDiffusion
 
 CAT, DOG, NEG = "a photo of a cat", "a photo of a dog", "blurry"
 # diffusers' DDIM with SD's steps_offset=1 (tiny_sd.py) is our ddim on leading timesteps + 1
@@ -98,8 +98,8 @@ def test_the_folders_own_scheduler_matches_sd_configs_exactly(models, tmp_path, 
     config_file.write_text(json.dumps({**config, "set_alpha_to_one": False}))
     # the tiny VAE hides a small latent difference in rounding: compare what gets decoded
     decoded = []
-    decode = TextModel.decode
-    monkeypatch.setattr(TextModel, "decode", lambda m, x: decoded.append(x) or decode(m, x))
+    decode = StableDiffusion.decode
+    monkeypatch.setattr(StableDiffusion, "decode", lambda m, x: decoded.append(x) or decode(m, x))
     for sampler, options in (("diffusers", {}), ("ddim", DDIM)):
         generate(sd, out=tmp_path / sampler, prompt=[CAT, DOG], n=2, seed=2, steps=5,
                  **({"sampler": "diffusers", "progress": False} | options))  # fmt: skip
@@ -211,13 +211,13 @@ def test_half_precision_runs_the_networks_in_it(models, tmp_path, monkeypatch, d
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
     decoded = []
-    decode = TextModel.decode
+    decode = StableDiffusion.decode
 
     def spy_decode(model, latents):
         decoded.append((latents.dtype, model.vae.dtype))
         return decode(model, latents)
 
-    monkeypatch.setattr(TextModel, "decode", spy_decode)
+    monkeypatch.setattr(StableDiffusion, "decode", spy_decode)
     common = {"prompt": CAT, "n": 2, "seed": 1, "steps": 4, **DDIM}
     generate(models["sd"], out=tmp_path / "full", **common)
     generate(models["sd"], out=tmp_path / "half", dtype=dtype, **common)

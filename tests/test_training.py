@@ -13,8 +13,8 @@ from PIL import Image
 
 from toolkit.cli import cli
 from toolkit.errors import DtkError
-from toolkit.generation import generate
-from toolkit.training import TrainConfig, train
+from toolkit.generation.generate import generate
+from toolkit.recipes.training import TrainConfig, train
 
 
 @pytest.fixture(autouse=True)
@@ -152,7 +152,7 @@ def read_no_images(*args, **kwargs):
 @pytest.fixture
 def no_images(monkeypatch):
     """Reading an image fails the test: the mistake must be found before that."""
-    monkeypatch.setattr("toolkit.dataset_folder.read_images", read_no_images)
+    monkeypatch.setattr("toolkit.data.dataset_folder.read_images", read_no_images)
 
 
 def refused(result, message, folder):
@@ -205,7 +205,7 @@ def test_an_out_that_is_a_file_is_refused(data, tmp_path):
 def test_a_checkpoint_is_checked_before_any_image_is_read(data, tmp_path, monkeypatch):
     args = train_args(data, tmp_path / "m", "--steps", "2")
     assert CliRunner().invoke(cli, args).exit_code == 0
-    monkeypatch.setattr("toolkit.dataset_folder.read_images", read_no_images)
+    monkeypatch.setattr("toolkit.data.dataset_folder.read_images", read_no_images)
     other = CliRunner().invoke(cli, [*args, "--lr", "1e-4", "--resume"])
     assert other.exit_code == 2 and "other settings" in other.stderr, other.output
     (tmp_path / "m.checkpoint" / "state.json").write_text("{not json")

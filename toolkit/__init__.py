@@ -12,8 +12,9 @@ The public API::
     toolkit.load_image_folder(path, ["digit"]) # a dataset folder as tensors + metadata
     toolkit.read_words("words.toml")          # how attribute values are said in prompts
 
-The names in `__all__` are the whole public API: `evaluations/` and third-party code use
-only these. Importing `toolkit` does not import torch; that happens when something computes.
+The names in `__all__` are the whole public API: `evaluations/`, the built-in `plugins/`
+and third-party code use only these. Importing `toolkit` does not import torch; that
+happens when something computes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from toolkit.checks import check_fraction, check_positive, check_seed, check_writable
+from toolkit.data.paths import inside, safe_name
 from toolkit.errors import (
     DtkError,
     GenerationWarning,
@@ -31,61 +33,29 @@ from toolkit.errors import (
     PluginLoadWarning,
     UnknownPluginError,
 )
-from toolkit.hookspecs import hookimpl
-from toolkit.noise import NoiseLevels
-from toolkit.paths import inside, safe_name
-from toolkit.protocols import AttributeClassifier, Sampler, Schedule
-from toolkit.registry import get_registry
+from toolkit.lazy import lazy_import
+from toolkit.models.noise import NoiseLevels
+from toolkit.registry.hookspecs import hookimpl
+from toolkit.registry.manager import get_registry
+from toolkit.registry.protocols import (
+    AttributeClassifier,
+    Denoiser,
+    Guidance,
+    NoiseSource,
+    Register,
+    SafetyFilter,
+    Sampler,
+    SampleRequest,
+    Schedule,
+    StepCallback,
+    Verdict,
+)
+from toolkit.registry.protocols import optional as optional_member
 
 if TYPE_CHECKING:
     import pandas
 
 __version__ = "0.1.0"
-
-__all__ = [
-    "AttributeClassifier",
-    "DtkError",
-    "GenerationWarning",
-    "ImageDataset",
-    "NoiseLevels",
-    "OptionError",
-    "PluginClashError",
-    "PluginError",
-    "PluginLoadWarning",
-    "Sampler",
-    "Schedule",
-    "UnknownPluginError",
-    "atomic_write",
-    "attribute_classifier",
-    "attribute_words",
-    "check_fraction",
-    "check_positive",
-    "check_seed",
-    "check_writable",
-    "create_plugin",
-    "default_model",
-    "generate",
-    "guidance",
-    "hookimpl",
-    "inside",
-    "label_space",
-    "load_image_folder",
-    "natural_key",
-    "parse_key_values",
-    "plugins",
-    "read_images",
-    "read_metadata",
-    "read_words",
-    "resolve_device",
-    "safe_name",
-    "safety_filter",
-    "sampler",
-    "schedule",
-    "target_distribution",
-    "value_words",
-    "versions",
-    "write_colored_digits",
-]
 
 
 def plugins(kind: str | None = None) -> pandas.DataFrame:
@@ -136,24 +106,98 @@ def attribute_classifier(name: str, /, **options: Any) -> AttributeClassifier:
 
 # Heavier parts of the API load on first use, so `import toolkit` stays light.
 _LAZY = {
-    "generate": ("toolkit.generation", "generate"),
-    "default_model": ("toolkit.generation", "default_model"),
-    "resolve_device": ("toolkit.generation", "resolve_device"),
-    "load_image_folder": ("toolkit.dataset_folder", "load_image_folder"),
-    "read_metadata": ("toolkit.dataset_folder", "read_metadata"),
-    "read_images": ("toolkit.dataset_folder", "read_images"),
-    "natural_key": ("toolkit.dataset_folder", "natural_key"),
-    "ImageDataset": ("toolkit.dataset_folder", "ImageDataset"),
-    "atomic_write": ("toolkit.output", "atomic_write"),
-    "label_space": ("toolkit.model", "label_space"),
-    "parse_key_values": ("toolkit.options", "parse_key_values"),
-    "target_distribution": ("toolkit.targets", "target_distribution"),
-    "write_colored_digits": ("toolkit.colored_digits", "write"),
-    "read_words": ("toolkit.words", "read_words"),
-    "attribute_words": ("toolkit.words", "attribute_words"),
-    "value_words": ("toolkit.words", "value_words"),
+    "generate": ("toolkit.generation.generate", "generate"),
+    "default_model": ("toolkit.generation.generate", "default_model"),
+    "resolve_device": ("toolkit.generation.run", "resolve_device"),
+    "GenerationSettings": ("toolkit.generation.request", "GenerationSettings"),
+    "generation_options": ("toolkit.cli.options", "generation_options"),
+    "settings_from_cli": ("toolkit.cli.options", "settings_from_cli"),
+    "load_image_folder": ("toolkit.data.dataset_folder", "load_image_folder"),
+    "read_metadata": ("toolkit.data.dataset_folder", "read_metadata"),
+    "read_images": ("toolkit.data.dataset_folder", "read_images"),
+    "natural_key": ("toolkit.data.dataset_folder", "natural_key"),
+    "ImageDataset": ("toolkit.data.dataset_folder", "ImageDataset"),
+    "atomic_write": ("toolkit.data.output", "atomic_write"),
+    "label_space": ("toolkit.models", "label_space"),
+    "parse_key_values": ("toolkit.registry.options", "parse_key_values"),
+    "target_distribution": ("toolkit.conditions.targets", "target_distribution"),
+    "write_colored_digits": ("toolkit.recipes.colored_digits", "write"),
+    "read_words": ("toolkit.conditions.words", "read_words"),
+    "attribute_words": ("toolkit.conditions.words", "attribute_words"),
+    "value_words": ("toolkit.conditions.words", "value_words"),
     "versions": ("toolkit.installed", "versions"),
+    "quiet_transformers": ("toolkit.models.loading", "quiet_transformers"),
+    "to_pixels": ("toolkit.data.images", "to_pixels"),
+    "quantile_draw": ("toolkit.conditions.targets", "quantile_draw"),
+    "seeded_uniform": ("toolkit.conditions.targets", "seeded_uniform"),
+    "classifier_path": ("toolkit.assets", "classifier_path"),
+    "load_classifier": ("toolkit.recipes.classifier", "load_classifier"),
 }
+
+#: the whole public API: `evaluations/`, `plugins/` and third-party code use only these
+__all__ = [
+    "AttributeClassifier",
+    "Denoiser",
+    "DtkError",
+    "GenerationSettings",
+    "GenerationWarning",
+    "Guidance",
+    "ImageDataset",
+    "NoiseLevels",
+    "NoiseSource",
+    "OptionError",
+    "PluginClashError",
+    "PluginError",
+    "PluginLoadWarning",
+    "Register",
+    "SafetyFilter",
+    "SampleRequest",
+    "Sampler",
+    "Schedule",
+    "StepCallback",
+    "UnknownPluginError",
+    "Verdict",
+    "atomic_write",
+    "attribute_classifier",
+    "attribute_words",
+    "check_fraction",
+    "check_positive",
+    "check_seed",
+    "check_writable",
+    "classifier_path",
+    "create_plugin",
+    "default_model",
+    "generate",
+    "generation_options",
+    "guidance",
+    "hookimpl",
+    "inside",
+    "label_space",
+    "lazy_import",
+    "load_classifier",
+    "load_image_folder",
+    "natural_key",
+    "optional_member",
+    "parse_key_values",
+    "plugins",
+    "quantile_draw",
+    "quiet_transformers",
+    "read_images",
+    "read_metadata",
+    "read_words",
+    "resolve_device",
+    "safe_name",
+    "safety_filter",
+    "sampler",
+    "schedule",
+    "seeded_uniform",
+    "settings_from_cli",
+    "target_distribution",
+    "to_pixels",
+    "value_words",
+    "versions",
+    "write_colored_digits",
+]
 
 
 def __getattr__(name: str) -> Any:

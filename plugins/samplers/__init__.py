@@ -31,6 +31,6 @@ SAMPLERS = (
 
 
 @toolkit.hookimpl
-def register_samplers(register: toolkit.hookspecs.Register) -> None:
+def register_samplers(register: toolkit.Register) -> None:
     for sampler in SAMPLERS:
         register(sampler)

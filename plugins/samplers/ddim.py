@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 from plugins.samplers.euler import _Ancestral
 from plugins.samplers.updates import ancestral_step, report, sigma_list
-from toolkit.errors import OptionError
+from toolkit import OptionError
 
 if TYPE_CHECKING:
     import torch
 
-    from toolkit.protocols import Denoiser, NoiseSource, StepCallback
+    from toolkit import Denoiser, NoiseSource, StepCallback
 
 #: diffusers' defaults when neither the user nor the model's config says otherwise
 _OFF = {

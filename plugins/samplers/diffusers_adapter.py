@@ -31,12 +31,12 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from plugins.samplers.updates import report, sigma_list
-from toolkit.errors import DtkError, OptionError
+from toolkit import DtkError, OptionError
 
 if TYPE_CHECKING:
     import torch
 
-    from toolkit.protocols import Denoiser, NoiseSource, StepCallback
+    from toolkit import Denoiser, NoiseSource, StepCallback
 
 #: Schedulers checked to run on a discrete-time VP model with per-sample noise
 #: (`tests/test_diffusers_adapter.py` runs each).

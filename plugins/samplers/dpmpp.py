@@ -12,12 +12,12 @@ import math
 from typing import TYPE_CHECKING, Any, Literal
 
 from plugins.samplers.updates import ancestral_step, lam, report, sigma_list, to_d
-from toolkit.errors import OptionError
+from toolkit import OptionError
 
 if TYPE_CHECKING:
     import torch
 
-    from toolkit.protocols import Denoiser, NoiseSource, StepCallback
+    from toolkit import Denoiser, NoiseSource, StepCallback
 
 
 def _first_order(x: torch.Tensor, sigma: float, sigma_next: float, denoised: Any) -> Any:

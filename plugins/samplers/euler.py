@@ -18,12 +18,12 @@ from plugins.samplers.updates import (
     sigma_list,
     to_d,
 )
-from toolkit.errors import OptionError
+from toolkit import OptionError
 
 if TYPE_CHECKING:
     import torch
 
-    from toolkit.protocols import Denoiser, NoiseSource, StepCallback
+    from toolkit import Denoiser, NoiseSource, StepCallback
 
 
 class Euler(Churn):

@@ -14,12 +14,12 @@ import math
 from typing import TYPE_CHECKING, Any, Literal
 
 from plugins.samplers.updates import lam, report, sigma_list
-from toolkit.errors import OptionError
+from toolkit import OptionError
 
 if TYPE_CHECKING:
     import torch
 
-    from toolkit.protocols import Denoiser, NoiseSource, StepCallback
+    from toolkit import Denoiser, NoiseSource, StepCallback
 
 
 def _coefficients(

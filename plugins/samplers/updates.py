@@ -12,12 +12,12 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from toolkit.errors import OptionError
+from toolkit import OptionError
 
 if TYPE_CHECKING:
     import torch
 
-    from toolkit.protocols import NoiseSource, StepCallback
+    from toolkit import NoiseSource, StepCallback
 
 
 def sigma_list(sigmas: Any) -> list[float]:

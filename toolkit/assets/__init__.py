@@ -17,6 +17,13 @@ from toolkit.errors import DtkError
 
 ROOT = pathlib.Path(__file__).resolve().parent
 CLASSIFIERS = ROOT / "classifiers"
+GENERATOR = ROOT / "generator"
+
+
+def generator_path() -> pathlib.Path | None:
+    """The generator shipped with the package, if this installation has one."""
+    shipped = (GENERATOR / "config.json").is_file() or (GENERATOR / "model_index.json").is_file()
+    return GENERATOR if shipped else None
 
 
 def classifier_attributes() -> list[str]:

@@ -1,0 +1,120 @@
+"""The command-line options of `GenerationSettings`, shared by every command that generates
+(``dtk generate``, ``dtk eval bias``, ``dtk synthesize``, ``dtk demo``), so their option
+lists cannot drift apart: `generation_options` adds them, `settings_from_cli` turns the
+parsed values into the settings.
+
+Public as ``toolkit.generation_options`` and ``toolkit.settings_from_cli``; keep imports
+light (no torch): ``dtk --help`` loads this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from toolkit import defaults
+from toolkit.errors import DtkError
+from toolkit.generation.request import GenerationSettings
+from toolkit.registry.options import parse_key_values
+
+#: the keyword names `generation_options` adds to a command's parameters
+KEYS = ("sampler", "sampler_option", "schedule", "schedule_option", "steps", "guidance",
+        "guidance_option", "filters", "filter_option", "on_flag", "batch_size", "device",
+        "dtype", "trust_pickle", "attention_slicing", "vae_tiling")  # fmt: skip
+
+
+def generation_options(
+    *,
+    steps: int = defaults.STEPS,
+    guidance_help: str = "cfg (scale 2) when conditioned on a model with a null label, cfg "
+    "(scale 7.5) with a prompt, else none",
+    filters: bool = True,
+) -> Callable[[Any], Any]:
+    """A decorator adding the generation options to a click command; a command with its own
+    notion of filters (``dtk synthesize``) leaves `filters` out."""
+    options = [
+        click.option("--sampler", default=defaults.SAMPLER, show_default=True,
+                     help="Sampler plugin (dtk plugins --kind sampler)."),
+        click.option("--sampler-option", multiple=True, metavar="KEY=VALUE",
+                     help="An option of the sampler; repeatable."),
+        click.option("--schedule", default=defaults.SCHEDULE, show_default=True,
+                     help="Noise-schedule plugin."),
+        click.option("--schedule-option", multiple=True, metavar="KEY=VALUE",
+                     help="An option of the schedule; repeatable."),
+        click.option("--steps", type=int, default=steps, show_default=True,
+                     help="Sampling steps."),
+        click.option("--guidance", default=None,
+                     help=f"Guidance plugin. Default: {guidance_help}."),
+        click.option("--guidance-option", multiple=True, metavar="KEY=VALUE",
+                     help="An option of the guidance; repeatable."),
+    ]  # fmt: skip
+    if filters:
+        options += [
+            click.option("--filter", "filters", multiple=True, metavar="NAME",
+                         help="Safety filter; repeatable."),
+            click.option("--filter-option", multiple=True, metavar="[NAME.]KEY=VALUE",
+                         help="An option of a filter; repeatable."),
+            click.option("--on-flag", type=click.Choice(["drop", "blank", "tag"]),
+                         default=defaults.ON_FLAG, show_default=True,
+                         help="What happens to an image a filter flags (every verdict is "
+                         "recorded)."),
+        ]  # fmt: skip
+    options += [
+        click.option("--batch-size", type=int, default=defaults.BATCH_SIZE, show_default=True,
+                     help="Samples per batched forward pass."),
+        click.option("--device", default=defaults.DEVICE, show_default=True,
+                     help="auto = cuda, mps, cpu."),
+        click.option("--dtype", type=click.Choice(list(defaults.DTYPES)),
+                     default=defaults.DTYPE, show_default=True,
+                     help="The network's precision (the sampler's state stays float32)."),
+        click.option("--trust-pickle", is_flag=True, help="Allow pickled (.bin) weights."),
+        click.option("--attention-slicing", is_flag=True,
+                     help="Text-to-image models: compute attention in slices (less GPU "
+                     "memory, a little slower)."),
+        click.option("--vae-tiling", is_flag=True,
+                     help="Text-to-image models: decode latents in overlapping tiles (large "
+                     "images on small GPUs)."),
+    ]  # fmt: skip
+
+    def decorate(function: Any) -> Any:
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+def settings_from_cli(kw: dict[str, Any]) -> GenerationSettings:
+    """The settings from the options `generation_options` added, popped from `kw`."""
+    values = {key: kw.pop(key) for key in KEYS if key in kw}
+    filters = tuple(values.pop("filters", ()))
+    guidance_options = values.pop("guidance_option")
+    if guidance_options and values["guidance"] is None:
+        raise DtkError("--guidance-option needs --guidance NAME")
+    return GenerationSettings(
+        sampler_options=parse_key_values(values.pop("sampler_option"), what="--sampler-option"),
+        schedule_options=parse_key_values(values.pop("schedule_option"), what="--schedule-option"),
+        guidance_options=parse_key_values(guidance_options, what="--guidance-option"),
+        filters=filters,
+        filter_options=_filter_options(values.pop("filter_option", ()), filters),
+        options_from_strings=True,
+        **values,
+    )
+
+
+def _filter_options(pairs: tuple[str, ...], filters: tuple[str, ...]) -> dict:
+    """``--filter-option NAME.KEY=VALUE`` (or ``KEY=VALUE`` when one filter is given)."""
+    result: dict[str, dict[str, str]] = {}
+    for key, value in parse_key_values(pairs, what="--filter-option").items():
+        name, dot, option = key.partition(".")
+        if not dot:
+            if len(filters) != 1:
+                raise DtkError(
+                    f"--filter-option {key}=...: write FILTER.{key}=... when several or no "
+                    "--filter are given"
+                )
+            name, option = filters[0], key
+        result.setdefault(name, {})[option] = value
+    return result

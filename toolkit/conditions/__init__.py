@@ -1,0 +1,1 @@
+"""What a sample is conditioned on: attribute labels, prompts, words files, target distributions."""

@@ -1,0 +1,25 @@
+"""Every default a user sees, in one place: the CLI's option defaults, `toolkit.generate`'s
+keyword defaults and the docs all read them from here."""
+
+from __future__ import annotations
+
+#: the sampler and schedule of a run that names none: "DPM++ 2M Karras"
+SAMPLER = "dpmpp_2m"
+SCHEDULE = "karras"
+STEPS = 20
+#: samples per batch (per batched forward pass); every command that generates uses it
+BATCH_SIZE = 16
+#: samples of `dtk generate` when -n is not given
+SAMPLES = 16
+DEVICE = "auto"
+DTYPE = "float32"
+DTYPES = ("float32", "float16", "bfloat16")
+#: what happens to an image a safety filter flags
+ON_FLAG = "drop"
+#: classifier-free guidance scale of a conditioned request on a label model that names no
+#: guidance (the shipped model's measured sweet spot: docs/embedded-default.md)
+LABEL_CFG_SCALE = 2.0
+#: ... and of a prompted request on a text-to-image model, as diffusers' pipelines
+TEXT_CFG_SCALE = 7.5
+#: the output folder of `dtk generate` when --out is not given
+OUT = "dtk-out"

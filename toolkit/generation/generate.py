@@ -1,0 +1,80 @@
+"""`generate`: a model folder -> a dataset folder of images, through the plugins; the same
+run as ``dtk generate``. It makes a `GenerationRequest` of its arguments, checks it into a
+plan (`toolkit.generation.plan`: configs only) and runs the plan
+(`toolkit.generation.run`: weights, batches, files).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from toolkit import defaults
+from toolkit.generation.plan import make_plan
+from toolkit.generation.request import GenerationRequest, GenerationSettings
+from toolkit.generation.run import run
+
+if TYPE_CHECKING:
+    import pandas
+
+    from toolkit.generation.distributed import Shard
+
+
+def default_model() -> pathlib.Path | None:
+    """The generator shipped with the package, if this installation has one."""
+    from toolkit.assets import generator_path
+
+    return generator_path()
+
+
+def generate(
+    model: str | pathlib.Path | None = None,
+    *,
+    out: str | pathlib.Path,
+    conditions: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    n: int = defaults.SAMPLES,
+    seed: int = 0,
+    shard: str | Shard | None = None,
+    grid: str | pathlib.Path | None = None,
+    wait: bool = False,
+    progress: bool = True,
+    settings: GenerationSettings | None = None,
+    **options: Any,
+) -> pandas.DataFrame:
+    """Generate `n` samples from `model` into the dataset folder `out`; the same run as
+    ``dtk generate``. Returns the metadata of every written image (this run's and any
+    earlier run's in the same folder).
+
+    `conditions` is one mapping for all samples (``{"digit": "3"}``) or one per sample.
+    A text-to-image model takes `prompt` instead: one string for all samples or one per
+    sample (its `conditions`, if any, annotate the prompts with the attribute values they
+    express: metadata columns that filters see); `negative_prompt` likewise, the ``uncond``
+    branch of guidance (the empty prompt when None).
+
+    How the images are generated is `settings` (a `toolkit.GenerationSettings`), or its
+    fields given as keyword `options`: ``sampler``, ``schedule``, ``steps``, ``guidance``
+    and their ``*_options``, ``filters``, ``filter_options``, ``on_flag``, ``batch_size``,
+    ``device``, ``dtype``, ``trust_pickle``, ``attention_slicing``, ``vae_tiling`` and
+    ``options_from_strings`` (plugin options as ``KEY=VALUE`` strings). `guidance` None
+    picks the model's default: ``cfg`` (scale 2) for a conditioned request on a model with
+    a null label, ``cfg`` (scale 7.5) for a prompt, else ``none``.
+
+    Sample ``i`` starts from
+    ``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i))``.
+    One run at a time writes a folder (or a shard of it): another run of the same part is
+    refused, or with `wait` waited for. A sample whose result is not finite (NaN or inf) is
+    not written: it is recorded with status ``failed`` in rejected.csv, and a
+    `GenerationWarning` says how many.
+    """
+    if settings is not None and options:
+        raise TypeError("give settings= or its fields as keyword arguments, not both")
+    request = GenerationRequest(
+        model=model, out=out, conditions=conditions, prompt=prompt,
+        negative_prompt=negative_prompt, n=n, seed=seed,
+        settings=GenerationSettings.from_mapping(settings or options),
+        shard=shard, grid=grid, wait=wait, progress=progress,
+    )  # fmt: skip
+    return run(make_plan(request))

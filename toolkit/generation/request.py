@@ -1,0 +1,87 @@
+"""What a user asks for: one options object shared by every command that generates.
+
+`GenerationSettings` says *how* images are generated (plugins and their options, steps,
+batch size, device, precision, memory options): ``dtk generate``, ``dtk eval bias``,
+``dtk synthesize`` and ``dtk demo`` take the same command-line options for it
+(`toolkit.cli.options.generation_options`) and hand it on as it is. `GenerationRequest` adds
+*what* and *where*: the model, the samples (conditions or prompts, n, seed) and the output
+folder. Nothing here touches a file or imports torch; `toolkit.generation.plan` checks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from toolkit import defaults
+
+Condition = Mapping[str, Any]
+
+
+@dataclasses.dataclass
+class GenerationSettings:
+    """How images are generated (see the module docstring)."""
+
+    sampler: str = defaults.SAMPLER
+    sampler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    schedule: str = defaults.SCHEDULE
+    schedule_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    steps: int = defaults.STEPS
+    #: None: the model's default for the request (`ModelFolder.default_guidance`)
+    guidance: str | None = None
+    guidance_options: Mapping[str, Any] | None = None
+    filters: Sequence[str] = ()
+    filter_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    on_flag: str = defaults.ON_FLAG
+    batch_size: int = defaults.BATCH_SIZE
+    device: str = defaults.DEVICE
+    dtype: str = defaults.DTYPE
+    trust_pickle: bool = False
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    #: plugin options are ``KEY=VALUE`` strings from a command line, converted by type
+    options_from_strings: bool = False
+
+    @classmethod
+    def fields(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | GenerationSettings | None
+                     ) -> GenerationSettings:  # fmt: skip
+        """Settings from keyword arguments (unknown keys refused as a TypeError, as a
+        function call would) or as they are."""
+        if isinstance(values, GenerationSettings):
+            return values
+        values = dict(values or {})
+        unknown = sorted(set(values) - cls.fields())
+        if unknown:
+            raise TypeError(f"unknown generation setting {unknown[0]!r}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> GenerationSettings:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """One run: a model, its samples, an output folder, and the settings."""
+
+    model: str | pathlib.Path | None
+    out: str | pathlib.Path
+    #: one condition for every sample, or one per sample
+    conditions: Condition | Sequence[Condition] | None = None
+    #: text-to-image models: one prompt for every sample, or one per sample
+    prompt: str | Sequence[str] | None = None
+    negative_prompt: str | Sequence[str] | None = None
+    n: int = defaults.SAMPLES
+    seed: int = 0
+    settings: GenerationSettings = dataclasses.field(default_factory=GenerationSettings)
+    #: ``K/N``: only the sample indices i with i % N == K (torchrun ranks shard themselves)
+    shard: Any = None
+    grid: str | pathlib.Path | None = None
+    #: wait for another run holding the folder instead of stopping
+    wait: bool = False
+    progress: bool = True

@@ -1,0 +1,218 @@
+"""Run a `Plan`: load the weights, hold the output folder, generate what is missing, merge.
+
+The steps, in order (each a function below): pick the device and shard; load the model and
+make the plugins; hold the shard's lock and claim the folder; then, batch after batch, let
+request filters refuse samples, sample the rest, judge the images with the image filters,
+write images and records; merge the part logs; warn about failed samples; draw the grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from toolkit.data.images import contact_sheet, to_pixels
+from toolkit.data.output import WRITTEN, OutputFolder, PartWriter, atomic_write
+from toolkit.errors import DtkError, GenerationWarning
+from toolkit.generation.distributed import Shard, barrier, resolve_shard
+from toolkit.generation.plan import Plan, PluginUse
+from toolkit.generation.record import IDENTITY, NON_FINITE, sample_record, status
+from toolkit.lazy import lazy_import
+from toolkit.models import Model
+from toolkit.registry.protocols import SampleRequest, Verdict
+from toolkit.sampling.engine import sample_images
+from toolkit.sampling.safety import is_request_stage, run_filter
+
+if TYPE_CHECKING:
+    import pandas
+    import torch
+else:
+    torch = lazy_import("torch")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = cuda, then mps, then cpu; under torchrun each rank takes its local GPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DtkError(f"--device {name!r}: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DtkError("--device cuda: no CUDA device is available")
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+@dataclasses.dataclass
+class Runner:
+    """What the steps share once the weights are loaded."""
+
+    plan: Plan
+    model: Model
+    shard: Shard
+    sampler: Any
+    sigmas: torch.Tensor
+    request_filters: list[PluginUse]
+    image_filters: list[PluginUse]
+    failed: int = 0
+
+    @property
+    def guidance(self) -> Any:
+        return self.plan.guidance.instance
+
+
+def run(plan: Plan) -> pandas.DataFrame:
+    """Generate what `plan` asks for into its folder (see the module docstring); returns
+    the metadata of every written image (this run's and any earlier run's in the folder)."""
+    runner = _start(plan)
+    folder = OutputFolder(plan.out)
+    with folder.hold(runner.shard.name, wait=plan.request.wait):
+        if runner.shard.is_main or not runner.shard.distributed:
+            folder.claim({**plan.record, "sigmas": [float(s) for s in runner.sigmas]}, IDENTITY)
+        barrier(runner.shard)
+        done = folder.done()
+        total = _count_pending(plan, done, runner.shard)
+        progress = _progress(total, plan.request.progress and runner.shard.is_main,
+                             runner.shard)  # fmt: skip
+        with folder.part_writer(runner.shard.name) as writer, torch.inference_mode():
+            for batch in _batches(plan.pending(done, runner.shard), plan.settings.batch_size):
+                _run_batch(runner, [plan.samples[i] for i in batch], writer)
+                progress.update(len(batch))
+        progress.close()
+        barrier(runner.shard)
+        main = runner.shard.is_main or not runner.shard.distributed
+        metadata = folder.merge() if main else None
+    _warn_failed(runner, total)
+    if plan.grid is not None and runner.shard.is_main and metadata is not None:
+        _write_grid(folder, plan, metadata)
+    if metadata is None:
+        import pandas
+
+        metadata = pandas.DataFrame()
+    return metadata
+
+
+def _start(plan: Plan) -> Runner:
+    """Device and shard, weights, plugins and sigmas."""
+    settings = plan.settings
+    device = resolve_device(settings.device)
+    shard = resolve_shard(plan.shard if plan.shard.count > 1 else None, device.type)
+    model = plan.folder.load(
+        device=device, dtype=getattr(torch, settings.dtype), trust_pickle=settings.trust_pickle,
+        attention_slicing=settings.attention_slicing, vae_tiling=settings.vae_tiling,
+    )  # fmt: skip
+    for use in (plan.sampler, plan.schedule, *plan.filters):
+        use.make()
+    sigmas = plan.schedule.instance(settings.steps, model.noise_levels)
+    request_filters = [f for f in plan.filters if is_request_stage(f.instance)]
+    image_filters = [f for f in plan.filters if not is_request_stage(f.instance)]
+    return Runner(plan, model, shard, plan.sampler.instance, sigmas, request_filters,
+                  image_filters)  # fmt: skip
+
+
+def _count_pending(plan: Plan, done: set[int], shard: Shard) -> int:
+    """How many samples `shard` still has to generate, counted without listing them."""
+    owned = len(range(shard.index, plan.samples.n, shard.count))
+    return owned - sum(1 for i in done if i < plan.samples.n and shard.owns(i))
+
+
+def _batches(indices: Iterable[int], size: int) -> Iterator[list[int]]:
+    """`indices` in lists of `size` (lazily: a run's memory does not grow with n)."""
+    iterator = iter(indices)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _run_batch(runner: Runner, batch: list[SampleRequest], writer: PartWriter) -> None:
+    """Refuse, sample, judge and write one batch."""
+    batch = _refuse(runner, batch, writer)
+    if batch:
+        images = sample_images(runner.model, runner.sampler, runner.guidance, runner.sigmas,
+                               batch)  # fmt: skip
+        _write(runner, batch, images, writer)
+    writer.flush()
+
+
+def _refuse(runner: Runner, batch: list[SampleRequest], writer: PartWriter
+            ) -> list[SampleRequest]:  # fmt: skip
+    """Request filters judge the batch before any compute; refused samples are recorded."""
+    if not runner.request_filters:
+        return batch
+    kept = []
+    for sample, verdicts in zip(batch, _judge(runner.request_filters, None, batch)):
+        if any(v.flagged for v in verdicts.values()):
+            writer.write(_record(runner, sample, verdicts, "refused"), None)
+        else:
+            kept.append(sample)
+    return kept
+
+
+def _write(runner: Runner, batch: list[SampleRequest], images: torch.Tensor,
+           writer: PartWriter) -> None:  # fmt: skip
+    """Image filters judge the batch; each image is written (or withheld) with its record."""
+    # the pixels to save are fixed before any filter sees the images
+    pixels = to_pixels(images)
+    finite = torch.isfinite(images).flatten(1).all(1).tolist()
+    verdicts = _judge(runner.image_filters, images, batch)
+    for k, sample in enumerate(batch):
+        state = status(verdicts[k], runner.plan.settings.on_flag, finite[k])
+        runner.failed += state == "failed"
+        image = pixels[k] if state != "blank" else pixels[k] * 0
+        writer.write(_record(runner, sample, verdicts[k], state),
+                     image if state in WRITTEN else None)  # fmt: skip
+
+
+def _record(runner: Runner, sample: SampleRequest, verdicts: dict[str, Verdict],
+            state: str) -> dict[str, Any]:  # fmt: skip
+    plan = runner.plan
+    folder_name = plan.folder.folder_name(sample, plan.attribute_order)
+    return sample_record(sample, folder_name, plan.common_columns(), plan.attribute_order,
+                         verdicts, state)  # fmt: skip
+
+
+def _judge(filters: Iterable[PluginUse], images: torch.Tensor | None,
+           batch: Sequence[SampleRequest]) -> list[dict[str, Verdict]]:  # fmt: skip
+    verdicts: list[dict[str, Verdict]] = [{} for _ in batch]
+    for flt in filters:
+        # each filter judges its own copy: one that changes its input changes nothing else
+        seen = None if images is None else images.clone()
+        for k, verdict in enumerate(run_filter(flt.name, flt.instance, seen, batch)):
+            verdicts[k][flt.name] = verdict
+    return verdicts
+
+
+def _warn_failed(runner: Runner, total: int) -> None:
+    if runner.failed:
+        warnings.warn(
+            f"{runner.failed} of {total} samples had non-finite values ({NON_FINITE}) and "
+            f"were not written; see {runner.plan.out / 'rejected.csv'}",
+            GenerationWarning,
+            stacklevel=3,
+        )
+
+
+def _write_grid(folder: OutputFolder, plan: Plan, metadata: Any) -> None:
+    if metadata.empty or plan.grid is None:
+        return
+    files = [folder.path(f) for f in metadata["file_name"].head(64)]
+    atomic_write(plan.grid, contact_sheet(files))
+
+
+def _progress(total: int, enabled: bool, shard: Shard) -> Any:
+    from tqdm.auto import tqdm
+
+    label = "generating" if shard.count == 1 else f"generating ({shard.index}/{shard.count})"
+    return tqdm(total=total, desc=label, unit="img", file=sys.stderr, disable=not enabled)

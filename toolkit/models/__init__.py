@@ -1,0 +1,46 @@
+"""Model families: which family a folder holds (`detect`), and each family's class behind
+one protocol (`toolkit.models.family`): a `ModelFolder` read from configs, whose ``load``
+gives the runnable `Model`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from toolkit.models.detect import TEXT, UNET, detect_family
+from toolkit.models.family import Conditioning, Model, ModelFolder
+from toolkit.models.label_unet import LabelUNetFolder
+from toolkit.models.stable_diffusion import StableDiffusionFolder
+
+#: detection result -> the family's folder class
+FAMILIES: dict[str, type[ModelFolder]] = {UNET: LabelUNetFolder, TEXT: StableDiffusionFolder}
+
+__all__ = [
+    "FAMILIES",
+    "Conditioning",
+    "Model",
+    "ModelFolder",
+    "label_space",
+    "load_model",
+    "open_model",
+]
+
+
+def open_model(path: str | pathlib.Path) -> ModelFolder:
+    """The folder's family, read from its configs (no torch, no weights); a folder of a
+    family dtk does not load is refused in one line naming it."""
+    path = pathlib.Path(path)
+    return FAMILIES[detect_family(path)](path)
+
+
+def load_model(path: str | pathlib.Path, *, device: Any = "cpu", dtype: Any = None,
+               trust_pickle: bool = False) -> Model:  # fmt: skip
+    """Open and load a model folder in one step (for scripts and tests)."""
+    return open_model(path).load(device=device, dtype=dtype, trust_pickle=trust_pickle)
+
+
+def label_space(path: str | pathlib.Path) -> Any:
+    """The attributes a model folder is conditioned on by label, read without loading its
+    weights (None for an unconditional or text-to-image model)."""
+    return open_model(path).labels

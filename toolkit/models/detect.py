@@ -1,0 +1,174 @@
+"""Which kind of model a folder holds, read from its configs alone (no weights, no torch).
+
+dtk loads two families so far: label-conditioned (or unconditional) ``UNet2DModel`` folders
+trained as VP diffusion models with epsilon, v or sample prediction (``"unet"``), and
+Stable-Diffusion-1.x/2.x-style pipeline folders (``"text"``). Every other folder is refused
+here, in one line that names its family: a folder of a family we do not support must not
+run as one we do (a VE score-SDE folder used to run silently as an invented VP model) nor
+fail deep inside loading with a misleading message.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from toolkit.errors import DtkError
+from toolkit.models.loading import read_config
+
+UNET, TEXT = "unet", "text"
+
+SUPPORTED = (
+    "dtk supports UNet2DModel (DDPM-style) folders and Stable Diffusion 1.x/2.x pipeline "
+    "folders so far"
+)
+
+#: pipeline class name prefix -> the family's name, most specific first
+PIPELINE_FAMILIES = (
+    ("StableDiffusionXL", "Stable Diffusion XL"),
+    ("StableDiffusion3", "Stable Diffusion 3"),
+    ("StableCascade", "Stable Cascade"),
+    ("StableVideoDiffusion", "Stable Video Diffusion"),
+    ("StableAudio", "Stable Audio"),
+    ("Flux", "Flux"),
+    ("PixArtAlpha", "PixArt-α"),
+    ("PixArtSigma", "PixArt-Σ"),
+    ("DiT", "DiT"),
+    ("LatentConsistencyModel", "Latent Consistency Model (LCM)"),
+    ("ScoreSdeVe", "VE score-SDE"),
+    ("KarrasVe", "VE (Karras et al.)"),
+    ("ConsistencyModel", "consistency model"),
+    ("LDM", "latent diffusion with a VQ autoencoder (LDM)"),
+    ("Kandinsky", "Kandinsky"),
+    ("Wuerstchen", "Würstchen"),
+    ("IF", "DeepFloyd IF"),
+    ("AuraFlow", "AuraFlow"),
+    ("Sana", "Sana"),
+    ("Lumina", "Lumina"),
+    ("HunyuanDiT", "Hunyuan-DiT"),
+    ("Kolors", "Kolors"),
+    ("CogView", "CogView"),
+    ("AudioLDM", "AudioLDM"),
+    ("AnimateDiff", "AnimateDiff"),
+)
+
+#: model class of a bare model folder (config.json) -> the family's name
+MODEL_FAMILIES = {
+    "FluxTransformer2DModel": "Flux",
+    "SD3Transformer2DModel": "Stable Diffusion 3",
+    "PixArtTransformer2DModel": "PixArt",
+    "DiTTransformer2DModel": "DiT",
+    "Transformer2DModel": "DiT-style transformer",
+    "UNet2DConditionModel": "a text-conditioned UNet without its pipeline folder (text "
+    "encoder, tokenizer, VAE)",
+}
+
+#: scheduler class -> the kind of model it implies that dtk does not run
+SCHEDULER_FAMILIES = {
+    "ScoreSdeVeScheduler": "VE score-SDE (variance exploding)",
+    "KarrasVeScheduler": "VE (variance exploding, Karras et al.)",
+    "CMStochasticIterativeScheduler": "consistency model",
+    "EDMEulerScheduler": "EDM-parameterized",
+    "EDMDPMSolverMultistepScheduler": "EDM-parameterized",
+    "LCMScheduler": "Latent Consistency Model (LCM)",
+    "TCDScheduler": "Trajectory Consistency Distillation (TCD)",
+}
+
+
+def detect_family(path: str | pathlib.Path) -> str:
+    """``"unet"`` or ``"text"`` for a folder dtk can load; a `DtkError` naming the family of
+    any other folder (see the module docstring)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise DtkError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise DtkError(f"model path {path} is not a folder")
+    if (path / "model_index.json").is_file():
+        return _pipeline_family(path)
+    return _bare_family(path)
+
+
+def _pipeline_family(path: pathlib.Path) -> str:
+    index = read_config(path / "model_index.json")
+    if not isinstance(index, dict):
+        raise DtkError(f"{path / 'model_index.json'} is not a pipeline index (a JSON object)")
+    cls = str(index.get("_class_name", "a pipeline"))
+    for prefix, family in PIPELINE_FAMILIES:
+        if cls.startswith(prefix):
+            _refuse(path, f"a {family} pipeline ({cls})")
+    components = {k for k, v in index.items() if not k.startswith("_") and _present(v)}
+    if "transformer" in components:
+        _refuse(path, f"a transformer-based (DiT-family) pipeline ({cls})")
+    if "text_encoder_2" in components:
+        _refuse(path, f"a pipeline with two text encoders, Stable Diffusion XL-style ({cls})")
+    if "unet" not in components or not (path / "unet" / "config.json").is_file():
+        raise DtkError(f"{path} is a {cls} folder without a unet/ (config.json); {SUPPORTED}")
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    _check_scheduler(path, scheduler)
+    unet = read_config(path / "unet" / "config.json")
+    if unet.get("_class_name") == "UNet2DConditionModel":
+        _check_text_unet(path, unet)
+        return TEXT
+    _check_unet(path, unet, scheduler)
+    return UNET
+
+
+def _bare_family(path: pathlib.Path) -> str:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise DtkError(
+            f"{path} is not a diffusers model folder: expected model_index.json (a pipeline "
+            "folder) or a UNet2DModel folder with config.json and scheduler_config.json"
+        )
+    config = read_config(config_file)
+    cls = config.get("_class_name", "UNet2DModel") if isinstance(config, dict) else None
+    if cls in MODEL_FAMILIES:
+        _refuse(path, f"{MODEL_FAMILIES[cls]} ({cls})")
+    if cls != "UNet2DModel":
+        _refuse(path, f"a {cls} folder")
+    scheduler = path / "scheduler_config.json"
+    _check_scheduler(path, scheduler)
+    _check_unet(path, config, scheduler)
+    return UNET
+
+
+def _check_scheduler(path: pathlib.Path, scheduler: pathlib.Path) -> None:
+    if not scheduler.is_file():
+        return  # the loader names the missing file
+    config = read_config(scheduler)
+    cls = str(config.get("_class_name", ""))
+    if cls in SCHEDULER_FAMILIES:
+        _refuse(path, f"a {SCHEDULER_FAMILIES[cls]} model (its scheduler is {cls})")
+    if cls.startswith("FlowMatch") or config.get("use_flow_sigmas"):
+        _refuse(path, f"a rectified-flow (flow matching) model (its scheduler is {cls})")
+    variance = str(config.get("variance_type") or "")
+    if variance.startswith("learned"):
+        _refuse(path, f"a learned-variance model (its scheduler's variance_type is {variance})")
+
+
+def _check_unet(path: pathlib.Path, unet: dict[str, Any], scheduler: pathlib.Path) -> None:
+    in_channels, out_channels = unet.get("in_channels", 3), unet.get("out_channels", 3)
+    if out_channels == 2 * in_channels:
+        _refuse(
+            path,
+            f"a learned-variance model (its UNet outputs {out_channels} channels for "
+            f"{in_channels} input channels: the mean and the variance)",
+        )
+
+
+def _check_text_unet(path: pathlib.Path, unet: dict[str, Any]) -> None:
+    if unet.get("time_cond_proj_dim") is not None:
+        _refuse(path, "a Latent Consistency Model (LCM; its UNet takes the guidance scale as an "
+                      "embedding, time_cond_proj_dim)")  # fmt: skip
+    if unet.get("addition_embed_type") == "text_time":
+        _refuse(path, "a Stable Diffusion XL-style model (its UNet takes pooled text and "
+                      "size conditioning, addition_embed_type text_time)")  # fmt: skip
+
+
+def _present(component: Any) -> bool:
+    """A model_index.json entry names a component (``[library, class]``, not nulls)."""
+    return isinstance(component, list) and any(part is not None for part in component)
+
+
+def _refuse(path: pathlib.Path, what: str) -> None:
+    raise DtkError(f"{path} is {what}, which dtk does not support yet; {SUPPORTED}")

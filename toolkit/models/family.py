@@ -1,0 +1,174 @@
+"""The model protocol: one class per family of model folders, in two stages.
+
+A `ModelFolder` is what the configs say, read without torch or weights: the family, what a
+request may condition on (attribute labels, prompts), the sample shape, the scheduler
+config, the defaults, and every check of a request against the model. Plans are made from
+it alone (`toolkit.generation.plan`), so a mistake costs no load.
+
+`ModelFolder.load` gives the `Model`: the weights on a device, as a sigma-space denoiser
+``denoise(x, sigma, **inputs) -> x0`` (its family's parameterization applied), the
+`Conditioning` of a batch for each guidance branch, and ``decode`` to pixels. The
+generation engine speaks only this protocol: adding a family is adding one pair of classes
+to `toolkit.models.FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import abc
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from toolkit.errors import DtkError
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.conditions.labels import LabelSpace
+    from toolkit.models.noise import NoiseLevels
+    from toolkit.registry.protocols import SampleRequest
+
+COND, UNCOND = "cond", "uncond"
+
+
+class Conditioning(abc.ABC):
+    """What one batch feeds the network on each guidance branch."""
+
+    @abc.abstractmethod
+    def inputs(self, branch: str, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The network's keyword inputs for `branch` (KeyError for a branch it lacks)."""
+
+
+class ModelFolder(abc.ABC):
+    """A model folder of one family, read from its configs (see the module docstring)."""
+
+    #: the family's name, recorded in run.json
+    family: ClassVar[str]
+    #: whether requests are prompts (text-to-image) rather than attribute labels
+    takes_prompts: ClassVar[bool] = False
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+
+    # -- what the configs say --------------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def scheduler_config(self) -> dict[str, Any]:
+        """The scheduler config the model was trained with (raw, with ``_class_name``)."""
+
+    @property
+    @abc.abstractmethod
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) one sample is drawn in (latents for a latent model)."""
+
+    @property
+    def labels(self) -> LabelSpace | None:
+        """The attributes requests condition on by label (None: none)."""
+        return None
+
+    @property
+    def attributes(self) -> dict[str, list[str]]:
+        """Attribute name -> values, what a guidance's ``assign`` hook may choose from
+        (empty when attributes live in prompts)."""
+        labels = self.labels
+        return {} if labels is None else {a.name: list(a.values) for a in labels.attributes}
+
+    def describe(self) -> dict[str, Any]:
+        """The model as run.json records it."""
+        labels = self.labels
+        return {
+            "path": str(self.path),
+            "family": self.family,
+            "sample_shape": list(self.sample_shape),
+            "prediction_type": self.scheduler_config.get("prediction_type", "epsilon"),
+            "attributes": labels.to_json()["attributes"] if labels else [],
+        }
+
+    # -- requests ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def check_request(self, conditions: Sequence[Mapping[str, str]], prompt_given: bool,
+                      negative_given: bool, options: Mapping[str, bool]) -> None:  # fmt: skip
+        """Refuse what the family cannot do with a request: conditions (the distinct ones
+        given), whether a prompt and a negative prompt were given, and the memory options
+        (``attention_slicing``, ``vae_tiling``) and whether each is set."""
+
+    @abc.abstractmethod
+    def default_guidance(self, conditional: bool) -> tuple[str, dict[str, Any]]:
+        """The guidance (name, options) a request gets when it names none."""
+
+    @abc.abstractmethod
+    def check_guidance(self, branches: set[str], text_branches: Mapping[str, str],
+                       conditional: bool, name: str) -> None:  # fmt: skip
+        """Refuse guidance the model or request cannot serve: `branches` a guidance asks
+        for, the prompts of its own `text_branches`, whether the request is conditional."""
+
+    def validate(self, condition: Mapping[str, str]) -> dict[str, str]:
+        """One sample's condition checked against the model (values as strings)."""
+        return {str(k): str(v) for k, v in condition.items()}
+
+    def folder_name(self, sample: SampleRequest, attribute_order: Sequence[str]) -> str:
+        """The class subfolder one sample's image is written to (a safe name)."""
+        from toolkit.conditions.labels import folder_name
+
+        return folder_name(sample.conditions, list(attribute_order))
+
+    def attribute_order(self, conditions: Sequence[Mapping[str, str]]) -> list[str]:
+        """The metadata's attribute columns, in order."""
+        labels = self.labels
+        if labels is not None:
+            return labels.names
+        return list(dict.fromkeys(k for c in conditions for k in c))
+
+    # -- weights -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def load(self, *, device: Any, dtype: Any, trust_pickle: bool = False,
+             attention_slicing: bool = False, vae_tiling: bool = False) -> Model:  # fmt: skip
+        """The weights, on `device` in `dtype`: the runnable `Model`."""
+
+
+class Model(abc.ABC):
+    """A loaded model of one family: the denoiser in sigma space (see the module docstring)."""
+
+    folder: ModelFolder
+    noise_levels: NoiseLevels
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return self.folder.scheduler_config
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.folder.sample_shape
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where the network runs."""
+
+    @abc.abstractmethod
+    def denoise(self, x: torch.Tensor, sigma: Any, **inputs: torch.Tensor) -> torch.Tensor:
+        """The clean-image estimate of samples `x` at noise level `sigma` (float, 0-d or
+        [B]), given a branch's network `inputs` (from a `Conditioning`)."""
+
+    @abc.abstractmethod
+    def prior(self, eps: torch.Tensor, sigma: float) -> torch.Tensor:
+        """A sample of the model's prior at `sigma` made from standard normal `eps`."""
+
+    @abc.abstractmethod
+    def conditioning(self, batch: Sequence[SampleRequest],
+                     text_branches: Mapping[str, str]) -> Conditioning:  # fmt: skip
+        """The network inputs of `batch` on every branch (and on a guidance's own prompt
+        branches, `text_branches`, for a text model)."""
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Clean samples -> images in [-1, 1] (latents through the VAE; pixels as they are)."""
+        return x0
+
+
+def refuse_unknown_branches(name: str, branches: set[str], allowed: set[str]) -> None:
+    unknown = branches - allowed
+    if unknown:
+        raise DtkError(f"guidance {name!r} asks for unknown branches {sorted(unknown)}")

@@ -1,0 +1,241 @@
+"""The label-UNet family: ``UNet2DModel`` folders, unconditional or conditioned on
+attribute labels, trained as VP diffusion models (epsilon, v or sample prediction).
+
+Two layouts are accepted:
+
+* a pipeline folder as ``DDPMPipeline.save_pretrained`` writes it: ``model_index.json``,
+  ``unet/`` and ``scheduler/``;
+* a bare ``UNet2DModel`` folder (``config.json`` + weights) with ``scheduler_config.json``
+  beside the weights.
+
+An optional ``toolkit.json`` (next to ``model_index.json`` or in the UNet folder) names the
+model's conditioning attributes (`toolkit.conditions.labels`); without it a class-conditional
+UNet has one attribute ``class``. Weights load from safetensors; pickled ``.bin`` weights
+only with ``trust_pickle=True``, because unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from toolkit import defaults
+from toolkit.conditions.labels import LabelSpace
+from toolkit.errors import DtkError
+from toolkit.lazy import lazy_import
+from toolkit.models.family import COND, UNCOND, Conditioning, Model, ModelFolder
+from toolkit.models.family import refuse_unknown_branches as _refuse_unknown
+from toolkit.models.loading import (
+    check_prediction_type,
+    load_failure,
+    read_config,
+    unet_shape,
+    use_safetensors,
+)
+from toolkit.models.noise import NoiseLevels
+from toolkit.models.parameterization import VP
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.registry.protocols import SampleRequest
+else:
+    torch = lazy_import("torch")
+
+WEIGHTS_STEM = "diffusion_pytorch_model"
+#: classifier-free guidance of a conditioned request, when none is named
+DEFAULT_CFG_SCALE = defaults.LABEL_CFG_SCALE
+
+
+class LabelUNetFolder(ModelFolder):
+    """A label-UNet folder, read from its configs."""
+
+    family = "unet"
+
+    def __init__(self, path: pathlib.Path) -> None:
+        super().__init__(path)
+        self.unet_dir, scheduler_file, toolkit_json = _layout(path)
+        self.unet_config = read_config(self.unet_dir / "config.json")
+        self._scheduler_config = read_config(scheduler_file)
+        check_prediction_type(path, self._scheduler_config)
+        self._labels = _label_space(self.unet_config, toolkit_json)
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return self._scheduler_config
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return unet_shape(self.unet_config)
+
+    @property
+    def labels(self) -> LabelSpace | None:
+        return self._labels
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "class": self.unet_config.get("_class_name", "UNet2DModel")}
+
+    # -- requests ------------------------------------------------------------------------
+
+    def check_request(self, conditions: Sequence[Mapping[str, str]], prompt_given: bool,
+                      negative_given: bool, options: Mapping[str, bool]) -> None:  # fmt: skip
+        if prompt_given or negative_given:
+            option = "--prompt" if prompt_given else "--negative-prompt"
+            kind = ("class-conditional: use --condition KEY=VALUE" if self.labels is not None
+                    else "unconditional")  # fmt: skip
+            raise DtkError(f"{self.path} takes no {option}: it is not a text-to-image model "
+                           f"({kind})")  # fmt: skip
+        for option, on in options.items():
+            if on:
+                flag = "--" + option.replace("_", "-")
+                raise DtkError(f"{flag} is for text-to-image (latent) models; {self.path} is "
+                               "not one")  # fmt: skip
+        for condition in conditions:
+            self.validate(condition)
+
+    def validate(self, condition: Mapping[str, str]) -> dict[str, str]:
+        if self.labels is None:
+            if condition:
+                raise DtkError(f"{self.path} is unconditional; it takes no --condition")
+            return {}
+        return self.labels.validate(condition)
+
+    def default_guidance(self, conditional: bool) -> tuple[str, dict[str, Any]]:
+        usable = self.labels is not None and self.labels.null_label is not None
+        if conditional and usable:
+            return "cfg", {"scale": DEFAULT_CFG_SCALE}
+        return "none", {}
+
+    def check_guidance(self, branches: set[str], text_branches: Mapping[str, str],
+                       conditional: bool, name: str) -> None:  # fmt: skip
+        if text_branches:
+            raise DtkError(
+                f"guidance {name!r} needs a text-to-image model (its "
+                f"{'/'.join(sorted(text_branches))} branch is a prompt); {self.path} is not one"
+            )
+        _refuse_unknown(name, branches, {COND, UNCOND})
+        if UNCOND not in branches:
+            return
+        if self.labels is None:
+            raise DtkError(f"guidance {name!r} needs a class-conditional model; {self.path} is "
+                           "unconditional: use --guidance none")  # fmt: skip
+        if self.labels.null_label is None:
+            raise DtkError(
+                f"guidance {name!r} needs the model's unconditional (null) label, and "
+                f"{self.path} has none: use --guidance none"
+            )
+        if not conditional:
+            raise DtkError(f"guidance {name!r} needs a condition to guide towards: give "
+                           "--condition KEY=VALUE, or use --guidance none")  # fmt: skip
+
+    # -- weights -------------------------------------------------------------------------
+
+    def load(self, *, device: Any, dtype: Any, trust_pickle: bool = False,
+             attention_slicing: bool = False, vae_tiling: bool = False) -> LabelUNet:  # fmt: skip
+        from diffusers import UNet2DModel
+
+        safetensors = use_safetensors(self.unet_dir, WEIGHTS_STEM, trust_pickle)
+        try:
+            unet = UNet2DModel.from_pretrained(
+                self.unet_dir, use_safetensors=safetensors, local_files_only=True,
+                low_cpu_mem_usage=False, torch_dtype=dtype,
+            )  # fmt: skip
+        except Exception as exc:  # diffusers raises many types for a damaged folder
+            raise load_failure(self.unet_dir, "UNet", exc) from None
+        unet.eval().requires_grad_(False)
+        return LabelUNet(self, unet.to(device=device))
+
+
+class LabelUNet(Model):
+    """A loaded label-UNet: the sigma-space denoiser of a VP ``UNet2DModel``."""
+
+    def __init__(self, folder: LabelUNetFolder, unet: Any) -> None:
+        self.folder = folder
+        self.unet = unet
+        self.noise_levels = NoiseLevels.from_scheduler_config(folder.scheduler_config)
+        self.parameterization = VP(self.noise_levels, folder.scheduler_config.get(
+            "prediction_type", "epsilon"))  # fmt: skip
+        self.dtype = next(unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def labels(self) -> LabelSpace | None:
+        return self.folder.labels
+
+    def denoise(self, x: torch.Tensor, sigma: Any, **inputs: torch.Tensor) -> torch.Tensor:
+        x_in, t = self.parameterization.inputs(x, sigma)
+        out = self.unet(x_in.to(self.dtype), t, **inputs, return_dict=False)[0]
+        return self.parameterization.denoised(x, sigma, out)
+
+    def prior(self, eps: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.parameterization.prior(eps, sigma)
+
+    def conditioning(self, batch: Sequence[SampleRequest],
+                     text_branches: Mapping[str, str]) -> LabelConditioning:  # fmt: skip
+        labels = self.labels
+        if labels is None:
+            return LabelConditioning(None, None)
+        cache: dict[tuple, int] = {}
+        values = []
+        for sample in batch:
+            key = tuple(sorted(sample.conditions.items()))
+            if key not in cache:
+                cache[key] = labels.label(sample.conditions)
+            values.append(cache[key])
+        tensor = torch.tensor(values, dtype=torch.long, device=self.device)
+        return LabelConditioning(tensor, labels.null_label)
+
+
+class LabelConditioning(Conditioning):
+    """Branch inputs of a label model: the samples' labels (``cond``) or the null label
+    (``uncond``); nothing for an unconditional model (`labels` None)."""
+
+    def __init__(self, labels: torch.Tensor | None, null_label: int | None) -> None:
+        self.labels = labels
+        self.null_label = null_label
+
+    def inputs(self, branch: str, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        if self.labels is None:
+            return {}
+        if branch == COND:
+            return {"class_labels": self.labels.to(device)}
+        if branch == UNCOND:
+            null = torch.full((batch,), self.null_label, dtype=torch.long, device=device)
+            return {"class_labels": null}
+        raise KeyError(branch)
+
+
+def _layout(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path | None]:
+    """(unet folder, scheduler config file, toolkit.json or None) of a model folder."""
+    if (path / "model_index.json").is_file():
+        unet_dir = path / "unet"
+        scheduler = path / "scheduler" / "scheduler_config.json"
+        extra = [path / "toolkit.json", unet_dir / "toolkit.json"]
+    else:
+        unet_dir = path
+        scheduler = path / "scheduler_config.json"
+        extra = [path / "toolkit.json"]
+    if not scheduler.is_file():
+        raise DtkError(f"{path}: missing scheduler config ({scheduler.relative_to(path)})")
+    return unet_dir, scheduler, next((p for p in extra if p.is_file()), None)
+
+
+def _label_space(unet_config: Mapping[str, Any], toolkit_json: pathlib.Path | None
+                 ) -> LabelSpace | None:  # fmt: skip
+    """The attributes, checked against the UNet's class embeddings."""
+    num_classes = unet_config.get("num_class_embeds")
+    if toolkit_json is None:
+        return LabelSpace.single_class(num_classes) if num_classes else None
+    labels = LabelSpace.from_json(toolkit_json)
+    if num_classes is None:
+        raise DtkError(f"{toolkit_json} names attributes but the UNet takes no class labels")
+    if labels.num_labels > num_classes:
+        raise DtkError(
+            f"{toolkit_json}: its attributes need {labels.num_labels} labels but the UNet "
+            f"has {num_classes} class embeddings"
+        )
+    return labels

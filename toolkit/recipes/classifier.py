@@ -1,0 +1,382 @@
+"""Small CNN attribute classifiers: training (`dtk train-classifier`), saving and loading.
+
+A classifier folder holds ``model.safetensors`` and ``config.json``::
+
+    {"format": "dtk-attribute-classifier", "attribute": "digit", "labels": ["0", ..., "9"],
+     "architecture": {"name": "small-cnn", "in_channels": 3, "image_size": 16, ...},
+     "training": {"command": "dtk train-classifier ...", "seed": 0, ...},
+     "eval": {"data": "...", "accuracy": 0.99, ...} or null}
+
+The built-in ``cnn`` attribute-classifier plugin serves such folders (the shipped ones by
+default). Images are float ``[B, C, H, W]`` in [0, 1]; other sizes are resized.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from toolkit.checks import check_fraction, check_positive, check_seed
+from toolkit.errors import DtkError
+from toolkit.lazy import lazy_import
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.data.dataset_folder import ImageDataset
+else:
+    torch = lazy_import("torch")
+
+FORMAT = "dtk-attribute-classifier"
+ARCHITECTURE = "small-cnn"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+def build_network(architecture: dict[str, Any]) -> torch.nn.Module:
+    """conv-conv-pool-conv-pool, then a linear layer over the flattened features."""
+    from torch import nn
+
+    if architecture.get("name") != ARCHITECTURE:
+        raise DtkError(f"unknown classifier architecture {architecture.get('name')!r}")
+    c1, c2, c3 = architecture["channels"]
+    size = architecture["image_size"]
+    return nn.Sequential(
+        nn.Conv2d(architecture["in_channels"], c1, 3, padding=1),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c2, c3, 3, padding=1),
+        nn.BatchNorm2d(c3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(architecture.get("dropout", 0.0)),
+        nn.Linear(c3 * (size // 4) ** 2, architecture["num_labels"]),
+    )
+
+
+class TrainedClassifier:
+    """A loaded classifier folder: `attribute`, `labels` and `predict_proba`."""
+
+    def __init__(self, config: dict[str, Any], network: torch.nn.Module) -> None:
+        self.config = config
+        self.attribute: str = config["attribute"]
+        self.labels: list[str] = list(config["labels"])
+        self.network = network.eval()
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["architecture"]["image_size"])
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Float ``[B, C, H, W]`` in [0, 1] -> the network's channels and size."""
+        import torch.nn.functional as F
+
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+            raise DtkError(f"expected images as a [B, C, H, W] tensor, got {shape}")
+        images = images.float()
+        channels = self.config["architecture"]["in_channels"]
+        if images.shape[1] == 4:
+            images = images[:, :3]  # drop alpha
+        if images.shape[1] == 1 and channels == 3:
+            images = images.expand(-1, 3, -1, -1)
+        if images.shape[1] != channels:
+            raise DtkError(
+                f"the {self.attribute} classifier takes {channels}-channel images, "
+                f"got {images.shape[1]} channels"
+            )
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(
+                images,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+        return images.clamp(0, 1)
+
+    def predict_proba(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """``[B, len(labels)]`` probabilities, on the images' device."""
+        images = self.prepare(images)
+        network = self.network.to(images.device)
+        with torch.no_grad():
+            parts = [
+                network(images[i : i + batch_size]).softmax(-1)
+                for i in range(0, len(images), batch_size)
+            ]
+        if not parts:
+            return torch.zeros(0, len(self.labels), device=images.device)
+        return torch.cat(parts)
+
+
+def load_classifier(path: str | pathlib.Path) -> TrainedClassifier:
+    """The classifier saved in folder `path` by `train_classifier`."""
+    from safetensors.torch import load_file
+
+    path = pathlib.Path(path)
+    config_file, weights_file = path / CONFIG, path / WEIGHTS
+    if not config_file.is_file() or not weights_file.is_file():
+        raise DtkError(
+            f"{path} is not an attribute-classifier folder (it needs {CONFIG} and {WEIGHTS}, "
+            "as written by dtk train-classifier)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+        if config.get("format") != FORMAT:
+            raise ValueError(f"format is {config.get('format')!r}, not {FORMAT!r}")
+        network = build_network(config["architecture"])
+        network.load_state_dict(load_file(weights_file))
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
+        raise DtkError(f"cannot load the classifier in {path}: {exc}") from None
+    return TrainedClassifier(config, network)
+
+
+# -- training ----------------------------------------------------------------------------
+
+
+def shift(images: torch.Tensor, generator: torch.Generator, pixels: int = 1) -> torch.Tensor:
+    """Move each image by up to `pixels` in x and y, repeating the border (no new colors)."""
+    import torch.nn.functional as F
+
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pixels,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * pixels + 1, (2, n), generator=generator)
+    out = torch.empty_like(images)
+    for dy in range(2 * pixels + 1):
+        for dx in range(2 * pixels + 1):
+            mask = (offsets[0] == dy) & (offsets[1] == dx)
+            out[mask] = padded[mask, :, dy : dy + h, dx : dx + w]
+    return out
+
+
+def blur(images: torch.Tensor, generator: torch.Generator, max_sigma: float = 1.0) -> torch.Tensor:
+    """A Gaussian blur of random width (0 to `max_sigma` pixels) per image."""
+    import torch.nn.functional as F
+
+    n, c, h, w = images.shape
+    sigma = max_sigma * torch.rand(n, generator=generator) + 1e-3
+    x = torch.arange(-2, 3, dtype=images.dtype)
+    kernel = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)  # [n, 5]
+    kernel2d = (kernel[:, :, None] * kernel[:, None, :]).repeat_interleave(c, 0)[:, None]
+    padded = F.pad(images.reshape(1, n * c, h, w), (2, 2, 2, 2), mode="replicate")
+    return F.conv2d(padded, kernel2d, groups=n * c).reshape(n, c, h, w)
+
+
+def recolor(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random global color transform per image: channels shuffled, then each channel's
+    black and white sent to random levels (any per-channel affine map into [0, 1], inversions
+    and low contrast included). Trained with it, a classifier cannot use the palette.
+    """
+    n, c = images.shape[:2]
+    perm = torch.argsort(torch.rand(n, c, generator=generator), dim=1)
+    images = images.gather(1, perm[:, :, None, None].expand_as(images))
+    black, white = torch.rand(2, n, c, 1, 1, generator=generator)
+    return black + (white - black) * images
+
+
+#: the augmentations `train_classifier` can apply, in the order it applies them
+AUGMENTATIONS = {"shift": shift, "recolor": recolor, "blur": blur}
+
+
+def accuracy(
+    classifier: TrainedClassifier, dataset: ImageDataset, by: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Accuracy on `dataset`, overall and per value of its attribute and of the `by` columns."""
+    labels = classifier.labels
+    truth = dataset.codes(classifier.attribute, labels)
+    predicted = classifier.predict_proba(dataset.images).argmax(-1)
+    correct = (predicted == truth).numpy()
+    result: dict[str, Any] = {
+        "data": str(dataset.root),
+        "images": len(dataset),
+        "accuracy": round(float(correct.mean()), 4),
+    }
+    for column in dict.fromkeys((classifier.attribute, *by)):
+        if column in dataset.metadata.columns:
+            values = dataset.metadata[column].astype(str).to_numpy()
+            result[f"accuracy_by_{column}"] = {
+                value: round(float(correct[values == value].mean()), 4)
+                for value in dataset.values(column)
+            }
+    return result
+
+
+def train_classifier(
+    data: str | pathlib.Path,
+    attribute: str,
+    out: str | pathlib.Path,
+    *,
+    epochs: int = 20,
+    seed: int = 0,
+    augment: Sequence[str] = ("shift",),
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    label_smoothing: float = 0.1,
+    image_size: int = 16,
+    channels: Sequence[int] = (16, 32, 48),
+    eval_data: str | pathlib.Path | None = None,
+    eval_by: Sequence[str] = (),
+    command: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a small CNN to predict `attribute` from the images of dataset folder `data`.
+
+    AdamW with a one-cycle learning rate and label smoothing; `augment` names the
+    augmentations applied to every batch, in `AUGMENTATIONS` order (`shift`, `recolor`,
+    `blur`). Saves ``model.safetensors`` and ``config.json`` atomically in `out` and
+    returns the config, with the accuracy on dataset folder `eval_data` if given (overall
+    and per value of the attribute and of each `eval_by` column).
+    """
+    import importlib.metadata
+
+    from safetensors.torch import save
+    from tqdm.auto import tqdm
+
+    from toolkit.checks import check_writable
+    from toolkit.data.dataset_folder import load_image_folder, natural_key, read_metadata
+    from toolkit.data.output import atomic_write
+
+    # Everything a user can get wrong is refused before any image is read or file written.
+    out = pathlib.Path(out)
+    check_positive("--epochs", epochs)
+    check_positive("--batch-size", batch_size)
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise DtkError(f"--lr must be a positive number, got {lr}")
+    check_fraction("weight_decay", weight_decay, high=math.inf)
+    check_fraction("label_smoothing", label_smoothing)
+    check_seed(seed, what="--seed")
+    whole = isinstance(image_size, int) and not isinstance(image_size, bool)
+    if not whole or image_size < 4 or image_size % 4:  # the network pools twice
+        raise DtkError(f"--image-size must be a positive multiple of 4, got {image_size}")
+    channels = list(channels)
+    if len(channels) != 3:
+        raise DtkError(f"channels takes three widths (one per convolution), got {channels}")
+    for width in channels:
+        check_positive("each of channels", width)
+    augment = [a.strip() for a in augment.split(",")] if isinstance(augment, str) else augment
+    unknown = [a for a in augment if a not in AUGMENTATIONS]
+    if unknown:
+        raise DtkError(
+            f"unknown augmentation {unknown[0]!r}; choose from: {', '.join(AUGMENTATIONS)}"
+        )
+    augment = [a for a in AUGMENTATIONS if a in augment]
+    if not isinstance(attribute, str) or not attribute:
+        raise DtkError(f"--attribute must name a metadata column, got {attribute!r}")
+    eval_by = [eval_by] if isinstance(eval_by, str) else list(eval_by)
+    if eval_by and eval_data is None:
+        raise DtkError("--eval-by needs --eval DATA: the folder whose accuracy it breaks down")
+    check_writable(out)
+    column = read_metadata(data, [attribute])[attribute].astype(str)
+    if (column == "").any():
+        raise DtkError(f"{data}: some images have no {attribute!r} value")
+    labels = sorted(column.unique(), key=natural_key)
+    if len(labels) < 2:
+        raise DtkError(f"{data}: attribute {attribute!r} has one value only ({labels[0]})")
+    if eval_data is not None:
+        # every value must be one the classifier knows
+        evaluated = read_metadata(eval_data, [attribute, *eval_by])[attribute].astype(str)
+        unknown = sorted(set(evaluated) - set(labels), key=natural_key)
+        if unknown:
+            raise DtkError(f"{eval_data}: {attribute} values {unknown} are not in {labels}")
+    dataset = load_image_folder(data, [attribute], size=image_size)
+    evaluation = None
+    if eval_data is not None:
+        evaluation = load_image_folder(eval_data, [attribute, *eval_by], size=image_size)
+    targets = dataset.codes(attribute, labels)
+
+    architecture = {
+        "name": ARCHITECTURE,
+        "in_channels": 3,
+        "image_size": image_size,
+        "channels": list(channels),
+        "dropout": 0.2,
+        "num_labels": len(labels),
+    }
+    torch.manual_seed(seed)  # the initial weights
+    network = build_network(architecture)
+    generator = torch.Generator().manual_seed(seed)  # batches and augmentation
+    optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(dataset) / batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch
+    )
+    started = time.perf_counter()
+    network.train()
+    bar = tqdm(total=epochs * steps_per_epoch, desc=f"training {attribute}", unit="step",
+               file=sys.stderr, disable=not progress)  # fmt: skip
+    with bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(dataset), generator=generator)
+            for start in range(0, len(order), batch_size):
+                index = order[start : start + batch_size]
+                images = dataset.images[index]
+                for name in augment:
+                    images = AUGMENTATIONS[name](images, generator)
+                logits = network(images)
+                loss = torch.nn.functional.cross_entropy(
+                    logits, targets[index], label_smoothing=label_smoothing
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    seconds = time.perf_counter() - started
+
+    config: dict[str, Any] = {
+        "format": FORMAT,
+        "attribute": attribute,
+        "labels": labels,
+        "architecture": architecture,
+        "training": {
+            "command": command,
+            "seed": seed,
+            "data": str(data),
+            "data_description": _description(pathlib.Path(data)),
+            "images": len(dataset),
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "optimizer": "AdamW",
+            "lr": lr,
+            "lr_schedule": "one-cycle",
+            "weight_decay": weight_decay,
+            "label_smoothing": label_smoothing,
+            "augment": augment,
+            "seconds": round(seconds, 1),
+            "versions": {
+                dist: importlib.metadata.version(dist) for dist in ("diffusion-toolkit", "torch")
+            },
+        },
+        "eval": None,
+    }
+    network.eval()
+    if evaluation is not None:
+        config["eval"] = accuracy(TrainedClassifier(config, network), evaluation, by=eval_by)
+    state = {k: v.detach().contiguous() for k, v in network.state_dict().items()}
+    try:
+        atomic_write(out / WEIGHTS, save(state, metadata={"format": FORMAT}))
+        atomic_write(out / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    except OSError as exc:  # a full disk, a folder check_writable could not foresee
+        raise DtkError(f"cannot write {out}: {exc}") from None
+    return config
+
+
+def _description(data: pathlib.Path) -> Any:
+    """The training data's ``dataset.json`` (how it was made), if it has one."""
+    try:
+        return json.loads((data / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,379 @@
+"""`dtk train`: a class-conditional diffusers ``UNet2DModel`` trained on a dataset folder.
+
+Each attribute is dropped to "unspecified" independently with probability `p_drop` during
+training, so one model samples every subset of its attributes (and classifier-free guidance
+has its null label). Labels use the product encoding of `toolkit.conditions.labels`. Epsilon
+prediction, AdamW with a short warm-up, an EMA of the weights (the shipped weights), periodic
+checkpoints that `--resume` continues from, a wall-clock or step budget, one fixed seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch  # this module is imported only to train
+
+from toolkit.checks import check_fraction, check_positive, check_seed, check_writable
+from toolkit.conditions.labels import Attribute, LabelSpace
+from toolkit.data.dataset_folder import load_image_folder, read_metadata
+from toolkit.data.output import atomic_write
+from toolkit.errors import DtkError
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+#: `build_unet` halves the image side twice (three resolutions)
+DOWNSAMPLING = 4
+#: GroupNorm splits every block width into this many groups, and attention heads are this
+#: many channels wide (diffusers' default head size), so each width is a multiple of it
+WIDTH_MULTIPLE = 8
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str
+    attributes: list[str]
+    out: str
+    steps: int | None = 2000
+    max_minutes: float | None = None
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: int = 100
+    ema_decay: float = 0.999
+    p_drop: float = 0.15
+    seed: int = 0
+    size: int = 16
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    beta_schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    checkpoint_every: int = 500
+
+    def check(self) -> None:
+        """Every setting a user can get wrong, refused with one line before any data is read
+        or any file written (`train` calls it; so does ``dtk train``, through `train`)."""
+        attributes = list(self.attributes)
+        if not attributes:
+            raise DtkError("give at least one --attribute (a metadata column to condition on)")
+        for attribute in attributes:
+            if not isinstance(attribute, str) or not attribute:
+                raise DtkError(f"--attribute must name a metadata column, got {attribute!r}")
+        twice = next((a for a in attributes if attributes.count(a) > 1), None)
+        if twice is not None:
+            raise DtkError(f"--attribute {twice} is given twice; name each attribute once")
+        if self.steps is None and self.max_minutes is None:
+            raise DtkError("give --steps or --max-minutes")
+        if self.steps is not None:
+            check_positive("--steps", self.steps)
+        if self.max_minutes is not None:
+            check_fraction("--max-minutes", self.max_minutes, high=math.inf, open_low=True)
+        check_positive("--batch-size", self.batch_size)
+        check_fraction("--lr", self.lr, high=math.inf, open_low=True)
+        check_fraction("weight_decay", self.weight_decay, high=math.inf)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise DtkError(f"warmup must be a whole number >= 0, got {self.warmup!r}")
+        # the moving average keeps `ema_decay` of itself each step: 1 would never move
+        check_fraction("--ema-decay", self.ema_decay, open_high=True)
+        # with p_drop = 1 every label would be dropped: the model would learn no attribute
+        check_fraction("--p-drop", self.p_drop, open_high=True)
+        check_seed(self.seed, what="--seed")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise DtkError(f"--beta-schedule must be one of {', '.join(BETA_SCHEDULES)}")
+        check_positive("num_train_timesteps", self.num_train_timesteps)
+        every = self.checkpoint_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise DtkError(
+                f"--checkpoint-every must be a whole number >= 0 (0: only at the end), "
+                f"got {every!r}"
+            )
+        size = self.size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % DOWNSAMPLING:
+            raise DtkError(
+                f"--size must be a positive multiple of {DOWNSAMPLING} (the UNet halves the "
+                f"image twice), got {size!r}"
+            )
+        self._check_channels()
+
+    def _check_channels(self) -> None:
+        channels = tuple(self.block_out_channels)
+        shown = ",".join(str(c) for c in channels)
+        if len(channels) != 3:
+            raise DtkError(
+                f"--channels takes three widths, one per resolution (e.g. 32,64,64), got "
+                f"{len(channels)}: {shown!r}"
+            )
+        for width in channels:
+            if (isinstance(width, bool) or not isinstance(width, int) or width < 1
+                    or width % WIDTH_MULTIPLE):  # fmt: skip
+                raise DtkError(
+                    f"--channels {shown}: each width must be a positive multiple of "
+                    f"{WIDTH_MULTIPLE} (GroupNorm splits it into {WIDTH_MULTIPLE} groups, and "
+                    f"attention heads are {WIDTH_MULTIPLE} channels wide), got {width!r}"
+                )
+
+
+def build_unet(config: TrainConfig, num_labels: int) -> Any:
+    """The default architecture: three resolutions, attention at the lowest (size / 4)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=config.size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=WIDTH_MULTIPLE,
+        attention_head_dim=WIDTH_MULTIPLE,
+        num_class_embeds=num_labels,
+    )
+
+
+class FactorizedEmbedding(torch.nn.Module):
+    """Class embedding of a product-encoded label as a SUM of per-attribute embeddings.
+
+    With one vector per (digit, group) combination, a rare combination (a minority group's
+    "3") would be learned from its few images alone. Summing a digit vector and a group
+    vector shares what the model learns about each attribute across all the others, so the
+    minority style composes with every digit. For saving, `materialize` writes the sums of
+    all combinations into the plain ``nn.Embedding`` a diffusers ``UNet2DModel`` has.
+    """
+
+    def __init__(self, space: LabelSpace, dim: int) -> None:
+        super().__init__()
+        self.radices = [a.radix for a in space.attributes]
+        self.tables = torch.nn.ModuleList(torch.nn.Embedding(r, dim) for r in self.radices)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        total = 0
+        for radix, table in zip(self.radices, self.tables):
+            labels, index = labels.div(radix, rounding_mode="floor"), labels.remainder(radix)
+            total = total + table(index)
+        return total
+
+    def materialize(self) -> torch.nn.Embedding:
+        count = math.prod(self.radices)
+        embedding = torch.nn.Embedding(count, self.tables[0].embedding_dim)
+        with torch.no_grad():
+            embedding.weight.copy_(self.forward(torch.arange(count)))
+        return embedding
+
+
+def label_space(dataset: Any, attributes: Sequence[str]) -> LabelSpace:
+    _check_values(dataset.metadata, dataset.root, attributes)
+    return LabelSpace(tuple(Attribute(a, tuple(dataset.values(a)), True) for a in attributes))
+
+
+def _check_values(metadata: Any, root: Any, attributes: Sequence[str]) -> None:
+    """Every image has a value of every attribute (a blank one would become a label)."""
+    for attribute in attributes:
+        if (metadata[attribute].astype(str) == "").any():
+            raise DtkError(f"{root}: some images have no {attribute!r} value")
+
+
+def _drop_labels(codes: torch.Tensor, space: LabelSpace, p: float, g: torch.Generator) -> Any:
+    """Product-encoded labels with each attribute dropped to "unspecified" w.p. `p`."""
+    label = torch.zeros(codes.shape[0], dtype=torch.long)
+    stride = 1
+    for k, attribute in enumerate(space.attributes):
+        index = codes[:, k].clone()
+        if p > 0:
+            drop = torch.rand(codes.shape[0], generator=g) < p
+            index[drop] = len(attribute.values)
+        label += index * stride
+        stride *= attribute.radix
+    return label
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> pathlib.Path:
+    """Train and write a model folder `config.out` that `dtk generate` loads."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    # Everything a user can get wrong is refused before any image is read or file written.
+    config.check()
+    out = pathlib.Path(config.out)
+    checkpoint = out.with_name(out.name + ".checkpoint")
+    check_writable(out)
+    check_writable(checkpoint)
+    if resume and not (checkpoint / "state.json").is_file():
+        raise DtkError(f"nothing to resume: no checkpoint at {checkpoint}")
+    if not resume and (out.exists() or checkpoint.exists()):
+        raise DtkError(f"--out {out} (or its checkpoint) exists; choose another or pass --resume")
+    state = _read_state(checkpoint, config) if resume else None
+    _check_values(read_metadata(config.data, config.attributes), config.data, config.attributes)
+    dataset = load_image_folder(config.data, config.attributes, size=config.size)
+    space = label_space(dataset, config.attributes)
+    codes = torch.stack(
+        [dataset.codes(a.name, a.values) for a in space.attributes], dim=1
+    )  # [N, A]
+    x_all = dataset.images * 2 - 1
+
+    torch.manual_seed(config.seed)
+    g = torch.Generator().manual_seed(config.seed)
+    unet = build_unet(config, space.num_labels)
+    ema = build_unet(config, space.num_labels)
+    dim = unet.class_embedding.embedding_dim
+    unet.class_embedding = FactorizedEmbedding(space, dim)
+    ema.class_embedding = FactorizedEmbedding(space, dim)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule
+    )
+    alphas_cumprod = scheduler.alphas_cumprod
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    step, elapsed = 0, 0.0
+    if state is not None:
+        unet.load_state_dict(load_file(checkpoint / "model.safetensors"))
+        ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        g.set_state(torch.load(checkpoint / "rng.pt", weights_only=True))
+        step, elapsed = state["step"], state["elapsed"]
+
+    total = config.steps
+    budget = None if config.max_minutes is None else config.max_minutes * 60
+    bar = tqdm(total=total, initial=step, desc="training", unit="step", file=sys.stderr,
+               disable=not progress)  # fmt: skip
+    started = time.monotonic() - elapsed
+    losses: list[float] = []
+    unet.train()
+    while (total is None or step < total) and (
+        budget is None or time.monotonic() - started < budget
+    ):
+        idx = torch.randint(0, len(x_all), (config.batch_size,), generator=g)
+        x0 = x_all[idx]
+        labels = _drop_labels(codes[idx], space, config.p_drop, g)
+        t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = torch.nn.functional.mse_loss(unet(x_t, t, class_labels=labels).sample, eps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            _save_checkpoint(checkpoint, unet, ema, optimizer, g, step,
+                             time.monotonic() - started, config)  # fmt: skip
+    bar.close()
+
+    # The model folder, written beside its final place and renamed into it.
+    ema.eval()
+    factorized = ema.class_embedding
+    ema.class_embedding = factorized.materialize()
+    with _writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(staging)
+            (staging / "toolkit.json").write_text(json.dumps(space.to_json(), indent=2) + "\n")
+            record = {
+                "command": "dtk train " + " ".join(sys.argv[2:])
+                if sys.argv[1:2] == ["train"]
+                else None,
+                "config": _jsonable(config),
+                "steps_done": step,
+                "minutes": round((time.monotonic() - started) / 60, 2),
+                "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])) if losses else None,
+                "parameters": sum(p.numel() for p in ema.parameters()),
+            }
+            (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    ema.class_embedding = factorized
+    if not (config.checkpoint_every and step % config.checkpoint_every == 0):  # else saved
+        _save_checkpoint(checkpoint, unet, ema, optimizer, g, step, time.monotonic() - started,
+                         config)  # fmt: skip
+    return out
+
+
+def _read_state(checkpoint: pathlib.Path, config: TrainConfig) -> dict[str, Any]:
+    """The checkpoint's ``state.json``, refused if damaged or made with other settings."""
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+        made_with = dict(state["config"])
+        state["step"], state["elapsed"] = int(state["step"]), float(state["elapsed"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DtkError(f"{checkpoint}/state.json is damaged ({exc}); cannot --resume it") from None
+    if _identity(made_with) != _identity(_jsonable(config)):
+        raise DtkError(f"{checkpoint} was made with other settings; cannot --resume it")
+    return state
+
+
+@contextlib.contextmanager
+def _writing(path: pathlib.Path) -> Iterator[None]:
+    """An OSError while writing `path` (a full disk, a folder `check_writable` could not
+    foresee) comes from the user's environment: one line, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise DtkError(f"cannot write {path}: {exc}") from None
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share (the budget may grow)."""
+    return {
+        k: v for k, v in config.items() if k not in ("steps", "max_minutes", "checkpoint_every")
+    }
+
+
+def _jsonable(config: TrainConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    data["block_out_channels"] = list(config.block_out_channels)
+    return data
+
+
+def _save_checkpoint(
+    folder: pathlib.Path,
+    unet: Any,
+    ema: Any,
+    optimizer: Any,
+    g: torch.Generator,
+    step: int,
+    elapsed: float,
+    config: TrainConfig,
+) -> None:
+    import io
+
+    from safetensors.torch import save
+
+    def tensor_bytes(obj: Any) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        return buffer.getvalue()
+
+    state = {"step": step, "elapsed": elapsed, "config": _jsonable(config)}
+    with _writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "model.safetensors", save(unet.state_dict()))
+        atomic_write(folder / "ema.safetensors", save(ema.state_dict()))
+        atomic_write(folder / "optimizer.pt", tensor_bytes(optimizer.state_dict()))
+        atomic_write(folder / "rng.pt", tensor_bytes(g.get_state()))
+        atomic_write(folder / "state.json", (json.dumps(state, indent=2) + "\n").encode())

@@ -1,0 +1,189 @@
+"""The plugin contract: what each kind of plugin implements, and the objects it is handed.
+
+Plugins need not inherit from anything: any class with a ``name`` and the members below can
+be registered (`toolkit.registry.hookspecs` has the hooks). Members a kind may leave out
+are declared once, here, in its ``...Options`` protocol; the toolkit reads them only
+through `optional` (never by probing with ``getattr`` at the call site), which supplies
+the documented default when a plugin does not define one. docs/plugins.md documents every
+member, and a test fails when one is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.models.noise import NoiseLevels
+
+#: ``denoise(x, sigma)`` -> the model's clean-image estimate at noise level sigma
+Denoiser = Callable[["torch.Tensor", Any], "torch.Tensor"]
+#: ``noise(sigma, sigma_next)`` -> fresh standard normal noise shaped like the sample
+NoiseSource = Callable[[float, float], "torch.Tensor"]
+#: called after every sampler step with ``i``, ``x``, ``sigma``, ``sigma_hat``, ``denoised``
+StepCallback = Callable[[dict[str, Any]], None]
+#: what a ``register_*`` hook is handed: call it with each plugin class (commands: instance)
+Register = Callable[[Any], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """A safety filter's judgement of one image or request."""
+
+    flagged: bool
+    reason: str = ""
+    score: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    """What was asked for one sample: its index, seed and conditions (or prompt, with the
+    negative prompt that guidance steers away from)."""
+
+    index: int
+    seed: int
+    conditions: Mapping[str, str]
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+    def text(self) -> str:
+        """The request as text, for filters that match words."""
+        parts = [f"{k}={v}" for k, v in self.conditions.items()]
+        if self.prompt:
+            parts.append(self.prompt)
+        return " ".join(parts)
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """``schedule(steps, noise)``: ``steps + 1`` strictly decreasing sigmas ending in 0."""
+
+    name: ClassVar[str]
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """``sampler(denoise, x, sigmas, *, noise, callback=None)``: the sample at sigma 0."""
+
+    name: ClassVar[str]
+
+    def __call__(
+        self,
+        denoise: Denoiser,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        *,
+        noise: NoiseSource,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Guidance(Protocol):
+    """Combines the clean-image estimates of several branches (conditionings) of one batch,
+    all computed in one batched forward pass: ``guidance(preds, sigma)``, where `preds`
+    maps each branch in `branches` (``"cond"``, ``"uncond"``, or a prompt branch of its
+    own) to its estimate. Optional members: `GuidanceOptions`."""
+
+    name: ClassVar[str]
+    branches: Sequence[str]
+
+    def __call__(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor: ...
+
+
+class GuidanceOptions(Protocol):
+    """The members a guidance may add, and what the toolkit does when it has none."""
+
+    #: branch name -> prompt, for text-to-image models: extra prompt branches, encoded once
+    #: and evaluated in the same batched pass. Default: none.
+    text_branches: Mapping[str, str]
+
+    def active(self, sigma: float) -> Sequence[str]:
+        """The branches needed at `sigma` (fewer at some noise levels). Default: all of
+        `branches`."""
+        ...
+
+    def assign(
+        self, condition: Mapping[str, str], seed: int, attributes: Mapping[str, Sequence[str]]
+    ) -> Mapping[str, str]:
+        """Complete one sample's condition from its own `seed` (so the choice does not
+        depend on batch, shard or rank); `attributes` maps the model's attribute names to
+        their values (empty for a text-to-image model). Default: the condition as given."""
+        ...
+
+    def start_batch(self, conditions: Sequence[Mapping[str, str]]) -> None:
+        """Called before each batch with its samples' conditions (reset state kept across
+        steps, prepare per-sample directions). Default: nothing."""
+        ...
+
+
+@runtime_checkable
+class SafetyFilter(Protocol):
+    """Judges images, or requests before any compute: one `Verdict` per sample. An image
+    filter is called as ``flt(images, requests)`` with float images ``[B, C, H, W]`` in
+    ``[0, 1]`` (a copy it may not change), a request filter as ``flt(requests)``. Filters
+    fail closed. Optional members: `SafetyFilterOptions`."""
+
+    name: ClassVar[str]
+
+    def __call__(self, *args: Any) -> Sequence[Verdict]: ...
+
+
+class SafetyFilterOptions(Protocol):
+    """The members a safety filter may add, and their defaults."""
+
+    #: ``"request"``: judged from the requests alone, before any compute. Default:
+    #: ``"image"``.
+    stage: Literal["image", "request"]
+
+
+@runtime_checkable
+class AttributeClassifier(Protocol):
+    """Predicts one attribute of images (how the fairness tools read a generator's
+    outputs); registered like the others, but never called directly."""
+
+    name: ClassVar[str]
+    attribute: str
+    labels: Sequence[str]
+
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, len(labels)]`` probabilities for float images ``[B, C, H, W]`` in [0, 1]."""
+        ...
+
+
+#: kind -> (its protocol, the protocol of its optional members, their defaults)
+CONTRACT: dict[str, tuple[type, type | None, dict[str, Any]]] = {
+    "schedule": (Schedule, None, {}),
+    "sampler": (Sampler, None, {}),
+    "guidance": (
+        Guidance,
+        GuidanceOptions,
+        {"text_branches": {}, "active": None, "assign": None, "start_batch": None},
+    ),
+    "safety_filter": (SafetyFilter, SafetyFilterOptions, {"stage": "image"}),
+    "attribute_classifier": (AttributeClassifier, None, {}),
+}
+
+
+def optional(kind: str, plugin: Any, member: str) -> Any:
+    """`plugin`'s optional `member` of its `kind`, or the contract's default (None for a
+    method it does not define). The one place optional members are looked up."""
+    defaults = CONTRACT[kind][2]
+    if member not in defaults:
+        raise KeyError(f"{member!r} is not an optional member of a {kind}")
+    value = getattr(plugin, member, None)
+    return defaults[member] if value is None else value
+
+
+def members(protocol: type) -> list[str]:
+    """The members a protocol declares (its annotations and methods), for the docs test."""
+    names = [n for n in getattr(protocol, "__annotations__", {}) if not n.startswith("_")]
+    names += [n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")]
+    if "__call__" in vars(protocol):
+        names.append("__call__")
+    return list(dict.fromkeys(names))

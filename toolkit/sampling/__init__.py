@@ -1,0 +1,1 @@
+"""The sampling engine: sigma-space denoisers with guidance, and safety filters."""

@@ -1,0 +1,63 @@
+"""One batch through guidance and sampler: per-sample noise in, float images out.
+
+Sample ``k`` starts from ``torch.randn(shape, generator=Generator("cpu").manual_seed(seed))``
+with its own seed, scaled to the model's prior at ``sigmas[0]``, and its generator alone
+supplies its later noise, so a sample's result does not depend on the batch it is in
+(docs/contracts.md, "Reproducibility").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from toolkit.data.images import to_unit
+from toolkit.lazy import lazy_import
+from toolkit.registry.protocols import optional
+from toolkit.sampling.denoiser import GuidedDenoiser
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.models.family import Model
+    from toolkit.registry.protocols import SampleRequest
+else:
+    torch = lazy_import("torch")
+
+
+def sample_images(
+    model: Model,
+    sampler: Any,
+    guidance: Any,
+    sigmas: torch.Tensor,
+    batch: Sequence[SampleRequest],
+    *,
+    text_branches: Mapping[str, str] | None = None,
+) -> torch.Tensor:
+    """Float images ``[B, C, H, W]`` in [0, 1] for the samples of `batch` (non-finite
+    values stay NaN, for the caller to catch).
+
+    A guidance with a ``start_batch`` member is given the batch's conditions first;
+    `text_branches` (a guidance's own prompts) defaults to the guidance's.
+    """
+    start_batch = optional("guidance", guidance, "start_batch")
+    if start_batch is not None:
+        start_batch([dict(sample.conditions) for sample in batch])
+    if text_branches is None:
+        text_branches = optional("guidance", guidance, "text_branches")
+    shape = model.sample_shape
+    generators = [torch.Generator("cpu").manual_seed(int(s.seed)) for s in batch]
+
+    def draw() -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+    x = model.prior(draw(), float(sigmas[0])).to(model.device)
+
+    def noise(sigma: float, sigma_next: float) -> torch.Tensor:
+        return draw().to(model.device)
+
+    with torch.inference_mode():
+        conditioning = model.conditioning(batch, text_branches)
+        guided = GuidedDenoiser(model, guidance, conditioning)
+        x0 = sampler(guided, x, sigmas, noise=noise)
+        return to_unit(model.decode(x0))
