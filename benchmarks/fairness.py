@@ -24,6 +24,7 @@ import pathlib
 import shutil
 import subprocess
 import time
+from typing import Any
 
 import pandas
 from tables import markdown  # benchmarks/tables.py, beside this script
@@ -42,10 +43,10 @@ def planted_truth(out: pathlib.Path) -> pandas.DataFrame:
         truth = float((metadata["group"] == "dark").mean())
         result = audit_bias(out / f"planted-{share}-audit", images=folder, progress=False,
                             report=False)  # fmt: skip
-        dark = result["attributes"]["group"]["groups"]["dark"]
-        low, high = dark["ci_low"], dark["ci_high"]
-        rows.append({"true share": truth, "measured": dark["share"], "ci_low": low,
-                     "ci_high": high, "within 0.03": abs(dark["share"] - truth) <= 0.03,
+        dark = result.attributes["group"].groups["dark"]
+        low, high = dark.ci_low, dark.ci_high
+        rows.append({"true share": truth, "measured": dark.share, "ci_low": low,
+                     "ci_high": high, "within 0.03": abs(dark.share - truth) <= 0.03,
                      "interval holds truth": low <= truth <= high})  # fmt: skip
     return pandas.DataFrame(rows)
 
@@ -59,28 +60,27 @@ def digit_accuracy(folder: pathlib.Path) -> float:
 
 
 def fair_guidance(out: pathlib.Path, n: int, steps: int) -> pandas.DataFrame:
-    generation = {"steps": steps, "batch_size": 100}
+    generation = toolkit.GenerationSettings(steps=steps)
     rows = []
     for name, extra in (
         ("conditional (cfg 2, group free)", {}),
         ("fair (uniform target)", {"guidance": "fair", "guidance_options": {"target": "uniform"}}),
     ):
         folder = out / ("fair" if extra else "plain")
-        result = audit_bias(folder, n=n, by="digit", generation={**generation, **extra},
+        result = audit_bias(folder, n=n, by="digit", generation=generation.replace(**extra),
                             progress=False, report=False)  # fmt: skip
-        dark = result["attributes"]["group"]["groups"]["dark"]
-        rows.append({"sampling": name, "n": n, "dark share": dark["share"],
-                     "ci_low": dark["ci_low"], "ci_high": dark["ci_high"],
+        dark = result.attributes["group"].groups["dark"]
+        rows.append({"sampling": name, "n": n, "dark share": dark.share,
+                     "ci_low": dark.ci_low, "ci_high": dark.ci_high,
                      "digit accuracy": digit_accuracy(folder / "samples")})  # fmt: skip
     return pandas.DataFrame(rows)
 
 
-def rebalancing(out: pathlib.Path, seeds: int) -> tuple[dict, pandas.DataFrame]:
+def rebalancing(out: pathlib.Path, seeds: int) -> tuple[Any, pandas.DataFrame]:
     train, test = out / "data" / "train", out / "data" / "test"
     toolkit.write_colored_digits(train, "train")
     toolkit.write_colored_digits(test, "test")
-    synthesis = synthesize(out / "synthesize", data=train, generation={"batch_size": 100},
-                           progress=False, report=False)  # fmt: skip
+    synthesis = synthesize(out / "synthesize", data=train, progress=False, report=False)
     downstream = evaluate_downstream(out / "downstream", train, test,
                                      out / "synthesize" / "synthetic", models=["cnn", "logreg"],
                                      seeds=seeds, threads=1, progress=False)  # fmt: skip
@@ -117,9 +117,9 @@ def main() -> None:
     summary["fair"] = fair.to_dict(orient="records")
 
     synthesis, table = rebalancing(args.out, args.seeds)
-    print(f"## Rebalancing\n\nsynthetic images: {synthesis['accepted']} accepted of "
-          f"{synthesis['planned']} planned, rejections {synthesis['rejections']}, rounds "
-          f"{len(synthesis['rounds'])}\n")  # fmt: skip
+    print(f"## Rebalancing\n\nsynthetic images: {synthesis.accepted} accepted of "
+          f"{synthesis.planned} planned, rejections {synthesis.rejections}, rounds "
+          f"{len(synthesis.rounds)}\n")  # fmt: skip
     print(markdown(table) + "\n")
     summary["rebalancing"] = table.to_dict(orient="records")
 

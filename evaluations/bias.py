@@ -14,6 +14,7 @@ why the correction moved the shares, or why it did not.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -30,11 +31,20 @@ from evaluations.common import (
     write_json,
 )
 from evaluations.report import shown_path
+from evaluations.results import (
+    AttributeAudit,
+    BiasConfig,
+    BiasResult,
+    Calibration,
+    ShareSummary,
+)
 from toolkit import natural_key
 
 if TYPE_CHECKING:
     import pandas
     import torch
+
+    from toolkit import GenerationSettings
 
 UNKNOWN = "unknown"
 
@@ -47,7 +57,9 @@ def audit_bias(
     conditions: Mapping[str, str] | None = None,
     n: int = 400,
     seed: int = 0,
-    generation: Mapping[str, Any] | None = None,
+    generation: GenerationSettings | None = None,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
     attributes: Sequence[str] = ("group",),
     classifier: str = "cnn",
     classifier_options: Mapping[str, Any] | None = None,
@@ -59,145 +71,232 @@ def audit_bias(
     n_boot: int = 2000,
     progress: bool = True,
     report: bool = True,
-) -> dict[str, Any]:
+) -> BiasResult:
     """Audit the images in `images`, or `n` images generated from `model` (default: the
     shipped generator) with `conditions`, for each of `attributes`. Writes
     ``results.json``, CSVs and (with `report`) ``report.html``/``report.md`` to `out`;
     returns the results.
 
     `target` is ``uniform``, shares (``light=0.5,dark=0.5``) or ``reference`` (the shares of
-    the `reference` folder). `generation` holds `toolkit.generate` keyword arguments
-    (sampler, steps, guidance, prompt for a text-to-image model, ...). The classifier plugin
-    is created per attribute with ``attribute=NAME`` and `classifier_options` (strings, as
-    from a command line, are converted by the plugin's option types).
+    the `reference` folder). `generation` says how the images are generated (a
+    `toolkit.GenerationSettings`, or a mapping of its fields; default: its defaults);
+    a text-to-image model takes `prompt` and `negative_prompt`. The classifier plugin is
+    created per attribute with ``attribute=NAME`` and `classifier_options` (strings, as from
+    a command line, are converted by the plugin's option types).
     """
-    out = pathlib.Path(out)
-    attributes = list(dict.fromkeys(attributes))
-    if not attributes:
-        raise toolkit.DtkError("give at least one --attribute to audit")
-    if not 0 <= min_confidence <= 1:
-        raise toolkit.DtkError("--min-confidence must be in [0, 1]")
-    if n_boot < 100:
-        raise toolkit.DtkError("--bootstrap must be at least 100 resamples")
-    target_is_reference = isinstance(target, str) and target.strip().lower() == "reference"
-    if target_is_reference and reference is None:
-        raise toolkit.DtkError("--target reference needs --reference DIR")
-    options = dict(classifier_options or {})
-    # from_strings converts string values by each option's type and takes others as given
-    classifiers = {
-        a: toolkit.create_plugin("attribute_classifier", classifier, {**options, "attribute": a},
-                                 from_strings=True)
-        for a in attributes
+    audit = _Audit(
+        out=pathlib.Path(out), images=images, model=model, conditions=dict(conditions or {}),
+        n=n, seed=seed, settings=toolkit.GenerationSettings.from_mapping(generation),
+        prompt=prompt, negative_prompt=negative_prompt,
+        attributes=list(dict.fromkeys(attributes)), classifier=classifier,
+        classifier_options=dict(classifier_options or {}), min_confidence=min_confidence,
+        target=target, reference=reference, by=by, calibration=calibration, n_boot=n_boot,
+        progress=progress,
+    )  # fmt: skip
+    # 1. every mistake a user can make, before an image is generated or read
+    audit.check_options()
+    classifiers = audit.classifiers()
+    # 2. the images: generated into OUT/samples (a rerun resumes them), or the given folder
+    folder = audit.samples()
+    pixels, table = load_images(folder, [by] if by else [])
+    # 3. per attribute: classify, count, and compare with the target
+    predictions = table[["file_name"] + ([by] if by else [])].copy()
+    by_values = None if by is None else table[by].astype(str).tolist()
+    references = _Comparisons.load(audit)
+    results = {
+        attribute: audit.attribute(attribute, instance, pixels, by_values, predictions,
+                                   references)
+        for attribute, instance in classifiers.items()
     }  # fmt: skip
-    for attribute, instance in classifiers.items():
-        if instance.attribute != attribute:
-            raise toolkit.DtkError(
-                f"classifier {classifier!r} predicts {instance.attribute!r}, not {attribute!r}"
-            )
-        if not target_is_reference:  # check the spelling before any compute
-            toolkit.target_distribution(target, instance.labels, what="--target")
-    if conditions:
-        fixed = sorted(set(conditions) & set(attributes))
+    # 4. results.json, the CSVs and the report
+    result = BiasResult(created=now(), config=audit.config(), versions=versions(),
+                        plugins=_plugins_used(classifier, folder), attributes=results,
+                        image_root=folder, predictions=predictions)  # fmt: skip
+    _write(audit.out, result, report)
+    return result
+
+
+@dataclasses.dataclass
+class _Audit:
+    """One audit's options, and its steps (see `audit_bias`)."""
+
+    out: pathlib.Path
+    images: str | pathlib.Path | None
+    model: str | pathlib.Path | None
+    conditions: dict[str, str]
+    n: int
+    seed: int
+    settings: GenerationSettings
+    prompt: str | None
+    negative_prompt: str | None
+    attributes: list[str]
+    classifier: str
+    classifier_options: dict[str, Any]
+    min_confidence: float
+    target: str | Mapping[str, float]
+    reference: str | pathlib.Path | None
+    by: str | None
+    calibration: str | pathlib.Path | None
+    n_boot: int
+    progress: bool
+
+    @property
+    def target_is_reference(self) -> bool:
+        return isinstance(self.target, str) and self.target.strip().lower() == "reference"
+
+    def check_options(self) -> None:
+        if not self.attributes:
+            raise toolkit.DtkError("give at least one --attribute to audit")
+        if not 0 <= self.min_confidence <= 1:
+            raise toolkit.DtkError("--min-confidence must be in [0, 1]")
+        if self.n_boot < 100:
+            raise toolkit.DtkError("--bootstrap must be at least 100 resamples")
+        if self.target_is_reference and self.reference is None:
+            raise toolkit.DtkError("--target reference needs --reference DIR")
+        fixed = sorted(set(self.conditions) & set(self.attributes))
         if fixed:
             raise toolkit.DtkError(
                 f"the audited attribute {fixed[0]!r} is fixed by --condition; leave it "
                 "unspecified so the audit sees what the model does on its own"
             )
 
-    source: dict[str, Any]
-    if images is None:
-        folder = out / "samples"
+    def classifiers(self) -> dict[str, Any]:
+        """One classifier per attribute, each checked to predict it, and the target checked
+        against its labels before any compute."""
+        made = {}
+        for attribute in self.attributes:
+            # from_strings converts string values by each option's type, takes others as given
+            options = {**self.classifier_options, "attribute": attribute}
+            instance = toolkit.create_plugin("attribute_classifier", self.classifier, options,
+                                             from_strings=True)  # fmt: skip
+            if instance.attribute != attribute:
+                raise toolkit.DtkError(f"classifier {self.classifier!r} predicts "
+                                       f"{instance.attribute!r}, not {attribute!r}")  # fmt: skip
+            if not self.target_is_reference:
+                toolkit.target_distribution(self.target, instance.labels, what="--target")
+            made[attribute] = instance
+        return made
+
+    def samples(self) -> pathlib.Path:
+        """The folder of the audited images: `images`, or `n` samples generated now."""
+        if self.images is not None:
+            return pathlib.Path(self.images)
+        folder = self.out / "samples"
         toolkit.generate(
-            model, out=folder, conditions=_spread(model, conditions, by, n, generation), n=n,
-            seed=seed,
-            progress=progress, **dict(generation or {}),
+            self.model, out=folder, n=self.n, seed=self.seed, prompt=self.prompt,
+            negative_prompt=self.negative_prompt, settings=self.settings,
+            conditions=_spread(self.model, self.conditions, self.by, self.n, self.settings),
+            progress=self.progress,
         )  # fmt: skip
-        source = {"model": shown_path(model or toolkit.default_model()), "conditions":
-                  dict(conditions or {}), "n": n, "seed": seed,
-                  "generation": dict(generation or {})}  # fmt: skip
-    else:
-        folder = pathlib.Path(images)
-        source = {"images": shown_path(folder)}
-    pixels, table = load_images(folder, [by] if by else [])
-    by_values = None if by is None else table[by].astype(str).tolist()
+        return folder
 
-    reference_data = None if reference is None else load_images(reference)
-    calibration_data = None if calibration is None else load_images(calibration, attributes)
-
-    predictions = table[["file_name"] + ([by] if by else [])].copy()
-    results: dict[str, Any] = {}
-    for attribute, instance in classifiers.items():
-        labels = list(instance.labels)
-        predicted, confidence, top = _predict(instance, pixels, min_confidence)
+    def attribute(self, attribute: str, classifier: Any, pixels: torch.Tensor,
+                  by_values: list[str] | None, predictions: pandas.DataFrame,
+                  references: _Comparisons) -> AttributeAudit:  # fmt: skip
+        """Classify the images for `attribute` (their predictions added to `predictions`),
+        count, summarize, and write its counts and shares CSVs."""
+        labels = list(classifier.labels)
+        predicted, confidence, top = _predict(classifier, pixels, self.min_confidence)
         predictions[f"{attribute}_predicted"] = predicted
         predictions[f"{attribute}_confidence"] = confidence
         predictions[f"{attribute}_top"] = top
-        reference_counts = None
-        if reference_data is not None:
-            reference_counts = _reference_counts(
-                reference_data, attribute, instance, labels, min_confidence
-            )
-        if target_is_reference:
-            assert reference_counts is not None
-            known = reference_counts.drop(UNKNOWN)
-            if known.sum() == 0:
-                raise toolkit.DtkError(f"--reference holds no image with a known {attribute}")
-            shares = {k: float(v) / float(known.sum()) for k, v in known.items()}
-        else:
-            shares = toolkit.target_distribution(target, labels, what="--target")
-        confusion = checked = None
-        if calibration_data is not None:
-            confusion, checked = _calibration(
-                calibration_data, attribute, instance, labels, min_confidence
-            )
+        reference_counts = references.reference_counts(attribute, classifier, labels)
+        shares = self.target_shares(attribute, labels, reference_counts)
+        confusion, checked = references.calibration(attribute, classifier, labels)
         counts = metrics.count_table(predicted, labels, by=by_values, unknown=UNKNOWN)
-        overall = counts["all"] if by is not None else counts["count"]
         summary = metrics.summarize(
-            overall, shares, reference_counts=reference_counts, confusion=confusion,
-            n_boot=n_boot, seed=seed,
+            counts["count" if self.by is None else "all"], shares,
+            reference_counts=reference_counts, confusion=confusion, n_boot=self.n_boot,
+            seed=self.seed,
         )  # fmt: skip
-        if by is not None:
-            summary["by"] = {
-                str(value): metrics.summarize(counts[value], shares, n_boot=n_boot, seed=seed)
-                for value in counts.columns
-                if value != "all"
-            }
-        if checked is not None:
-            summary["calibration"] = {"folder": shown_path(calibration), **checked}
-        summary["classifier"] = provenance("attribute_classifier", classifier)
-        results[attribute] = summary
+        used = provenance("attribute_classifier", self.classifier)
+        audit = AttributeAudit.of(summary, by=self.breakdown(counts, shares),
+                                  calibration=checked, classifier=used)  # fmt: skip
         # the attribute names a file: made a safe name, so no --attribute can lead out of OUT
         stem = toolkit.safe_name(attribute)
-        write_csv(out / f"counts_{stem}.csv", counts.rename_axis(attribute), index=True)
-        write_csv(out / f"shares_{stem}.csv", metrics.shares_frame(summary))
+        write_csv(self.out / f"counts_{stem}.csv", counts.rename_axis(attribute), index=True)
+        write_csv(self.out / f"shares_{stem}.csv", metrics.shares_frame(audit))
+        return audit
 
-    result = {
-        "command": "eval bias",
-        "created": now(),
-        "config": {
-            **source,
-            "out": str(out),
-            "attributes": attributes,
-            "classifier": classifier,
-            "classifier_options": options,
-            "min_confidence": min_confidence,
-            "target": target if isinstance(target, str) else dict(target),
-            "reference": shown_path(reference),
-            "by": by,
-            "calibration": shown_path(calibration),
-            "bootstrap": n_boot,
-        },
-        "plugins": _plugins_used(classifier, folder),
-        "versions": versions(),
-        "attributes": results,
-    }
-    write_csv(out / "predictions.csv", predictions)
-    write_json(out / "results.json", result)
+    def target_shares(self, attribute: str, labels: list[str],
+                      reference_counts: pandas.Series | None) -> dict[str, float]:  # fmt: skip
+        if not self.target_is_reference:
+            return toolkit.target_distribution(self.target, labels, what="--target")
+        assert reference_counts is not None
+        known = reference_counts.drop(UNKNOWN)
+        if known.sum() == 0:
+            raise toolkit.DtkError(f"--reference holds no image with a known {attribute}")
+        return {k: float(v) / float(known.sum()) for k, v in known.items()}
+
+    def breakdown(self, counts: pandas.DataFrame, shares: Mapping[str, float]
+                  ) -> dict[str, ShareSummary] | None:  # fmt: skip
+        """With --by: the shares among the images of each value."""
+        if self.by is None:
+            return None
+        return {
+            str(value): metrics.summarize(counts[value], shares, n_boot=self.n_boot,
+                                          seed=self.seed)
+            for value in counts.columns
+            if value != "all"
+        }  # fmt: skip
+
+    def config(self) -> BiasConfig:
+        source: dict[str, Any] = {"images": shown_path(self.images)}
+        if self.images is None:
+            source = {"model": shown_path(self.model or toolkit.default_model()),
+                      "conditions": self.conditions, "n": self.n, "seed": self.seed,
+                      "generation": self.settings, "prompt": self.prompt,
+                      "negative_prompt": self.negative_prompt}  # fmt: skip
+        return BiasConfig(
+            out=str(self.out), attributes=self.attributes, classifier=self.classifier,
+            classifier_options=self.classifier_options, min_confidence=self.min_confidence,
+            target=self.target if isinstance(self.target, str) else dict(self.target),
+            reference=shown_path(self.reference), by=self.by,
+            calibration=shown_path(self.calibration), bootstrap=self.n_boot, **source,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass
+class _Comparisons:
+    """The folders the audited shares are compared with: a reference (its counts give bias
+    amplification, or the target) and labeled calibration images (the classifier's errors)."""
+
+    audit: _Audit
+    reference: tuple[torch.Tensor, pandas.DataFrame] | None
+    calibration_data: tuple[torch.Tensor, pandas.DataFrame] | None
+
+    @classmethod
+    def load(cls, audit: _Audit) -> _Comparisons:
+        return cls(
+            audit,
+            None if audit.reference is None else load_images(audit.reference),
+            None if audit.calibration is None else load_images(audit.calibration,
+                                                               audit.attributes),
+        )  # fmt: skip
+
+    def reference_counts(self, attribute: str, classifier: Any, labels: list[str]
+                         ) -> pandas.Series | None:  # fmt: skip
+        if self.reference is None:
+            return None
+        return _reference_counts(self.reference, attribute, classifier, labels,
+                                 self.audit.min_confidence)  # fmt: skip
+
+    def calibration(self, attribute: str, classifier: Any, labels: list[str]
+                    ) -> tuple[Any, Calibration | None]:  # fmt: skip
+        if self.calibration_data is None:
+            return None, None
+        confusion, checked = _calibration(self.calibration_data, attribute, classifier, labels,
+                                          self.audit.min_confidence)  # fmt: skip
+        return confusion, Calibration(folder=shown_path(self.audit.calibration), **checked)
+
+
+def _write(out: pathlib.Path, result: BiasResult, report: bool) -> None:
+    write_csv(out / "predictions.csv", result.predictions)
+    write_json(out / "results.json", result.to_json())
     if report:
         from evaluations.bias_report import write_bias_report
 
-        write_bias_report(out, result, folder, predictions)
-    return result
+        write_bias_report(out, result)
 
 
 def _spread(
@@ -205,7 +304,7 @@ def _spread(
     conditions: Mapping[str, str] | None,
     by: str | None,
     n: int,
-    generation: Mapping[str, Any] | None,
+    settings: GenerationSettings,
 ) -> list[dict[str, str]] | dict[str, str] | None:
     """With ``--by ATTR`` on generated images, sample ``i`` asks for ATTR's ``i % k``-th value
     (unless the conditions fix it, or the guidance draws ATTR itself, as ``fair`` does for
@@ -213,7 +312,7 @@ def _spread(
     if by is None or (conditions and by in conditions):
         return dict(conditions) if conditions else None
     space = toolkit.label_space(model if model is not None else toolkit.default_model())
-    if _guidance_draws(generation, space, conditions, by):
+    if _guidance_draws(settings, space, conditions, by):
         return dict(conditions) if conditions else None
     if space is None:
         raise toolkit.DtkError(
@@ -311,20 +410,14 @@ def _plugins_used(classifier: str, folder: pathlib.Path) -> list[dict[str, str]]
 
 
 def _guidance_draws(
-    generation: Mapping[str, Any] | None,
-    space: Any,
-    conditions: Mapping[str, str] | None,
-    by: str,
+    settings: GenerationSettings, space: Any, conditions: Mapping[str, str] | None, by: str
 ) -> bool:
     """Whether the run's guidance draws `by` itself: its `assign` hook adds `by` to a
     sample's condition. Then --by reads what it drew from the metadata."""
-    generation = dict(generation or {})
-    if generation.get("guidance") is None:
+    if settings.guidance is None:
         return False
-    guidance = toolkit.create_plugin(
-        "guidance", generation["guidance"], generation.get("guidance_options"),
-        from_strings=bool(generation.get("options_from_strings")),
-    )  # fmt: skip
+    guidance = toolkit.create_plugin("guidance", settings.guidance, settings.guidance_options,
+                                     from_strings=settings.options_from_strings)  # fmt: skip
     assign = toolkit.optional_member("guidance", guidance, "assign")
     if assign is None:
         return False

@@ -10,49 +10,22 @@ from __future__ import annotations
 
 import math
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 import toolkit
+from evaluations import defaults
 from toolkit import parse_key_values
+
+if TYPE_CHECKING:
+    import pandas
+
+    from evaluations.demo import DemoResult
+    from evaluations.results import BiasResult
 
 PATH = click.Path(path_type=pathlib.Path)
 EXISTING = click.Path(path_type=pathlib.Path, exists=True, file_okay=False)
-
-
-def generation_options(
-    guidance_help: str = "cfg, scale 2, when conditioned; else none", steps: int = 20
-) -> Any:
-    """The options that say how images are generated (a subset of ``dtk generate``'s)."""
-
-    def decorate(function: Any) -> Any:
-        options = [
-            click.option(
-                "--sampler", default="dpmpp_2m", show_default=True, help="Sampler plugin."
-            ),
-            click.option(
-                "--schedule", default="karras", show_default=True, help="Schedule plugin."
-            ),
-            click.option(
-                "--steps", type=int, default=steps, show_default=True, help="Sampling steps."
-            ),
-            click.option(
-                "--guidance", default=None, help=f"Guidance plugin (default: {guidance_help})."
-            ),
-            click.option(
-                "--guidance-option", multiple=True, metavar="KEY=VALUE", help="Repeatable."
-            ),
-            click.option("--batch-size", type=int, default=64, show_default=True),
-            click.option(
-                "--device", default="auto", show_default=True, help="auto = cuda, mps, cpu."
-            ),
-        ]
-        for option in reversed(options):
-            function = option(function)
-        return function
-
-    return decorate
 
 
 def classifier_options(classifier_help: str) -> Any:
@@ -71,37 +44,19 @@ def classifier_options(classifier_help: str) -> Any:
     return decorate
 
 
-def _check_generation(generation: dict[str, Any]) -> None:
-    """The generation settings a command passes on, checked before it writes anything: the
-    counts, the device, and that each named plugin exists and takes its options."""
-    toolkit.check_positive("--steps", generation["steps"])
-    toolkit.check_positive("--batch-size", generation["batch_size"])
-    toolkit.resolve_device(generation["device"])
-    toolkit.create_plugin("sampler", generation["sampler"])
-    toolkit.create_plugin("schedule", generation["schedule"])
-    if "guidance" in generation:
-        toolkit.create_plugin("guidance", generation["guidance"],
-                              generation["guidance_options"], from_strings=True)  # fmt: skip
+def _settings(kw: dict[str, Any]) -> toolkit.GenerationSettings:
+    """The generation settings from the options `toolkit.generation_options` added (popped
+    from `kw`), checked before the command writes anything."""
+    settings = toolkit.settings_from_cli(kw)
+    _check_settings(settings)
+    return settings
 
 
-def _generation(kw: dict[str, Any]) -> dict[str, Any]:
-    generation = {
-        "sampler": kw.pop("sampler"),
-        "schedule": kw.pop("schedule"),
-        "steps": kw.pop("steps"),
-        "batch_size": kw.pop("batch_size"),
-        "device": kw.pop("device"),
-        "options_from_strings": True,
-    }
-    guidance, guidance_options = kw.pop("guidance"), kw.pop("guidance_option")
-    if guidance is not None:
-        generation["guidance"] = guidance
-        options = parse_key_values(guidance_options, what="--guidance-option")
-        generation["guidance_options"] = options
-    elif guidance_options:
-        raise toolkit.DtkError("--guidance-option needs --guidance NAME")
-    _check_generation(generation)
-    return generation
+def _check_settings(settings: toolkit.GenerationSettings) -> None:
+    """The settings and the device, before the command writes anything (each run checks
+    the settings again, with the model)."""
+    toolkit.check_settings(settings)
+    toolkit.resolve_device(settings.device)
 
 
 @click.group("eval")
@@ -119,7 +74,7 @@ def eval_group() -> None:
 )  # fmt: skip
 @click.option("-n", "--num", "n", type=int, default=400, show_default=True, help="Samples.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@generation_options()
+@toolkit.generation_options()
 @click.option(
     "--attribute", "attributes", multiple=True, default=("group",), show_default=True,
     help="Attribute to audit; repeatable.",
@@ -174,6 +129,22 @@ def bias_command(**kw: Any) -> None:
     """
     from evaluations.bias import audit_bias
 
+    _check_bias(kw)
+    quiet = kw.pop("quiet")
+    result = audit_bias(
+        kw.pop("out"),
+        conditions=parse_key_values(kw.pop("conditions"), what="--condition"),
+        classifier_options=parse_key_values(kw.pop("classifier_option"),
+                                            what="--classifier-option"),
+        generation=_settings(kw),
+        progress=not quiet,
+        **kw,
+    )  # fmt: skip
+    _bias_summary(result)
+
+
+def _check_bias(kw: dict[str, Any]) -> None:
+    """What ``eval bias`` can check from its options alone, before any work."""
     if kw["images"] is not None and kw["model"] is not None:
         raise toolkit.DtkError("give --model or --images, not both")
     toolkit.check_writable(kw["out"])
@@ -181,36 +152,20 @@ def bias_command(**kw: Any) -> None:
         toolkit.check_positive("-n", kw["n"])
         toolkit.check_seed(kw["seed"], kw["n"], what="--seed")
     toolkit.check_fraction("--min-confidence", kw["min_confidence"])
-    generation = _generation(kw)
-    for key in ("prompt", "negative_prompt"):
-        value = kw.pop(key)
-        if value is not None:
-            generation[key] = value
-    quiet = kw.pop("quiet")
-    result = audit_bias(
-        kw.pop("out"),
-        conditions=parse_key_values(kw.pop("conditions"), what="--condition"),
-        classifier_options=parse_key_values(
-            kw.pop("classifier_option"), what="--classifier-option"
-        ),
-        generation=generation,
-        progress=not quiet,
-        **kw,
-    )
-    _summary(result)
 
 
-def _summary(result: dict[str, Any]) -> None:
-    for attribute, summary in result["attributes"].items():
+def _bias_summary(result: BiasResult) -> None:
+    """Per attribute, one line: each share with its interval, and the Fairness Discrepancy."""
+    for attribute, audit in result.attributes.items():
         parts = [
-            f"{label} {g['share']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}]"
-            for label, g in summary["groups"].items()
-            if g["share"] is not None
+            f"{label} {g.share:.3f} [{g.ci_low:.3f}, {g.ci_high:.3f}]"
+            for label, g in audit.groups.items()
+            if g.share is not None
         ]
-        fd = summary["metrics"]["fairness_discrepancy"]["value"]
+        fd = audit.metrics["fairness_discrepancy"].value
         fd_text = "n/a" if fd is None else f"{fd:.3f}"
         click.echo(f"{attribute}: {'; '.join(parts)}; FD {fd_text}", err=True)
-    click.echo(f"report: {pathlib.Path(result['config']['out']) / 'report.html'}", err=True)
+    click.echo(f"report: {pathlib.Path(result.config.out) / 'report.html'}", err=True)
 
 
 @click.command("synthesize")
@@ -252,7 +207,11 @@ def _summary(result: dict[str, Any]) -> None:
 )  # fmt: skip
 @classifier_options("Attribute-classifier plugin of the label_consistency filter.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@generation_options("cfg, scale 0.75: varied samples, which the filters check", steps=20)
+@toolkit.generation_options(
+    steps=defaults.SYNTHESIS_STEPS,
+    guidance_help="cfg, scale 0.75: varied samples, which the filters check",
+    filters=False,
+)
 @click.option("--out", type=PATH, default=pathlib.Path("dtk-synthetic"), show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def synthesize_command(**kw: Any) -> None:
@@ -282,6 +241,24 @@ def synthesize_command(**kw: Any) -> None:
     """
     from evaluations.synthesis import synthesize
 
+    _check_synthesize(kw)
+    filters = [f.strip() for f in kw.pop("filters").split(",") if f.strip()]
+    generation = _settings(kw)
+    kw["classifier_options"] = parse_key_values(kw.pop("classifier_option"),
+                                                what="--classifier-option")  # fmt: skip
+    quiet, out, by = kw.pop("quiet"), kw.pop("out"), kw.pop("by") or None
+    result = synthesize(out, by=by, filters=filters, generation=generation,
+                        progress=not quiet, on_plan=_show_plan, **kw)  # fmt: skip
+    shortfall = f", {result.shortfall} short of the plan" if result.shortfall else ""
+    click.echo(
+        f"{result.accepted} of {result.planned} planned images accepted{shortfall}; "
+        f"synthetic data in {out / 'synthetic'}, manifest {out / 'combined.csv'}",
+        err=True,
+    )
+
+
+def _check_synthesize(kw: dict[str, Any]) -> None:
+    """What ``synthesize`` can check from its options alone, before any work."""
     toolkit.check_writable(kw["out"])
     if kw["budget"] is not None:
         toolkit.check_positive("--budget", kw["budget"])
@@ -292,27 +269,11 @@ def synthesize_command(**kw: Any) -> None:
     toolkit.check_fraction("--consistency-threshold", kw["consistency_threshold"])
     toolkit.check_fraction("--memorization-threshold", kw["memorization_threshold"],
                            high=math.inf)  # fmt: skip
-    generation = _generation(kw)
-    filters = [f.strip() for f in kw.pop("filters").split(",") if f.strip()]
-    kw["classifier_options"] = parse_key_values(
-        kw.pop("classifier_option"), what="--classifier-option"
-    )
-    quiet = kw.pop("quiet")
-    out = kw.pop("out")
-    by = kw.pop("by") or None
 
-    def show_plan(plan: Any) -> None:
-        click.echo(f"plan ({int(plan['generate'].sum())} images to generate):", err=True)
-        click.echo(plan.to_string(index=False), err=True)
 
-    result = synthesize(out, by=by, filters=filters, generation=generation,
-                        progress=not quiet, on_plan=show_plan, **kw)  # fmt: skip
-    shortfall = f", {result['shortfall']} short of the plan" if result["shortfall"] else ""
-    click.echo(
-        f"{result['accepted']} of {result['planned']} planned images accepted{shortfall}; "
-        f"synthetic data in {out / 'synthetic'}, manifest {out / 'combined.csv'}",
-        err=True,
-    )
+def _show_plan(plan: pandas.DataFrame) -> None:
+    click.echo(f"plan ({int(plan['generate'].sum())} images to generate):", err=True)
+    click.echo(plan.to_string(index=False), err=True)
 
 
 DEFAULT_METHODS = "real,oversample,jitter,synthetic,pretrain_finetune"
@@ -368,12 +329,27 @@ def downstream_command(**kw: Any) -> None:
       dtk synthesize --out synth
       dtk eval downstream --synthetic synth/synthetic --out downstream
     """
-    from evaluations.downstream import METHODS, MODELS, NEEDS_SYNTHETIC
     from evaluations.downstream_job import evaluate_downstream, summary_table
 
     out = kw["out"]
     # everything is checked before the default data is written
-    toolkit.check_writable(out)
+    methods, models = _check_downstream(kw)
+    real = kw["real"] or _colored_digits(out, "train", quiet=kw["quiet"])
+    test = kw["test"] or _colored_digits(out, "test", quiet=kw["quiet"])
+    evaluation = evaluate_downstream(
+        out, real, test, kw["synthetic"], label=kw["label"], attribute=kw["attribute"],
+        methods=methods, models=models, seeds=kw["seeds"], steps=kw["steps"],
+        device=kw["device"], threads=kw["threads"], progress=not kw["quiet"],
+    )  # fmt: skip
+    click.echo(summary_table(evaluation).to_string(index=False), err=True)
+    click.echo(f"report: {out / 'report.html'}", err=True)
+
+
+def _check_downstream(kw: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The options of ``eval downstream``, checked; the methods and models chosen."""
+    from evaluations.downstream import METHODS, MODELS, NEEDS_SYNTHETIC
+
+    toolkit.check_writable(kw["out"])
     toolkit.check_positive("--seeds", kw["seeds"])
     toolkit.check_positive("--threads", kw["threads"])
     if kw["steps"] is not None:
@@ -381,34 +357,31 @@ def downstream_command(**kw: Any) -> None:
         if kw["steps"] < 2:
             raise toolkit.DtkError(f"--steps must be at least 2 (pretrain_finetune halves it), "
                                    f"got {kw['steps']}")  # fmt: skip
-    for option, known in (("models", MODELS), ("methods", METHODS)):
-        chosen = [m.strip() for m in kw[option].split(",") if m.strip()]
-        unknown = [m for m in chosen if m not in known]
-        if unknown or not chosen:
-            what = f"unknown {option[:-1]} {unknown[0]!r}" if unknown else "none given"
-            raise toolkit.DtkError(f"--{option}: {what}; choose from: {', '.join(known)}")
+    models, methods = _choices(kw, "models", MODELS), _choices(kw, "methods", METHODS)
     toolkit.resolve_device(kw["device"])
-    real, test = kw["real"], kw["test"]
-    if real is None:
-        real = out / "data" / "train"
-        toolkit.write_colored_digits(real, "train", progress=not kw["quiet"])
-    if test is None:
-        test = out / "data" / "test"
-        toolkit.write_colored_digits(test, "test", progress=not kw["quiet"])
-    methods = [m.strip() for m in kw["methods"].split(",") if m.strip()]
     # methods asked for by name need their data; the default ones without it are skipped
     # by run_downstream, which says so in the results and the report
     needing = [m for m in methods if m in NEEDS_SYNTHETIC]
     if kw["synthetic"] is None and needing and kw["methods"] != DEFAULT_METHODS:
         raise toolkit.DtkError(f"method {needing[0]!r} needs --synthetic DIR")
-    data = evaluate_downstream(
-        out, real, test, kw["synthetic"], label=kw["label"], attribute=kw["attribute"],
-        methods=methods, models=[m.strip() for m in kw["models"].split(",") if m.strip()],
-        seeds=kw["seeds"], steps=kw["steps"], device=kw["device"], threads=kw["threads"],
-        progress=not kw["quiet"],
-    )  # fmt: skip
-    click.echo(summary_table(data).to_string(index=False), err=True)
-    click.echo(f"report: {out / 'report.html'}", err=True)
+    return methods, models
+
+
+def _choices(kw: dict[str, Any], option: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated names of --OPTION, each one of `known`."""
+    chosen = [m.strip() for m in kw[option].split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in known]
+    if unknown or not chosen:
+        what = f"unknown {option[:-1]} {unknown[0]!r}" if unknown else "none given"
+        raise toolkit.DtkError(f"--{option}: {what}; choose from: {', '.join(known)}")
+    return chosen
+
+
+def _colored_digits(out: pathlib.Path, split: str, *, quiet: bool) -> pathlib.Path:
+    """The default data: a colored-digits split, written to OUT/data/SPLIT."""
+    folder = out / "data" / split
+    toolkit.write_colored_digits(folder, split, progress=not quiet)
+    return folder
 
 
 @click.command("demo")
@@ -416,18 +389,24 @@ def downstream_command(**kw: Any) -> None:
 @click.option("-n", "--num", "n", type=int, default=400, show_default=True,
               help="Samples per audit.")  # fmt: skip
 @click.option("--seeds", type=int, default=5, show_default=True, help="Downstream runs per method.")
-@click.option("--sampler", default="dpmpp_2m", show_default=True)
-@click.option("--steps", type=int, default=10, show_default=True)
 @click.option(
     "--budget", type=int,
     help="Cap the synthetic images, for a quicker look (default: balance every digit).",
 )  # fmt: skip
-@click.option("--device", default="auto", show_default=True, help="auto = cuda, mps, cpu.")
+@toolkit.generation_options(
+    steps=defaults.DEMO_STEPS,
+    guidance_help="cfg (scale 2) for the audit, cfg (scale 0.75) for synthesis; the fair "
+    "guidance audit always uses fair",
+    filters=False,
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def demo_command(**kw: Any) -> None:
     """The fairness workflow end to end on the embedded default, in a few minutes on a CPU:
     audit the shipped generator, fix its bias with fair guidance, synthesize the missing
     minority data, and test whether it makes a digit classifier fairer.
+
+    The generation options apply to every stage that generates, with two exceptions: the
+    fair-guidance audit uses the fair guidance, and synthesis keeps its own --steps (20).
 
     Writes OUT/report.html (start there), report.md and results.json, and one folder per
     stage (audit/, audit-fair/, synthesize/, downstream/) with its own report. Rerunning
@@ -438,22 +417,23 @@ def demo_command(**kw: Any) -> None:
     out = kw.pop("out")
     # everything is checked before the first stage writes its data
     toolkit.check_writable(out)  # (run_demo checks -n before it writes)
-    for option in ("seeds", "steps"):
-        toolkit.check_positive(f"--{option}", kw[option])
+    toolkit.check_positive("--seeds", kw["seeds"])
     if kw["budget"] is not None:
         toolkit.check_positive("--budget", kw["budget"])
-    toolkit.resolve_device(kw["device"])
-    toolkit.create_plugin("sampler", kw["sampler"])
-    result = run_demo(out, progress=not kw.pop("quiet"), **kw)
-    head = result["headline"]
-    generated = head["generated_minority_share"]["share"]
-    guided = head["fair_guidance_minority_share"]["share"]
-    click.echo(f"minority share: training {head['training_minority_share']:.3f}, generated "
-               f"{generated:.3f}, with fair guidance {guided:.3f}", err=True)  # fmt: skip
-    for method in ("real", "oversample", "jitter", "synthetic", "pretrain_finetune"):
-        figures = head.get(f"cnn_{method}")
-        if figures:
-            click.echo(f"cnn {method:>17}: accuracy {figures['accuracy']:.3f}, gap "
-                       f"{figures['gap']:.3f}", err=True)  # fmt: skip
-    click.echo(f"report: {out / 'report.html'} ({sum(result['seconds'].values()):.0f} s)",
+    generation = _settings(kw)
+    result = run_demo(out, generation=generation, progress=not kw.pop("quiet"), **kw)
+    _demo_summary(out, result)
+
+
+def _demo_summary(out: pathlib.Path, result: DemoResult) -> None:
+    """The minority's share in training, generated and under fair guidance; the CNN's
+    accuracy and gap per method; where the report is."""
+    head = result.headline
+    click.echo(f"minority share: training {head.training_minority_share:.3f}, generated "
+               f"{head.generated_minority_share.share:.3f}, with fair guidance "
+               f"{head.fair_guidance_minority_share.share:.3f}", err=True)  # fmt: skip
+    for method, figures in head.cnn.items():
+        click.echo(f"cnn {method:>17}: accuracy {figures.accuracy:.3f}, gap "
+                   f"{figures.gap:.3f}", err=True)  # fmt: skip
+    click.echo(f"report: {out / 'report.html'} ({sum(result.seconds.values()):.0f} s)",
                err=True)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -14,6 +15,8 @@ import toolkit
 if TYPE_CHECKING:
     import pandas
     import torch
+
+    from toolkit import GenerationSettings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -85,6 +88,11 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def settings_json(settings: GenerationSettings | None) -> dict[str, Any]:
+    """A `toolkit.GenerationSettings` as results.json records it: every field."""
+    return {} if settings is None else jsonable(dataclasses.asdict(settings))
 
 
 def write_json(path: pathlib.Path, data: Any) -> None:

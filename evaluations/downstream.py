@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "METHODS",
     "MODELS",
+    "DownstreamConfig",
     "DownstreamResult",
     "build_model",
     "color_jitter",
@@ -417,6 +418,31 @@ def _run(
 
 
 @dataclasses.dataclass
+class DownstreamConfig:
+    """What `run_downstream` ran, on what, and how long it took."""
+
+    label: str
+    attribute: str
+    labels: list[str]
+    #: the `attribute` values of the test set: the groups accuracy is reported for
+    groups: list[str]
+    methods: list[str]
+    models: list[str]
+    seeds: list[int]
+    steps: dict[str, int]
+    batch_size: int
+    learning_rate: dict[str, float]
+    device: str
+    threads: int
+    sizes: dict[str, int | None]
+    real_group_counts: dict[str, int]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return jsonable(dataclasses.asdict(self))
+
+
+@dataclasses.dataclass
 class DownstreamResult:
     """`runs`: one row per (model, method, seed); `summary`: one row per (model, method);
     `skipped`: methods not run, with the reason; `config`: what was run, on what, how long."""
@@ -424,13 +450,17 @@ class DownstreamResult:
     runs: pd.DataFrame
     summary: pd.DataFrame
     skipped: dict[str, str]
-    config: dict[str, Any]
+    config: DownstreamConfig
+
+    def summary_records(self) -> list[dict[str, Any]]:
+        """The summary's rows, missing figures (NaN) as None."""
+        return jsonable(self.summary.to_dict("records"))
 
     def to_json(self) -> dict[str, Any]:
         """Plain Python types only; NaN (and missing intervals) as None."""
         return jsonable(
             {
-                "config": self.config,
+                "config": self.config.to_json(),
                 "skipped": self.skipped,
                 "summary": self.summary.to_dict("records"),
                 "runs": self.runs.to_dict("records"),
@@ -486,40 +516,89 @@ def run_downstream(
     other work the threads' synchronisation makes each step many times slower: 1 is the
     fastest setting there. None leaves torch's setting alone.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
-    methods = _choose(methods, METHODS, "method")
-    models = _choose(models, MODELS, "model")
+    # 1. the choices, checked before any data is read
+    methods, models = _choose(methods, METHODS, "method"), _choose(models, MODELS, "model")
     seed_list = _seeds(seeds)
+    _check_budgets(steps, batch_size, threads)
+    skipped = {}
+    if synthetic is None:
+        skipped = {m: "no synthetic data given" for m in methods if m in NEEDS_SYNTHETIC}
+        methods = [m for m in methods if m not in skipped]
+    # 2. the data, as tensors on the training device, the labels coded alike in every set
+    data = _Datasets.load(real, test, synthetic, label=label, attribute=attribute,
+                          device=device)  # fmt: skip
+    # 3. one run per model, method and seed
+    plan = [(model, method, seed) for model in models for method in methods for seed in seed_list]
+    runs, used_threads = _run_all(plan, data, steps=steps, batch_size=batch_size,
+                                  threads=threads, progress=progress)  # fmt: skip
+    # 4. the summary over seeds, and what was run
+    config = DownstreamConfig(
+        label=label, attribute=attribute, labels=data.labels, groups=data.groups,
+        methods=methods, models=models, seeds=seed_list,
+        steps={m: steps or DEFAULT_STEPS[m] for m in models}, batch_size=batch_size,
+        learning_rate={m: LEARNING_RATE[m] for m in models}, device=str(data.device),
+        threads=used_threads, sizes=data.sizes(), real_group_counts=_counts(data.real.groups),
+        seconds=round(time.perf_counter() - started, 1),
+    )  # fmt: skip
+    return DownstreamResult(runs, summarize_runs(runs, models=models, methods=methods), skipped,
+                            config)  # fmt: skip
+
+
+def _check_budgets(steps: int | None, batch_size: int, threads: int | None) -> None:
     if steps is not None and steps < 2:
         raise toolkit.DtkError(f"steps must be at least 2 (pretrain_finetune halves it): {steps}")
     if batch_size < 1:
         raise toolkit.DtkError(f"batch_size must be at least 1: {batch_size}")
     if threads is not None and threads < 1:
         raise toolkit.DtkError(f"threads must be at least 1: {threads}")
-    skipped = {}
-    if synthetic is None:
-        skipped = {m: "no synthetic data given" for m in methods if m in NEEDS_SYNTHETIC}
-        methods = [m for m in methods if m not in skipped]
 
-    real_set = _load(real, [label, attribute], "real")
-    test_set = _load(test, [label, attribute], "test")
-    synthetic_set = None if synthetic is None else _load(synthetic, [label], "synthetic")
-    sets = [s for s in (real_set, test_set, synthetic_set) if s is not None]
-    labels = sorted({v for s in sets for v in s.values(label)}, key=natural_key)
-    torch_device = toolkit.resolve_device(device)
-    real_data = _prepare(real_set, label, attribute, labels, torch_device)
-    test_data = _prepare(test_set, label, attribute, labels, torch_device)
-    synthetic_data = (
-        None
-        if synthetic_set is None
-        else _prepare(synthetic_set, label, attribute, labels, torch_device)
-    )
-    groups = sorted(set(test_data.groups.tolist()), key=natural_key)
 
-    plan = [(model, method, seed) for model in models for method in methods for seed in seed_list]
+@dataclasses.dataclass
+class _Datasets:
+    """The real, test and (optional) synthetic data of the runs, prepared for training."""
+
+    real: _Data
+    test: _Data
+    synthetic: _Data | None
+    labels: list[str]
+    #: the test set's groups, the ones each run's accuracy is broken down by
+    groups: list[str]
+    device: Any
+    loaded: dict[str, toolkit.ImageDataset | None]
+
+    @classmethod
+    def load(cls, real: Any, test: Any, synthetic: Any, *, label: str, attribute: str,
+             device: str) -> _Datasets:  # fmt: skip
+        sets = {
+            "real": _load(real, [label, attribute], "real"),
+            "test": _load(test, [label, attribute], "test"),
+            "synthetic": None if synthetic is None else _load(synthetic, [label], "synthetic"),
+        }
+        # the union of every set's labels, so a label missing from one set keeps its code
+        labels = sorted({v for s in sets.values() if s is not None for v in s.values(label)},
+                        key=natural_key)  # fmt: skip
+        torch_device = toolkit.resolve_device(device)
+        prepared = {name: None if s is None else _prepare(s, label, attribute, labels,
+                                                          torch_device)
+                    for name, s in sets.items()}  # fmt: skip
+        groups = sorted(set(prepared["test"].groups.tolist()), key=natural_key)
+        return cls(prepared["real"], prepared["test"], prepared["synthetic"], labels, groups,
+                   torch_device, sets)  # fmt: skip
+
+    def sizes(self) -> dict[str, int | None]:
+        return {name: None if self.loaded[name] is None else len(self.loaded[name])
+                for name in ("real", "synthetic", "test")}  # fmt: skip
+
+
+def _run_all(plan: list[tuple[str, str, int]], data: _Datasets, *, steps: int | None,
+             batch_size: int, threads: int | None, progress: bool
+             ) -> tuple[pd.DataFrame, int]:  # fmt: skip
+    """Every run of `plan`, one row each, under `threads` torch threads (restored after);
+    and the thread count the runs used."""
+    import torch
+    from tqdm.auto import tqdm
+
     rows = []
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -529,40 +608,18 @@ def run_downstream(
         for model, method, seed in bar:
             bar.set_postfix_str(f"{model} {method} seed {seed}", refresh=False)
             run = _run(
-                model, method, seed, real=real_data, synthetic=synthetic_data, test=test_data,
-                num_labels=len(labels), steps=steps or DEFAULT_STEPS[model],
+                model, method, seed, real=data.real, synthetic=data.synthetic, test=data.test,
+                num_labels=len(data.labels), steps=steps or DEFAULT_STEPS[model],
                 batch_size=batch_size,
             )  # fmt: skip
             by_group = run.pop("by_group")
-            rows.append({**run, **{f"accuracy_{g}": by_group.get(g) for g in groups}})
+            rows.append({**run, **{f"accuracy_{g}": by_group.get(g) for g in data.groups}})
         bar.close()
     finally:
         torch.set_num_threads(previous_threads)
     columns = ["model", "method", "seed", "overall", "worst_group", "gap"]
-    runs = pd.DataFrame(rows, columns=columns + [f"accuracy_{g}" for g in groups])
-    summary = summarize_runs(runs, models=models, methods=methods)
-    config = {
-        "label": label,
-        "attribute": attribute,
-        "labels": labels,
-        "groups": groups,
-        "methods": methods,
-        "models": models,
-        "seeds": seed_list,
-        "steps": {m: steps or DEFAULT_STEPS[m] for m in models},
-        "batch_size": batch_size,
-        "learning_rate": {m: LEARNING_RATE[m] for m in models},
-        "device": str(torch_device),
-        "threads": threads or previous_threads,
-        "sizes": {
-            "real": len(real_set),
-            "synthetic": None if synthetic_set is None else len(synthetic_set),
-            "test": len(test_set),
-        },
-        "real_group_counts": _counts(real_data.groups),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    return DownstreamResult(runs, summary, skipped, config)
+    runs = pd.DataFrame(rows, columns=columns + [f"accuracy_{g}" for g in data.groups])
+    return runs, threads or previous_threads
 
 
 def _counts(groups: np.ndarray) -> dict[str, int]:

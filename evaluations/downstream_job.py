@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from evaluations.common import now, versions, write_csv, write_json
-from evaluations.downstream import mean_interval, run_downstream
+from evaluations.common import jsonable, now, versions, write_csv, write_json
+from evaluations.downstream import (
+    DownstreamConfig,
+    DownstreamResult,
+    mean_interval,
+    run_downstream,
+)
 from evaluations.report import shown_path
 
 if TYPE_CHECKING:
     import pandas
+
+    from evaluations.report import Report
 
 METHOD_NAMES = {
     "real": "real only",
@@ -23,6 +31,41 @@ METHOD_NAMES = {
 }
 
 
+@dataclasses.dataclass
+class DownstreamEvaluation:
+    """``dtk eval downstream``'s result: `run_downstream`'s, the folders it read (as given)
+    and each group's accuracy per model and method; `to_json` is results.json."""
+
+    command: ClassVar[str] = "eval downstream"
+
+    created: str
+    real: str | None
+    test: str | None
+    synthetic: str | None
+    out: str
+    result: DownstreamResult
+    versions: dict[str, str]
+    accuracy_by_group: pandas.DataFrame = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def config(self) -> DownstreamConfig:
+        return self.result.config
+
+    def config_json(self) -> dict[str, Any]:
+        """results.json's ``config``: the folders, then `run_downstream`'s config."""
+        folders = {"real": self.real, "test": self.test, "synthetic": self.synthetic}
+        return {**folders, "out": self.out, **self.config.to_json()}
+
+    def to_json(self) -> dict[str, Any]:
+        return jsonable({
+            "command": self.command, "created": self.created, "config": self.config_json(),
+            "versions": self.versions, "groups": self.config.groups,
+            "skipped": self.result.skipped, "summary": self.result.summary_records(),
+            "accuracy_by_group": self.accuracy_by_group.to_dict(orient="records"),
+            "runs": self.result.runs.to_dict("records"),
+        })  # fmt: skip
+
+
 def evaluate_downstream(
     out: str | pathlib.Path,
     real: Any,
@@ -31,41 +74,28 @@ def evaluate_downstream(
     *,
     report: bool = True,
     **options: Any,
-) -> dict[str, Any]:
+) -> DownstreamEvaluation:
     """Train and test per model, method and seed (`run_downstream` `options`); write
     ``runs.csv``, ``summary.csv``, ``results.json`` and the report to `out`."""
     out = pathlib.Path(out)
     result = run_downstream(real, test, synthetic, **options)
-    data = result.to_json()
-    groups = result.config["groups"]
-    data = {
-        "command": "eval downstream",
-        "created": now(),
-        "config": {
-            "real": _where(real),
-            "test": _where(test),
-            "synthetic": None if synthetic is None else _where(synthetic),
-            "out": str(out),
-            **data["config"],
-        },
-        "versions": versions(),
-        "groups": groups,
-        "skipped": data["skipped"],
-        "summary": data["summary"],
-        "accuracy_by_group": accuracy_by_group(result.runs, groups).to_dict(orient="records"),
-        "runs": data["runs"],
-    }
+    evaluation = DownstreamEvaluation(
+        created=now(), real=_where(real), test=_where(test),
+        synthetic=None if synthetic is None else _where(synthetic), out=str(out),
+        result=result, versions=versions(),
+        accuracy_by_group=accuracy_by_group(result.runs, result.config.groups),
+    )  # fmt: skip
     write_csv(out / "runs.csv", result.runs)
     write_csv(out / "summary.csv", result.summary)
-    write_json(out / "results.json", data)
+    write_json(out / "results.json", evaluation.to_json())
     if report:
         from evaluations.report import Report
 
-        report_ = Report("Downstream fairness", created=data["created"])
-        add_downstream_section(report_, data)
-        report_.config({"config": data["config"], "versions": data["versions"]})
+        report_ = Report("Downstream fairness", created=evaluation.created)
+        add_downstream_section(report_, evaluation)
+        report_.config({"config": evaluation.config_json(), "versions": evaluation.versions})
         report_.write(out)
-    return data
+    return evaluation
 
 
 def _where(data: Any) -> str:
@@ -100,12 +130,12 @@ def _interval(row: Mapping[str, Any], name: str, percent: bool = False) -> str:
     return f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
-def summary_table(data: Mapping[str, Any]) -> pandas.DataFrame:
+def summary_table(evaluation: DownstreamEvaluation) -> pandas.DataFrame:
     """The headline table: mean [95% interval] per model and method."""
     import pandas
 
     rows = []
-    for row in data["summary"]:
+    for row in evaluation.result.summary_records():
         rows.append({
             "model": row["model"],
             "method": METHOD_NAMES.get(row["method"], row["method"]),
@@ -120,31 +150,28 @@ def summary_table(data: Mapping[str, Any]) -> pandas.DataFrame:
 
 
 def add_downstream_section(
-    report: Any, data: Mapping[str, Any], *, heading: str | None = None
+    report: Report, evaluation: DownstreamEvaluation, *, heading: str | None = None
 ) -> None:
     """The summary table and accuracy plots, under the level-2 `heading` if given (the
     report's own title says "Downstream fairness"; the demo numbers its section)."""
-    import pandas
-
     from evaluations.plots import accuracy_plot
 
-    config = data["config"]
+    config = evaluation.config
     if heading is not None:
         report.heading(heading, level=2)
     report.text(
-        f"A `{config.get('label', 'digit')}` classifier trained per method and seed, tested "
-        f"on `{config['test']}`; the gap is the best minus the worst "
-        f"`{config.get('attribute', 'group')}` accuracy (fairlearn `MetricFrame.difference`). "
-        "Intervals are 95% t-intervals over seeds; the gap reduction is paired by seed."
+        f"A `{config.label}` classifier trained per method and seed, tested on "
+        f"`{evaluation.test}`; the gap is the best minus the worst `{config.attribute}` "
+        "accuracy (fairlearn `MetricFrame.difference`). Intervals are 95% t-intervals over "
+        "seeds; the gap reduction is paired by seed."
     )
-    report.table(summary_table(data), caption="Accuracy, worst-group accuracy and gap")
-    accuracy = pandas.DataFrame(data["accuracy_by_group"])
-    for model, part in accuracy.groupby("model", sort=False):
+    report.table(summary_table(evaluation), caption="Accuracy, worst-group accuracy and gap")
+    for model, part in evaluation.accuracy_by_group.groupby("model", sort=False):
         report.figure(
-            accuracy_plot(part, groups=data["groups"], title=f"{model}: accuracy by group"),
+            accuracy_plot(part, groups=config.groups, title=f"{model}: accuracy by group"),
             caption=f"{model}: mean accuracy per group and method, 95% intervals over seeds.",
             name=f"accuracy_{model}",
         )
-    if data["skipped"]:
-        skipped = "; ".join(f"`{k}`: {v}" for k, v in data["skipped"].items())
+    if evaluation.result.skipped:
+        skipped = "; ".join(f"`{k}`: {v}" for k, v in evaluation.result.skipped.items())
         report.text(f"Not run: {skipped}.")

@@ -9,6 +9,7 @@ whole stack of bootstrap replicates at once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
+from evaluations.results import Corrected, GroupShare, MetricValue, ShareSummary
 from toolkit import DtkError, natural_key
 
 __all__ = [
@@ -99,7 +101,11 @@ def count_table(
         sensitive_features=pd.Series(values, name="label"),
         control_features=None if by is None else pd.Series(by, name="by"),
     )
-    counts = frame.by_group["count"]
+    return _count_columns(frame.by_group["count"], rows, by)
+
+
+def _count_columns(counts: pd.Series, rows: pd.Index, by: np.ndarray | None) -> pd.DataFrame:
+    """MetricFrame's group sizes as `count_table`'s table: every label, zeros included."""
     if by is None:
         table = counts.reindex(rows).fillna(0).astype(int).to_frame("count")
     else:
@@ -357,8 +363,8 @@ def summarize(
     seed: int = 0,
     confidence: float = 0.95,
     unknown: str = "unknown",
-) -> dict[str, Any]:
-    """JSON-ready summary of one attribute's audit.
+) -> ShareSummary:
+    """The figures of one attribute's audit.
 
     ``counts`` is indexed by label plus ``unknown`` (e.g. a column of `count_table`); its
     order fixes the label order. ``target`` maps every label to its target share.
@@ -370,79 +376,79 @@ def summarize(
     if not isinstance(counts, pd.Series):
         raise DtkError("counts must be a pandas Series indexed by label and unknown")
     labels = [label for label in counts.index if label != unknown]
-    known_counts = _label_counts(counts, labels, "counts", unknown)
-    n_unknown = int(counts.get(unknown, 0))
+    known = _label_counts(counts, labels, "counts", unknown)
     t = _target_shares(target, labels)
-    known = int(known_counts.sum())
-    total = known + n_unknown
-    shares = known_counts / known if known else np.full(len(labels), np.nan)
+    ref = _reference(reference_counts, labels, unknown)
+    shares = known / known.sum() if known.sum() else np.full(len(labels), np.nan)
+    ref_shares = None if ref is None else ref / ref.sum()
+    n_unknown = int(counts.get(unknown, 0))
+    return ShareSummary(
+        labels=[str(label) for label in labels],
+        total=int(known.sum()) + n_unknown,
+        unknown=n_unknown,
+        groups=_group_shares(labels, known, shares, t, confidence),
+        metrics=_metric_values(known, shares, t, ref, n_boot=n_boot, seed=seed,
+                               confidence=confidence),
+        reference=None if ref is None else dict(zip(map(str, labels), map(float, ref_shares))),
+        corrected=None if confusion is None else _corrected(labels, known, confusion, t,
+                                                            ref_shares),
+    )  # fmt: skip
 
-    low, high = wilson_interval(known_counts, known, confidence)
-    summary: dict[str, Any] = {
-        "labels": [str(label) for label in labels],
-        "total": total,
-        "unknown": {"count": n_unknown, "share": n_unknown / total if total else None},
-        "groups": {
-            str(label): {
-                "count": int(known_counts[i]),
-                "share": _finite(shares[i]),
-                "ci_low": float(low[i]),
-                "ci_high": float(high[i]),
-                "target": float(t[i]),
-            }
-            for i, label in enumerate(labels)
-        },
-    }
 
-    ref_shares = None
-    ref = None
-    if reference_counts is not None:
-        ref = _label_counts(reference_counts, labels, "reference_counts", unknown)
-        if ref.sum() <= 0:
-            raise DtkError("reference_counts hold no known prediction")
-        ref_shares = ref / ref.sum()
+def _reference(
+    reference_counts: pd.Series | Mapping[str, float] | None, labels: list[str], unknown: str
+) -> np.ndarray | None:
+    if reference_counts is None:
+        return None
+    ref = _label_counts(reference_counts, labels, "reference_counts", unknown)
+    if ref.sum() <= 0:
+        raise DtkError("reference_counts hold no known prediction")
+    return ref
 
-    values = _all_metrics(shares, t, ref_shares)
-    intervals = bootstrap_intervals(
-        known_counts, t, n_boot=n_boot, confidence=confidence, seed=seed, reference_counts=ref
-    )
-    summary["metrics"] = {
-        name: {
-            "value": _finite(value),
-            "ci_low": _finite(intervals[name][0]),
-            "ci_high": _finite(intervals[name][1]),
-        }
+
+def _group_shares(
+    labels: list[str], known: np.ndarray, shares: np.ndarray, t: np.ndarray, confidence: float
+) -> dict[str, GroupShare]:
+    low, high = wilson_interval(known, known.sum(), confidence)
+    return {
+        str(label): GroupShare(count=int(known[i]), share=_finite(shares[i]),
+                               ci_low=float(low[i]), ci_high=float(high[i]), target=float(t[i]))
+        for i, label in enumerate(labels)
+    }  # fmt: skip
+
+
+def _metric_values(
+    known: np.ndarray, shares: np.ndarray, t: np.ndarray, ref: np.ndarray | None, **bootstrap: Any
+) -> dict[str, MetricValue]:
+    """Each metric at the observed shares, with its bootstrap interval."""
+    values = _all_metrics(shares, t, None if ref is None else ref / ref.sum())
+    intervals = bootstrap_intervals(known, t, reference_counts=ref, **bootstrap)
+    return {
+        name: MetricValue(_finite(value), _finite(intervals[name][0]), _finite(intervals[name][1]))
         for name, value in values.items()
     }
-    if ref_shares is not None:
-        summary["reference"] = {
-            str(label): float(share) for label, share in zip(labels, ref_shares)
-        }
-
-    if confusion is not None:
-        corrected = corrected_shares(known_counts, confusion)
-        summary["corrected"] = {
-            "groups": {
-                str(label): {"share": _finite(share)} for label, share in zip(labels, corrected)
-            },
-            "metrics": {
-                name: _finite(value)
-                for name, value in _all_metrics(corrected, t, ref_shares).items()
-            },
-        }
-    return summary
 
 
-def shares_frame(summary: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per label: count, share, its 95% interval, the target (and corrected share)."""
-    corrected = (summary.get("corrected") or {}).get("groups", {})
-    reference = summary.get("reference") or {}
+def _corrected(
+    labels: list[str], known: np.ndarray, confusion: Any, t: np.ndarray, ref_shares: Any
+) -> Corrected:
+    shares = corrected_shares(known, confusion)
+    metrics = _all_metrics(shares, t, ref_shares)
+    return Corrected(
+        shares={str(label): _finite(share) for label, share in zip(labels, shares)},
+        metrics={name: _finite(value) for name, value in metrics.items()},
+    )
+
+
+def shares_frame(summary: ShareSummary) -> pd.DataFrame:
+    """One row per label: count, share, its 95% interval, the target (and the reference and
+    corrected shares, when there are)."""
     rows = []
-    for label, group in summary["groups"].items():
-        row = {"label": label, **group}
-        if reference:
-            row["reference_share"] = reference.get(label)
-        if corrected:
-            row["corrected_share"] = corrected.get(label, {}).get("share")
+    for label, group in summary.groups.items():
+        row = {"label": label, **dataclasses.asdict(group)}
+        if summary.reference:
+            row["reference_share"] = summary.reference.get(label)
+        if summary.corrected is not None:
+            row["corrected_share"] = summary.corrected.shares.get(label)
         rows.append(row)
     return pd.DataFrame(rows)

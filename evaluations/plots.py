@@ -6,6 +6,7 @@ default style, so the same input gives the same bytes whatever the caller's rcPa
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -97,17 +98,22 @@ def shares_plot(
     title: str = "",
     corrected: Mapping[str, float] | None = None,
 ) -> bytes:
-    """Share per label as bars with 95% intervals, the target and corrected shares marked."""
+    """Share per label as bars with 95% intervals, the target and corrected shares marked.
+
+    `groups` maps each label to its ``share``, ``ci_low`` and ``ci_high``."""
     target = dict(target or {})
     corrected = dict(corrected or {})
     # a targeted label that never occurred is still a label, with share 0
     labels = [str(k) for k in groups] + [str(k) for k in target if k not in groups]
     stats = {str(k): v for k, v in groups.items()}
-    share = np.array([_number(stats.get(k, {}).get("share", 0.0)) for k in labels])
-    low = np.array([_number(stats.get(k, {}).get("ci_low")) for k in labels])
-    high = np.array([_number(stats.get(k, {}).get("ci_high")) for k in labels])
-    tgt = np.array([_number(target.get(k)) for k in labels])
-    cor = np.array([_number(corrected.get(k)) for k in labels])
+    shares = _Shares(
+        labels,
+        share=np.array([_number(stats.get(k, {}).get("share", 0.0)) for k in labels]),
+        low=np.array([_number(stats.get(k, {}).get("ci_low")) for k in labels]),
+        high=np.array([_number(stats.get(k, {}).get("ci_high")) for k in labels]),
+        target=np.array([_number(target.get(k)) for k in labels]),
+        corrected=np.array([_number(corrected.get(k)) for k in labels]),
+    )
 
     def draw(fig: Figure) -> None:
         ax = fig.add_subplot()
@@ -116,35 +122,56 @@ def shares_plot(
         if not labels:
             _no_data(ax)
             return
-        x = np.arange(len(labels), dtype=float)
-        ax.bar(x, np.nan_to_num(share), width=0.6, color=BAR, edgecolor=EDGE, linewidth=0.8)
+        handles = shares.draw(ax)
+        fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+
+    return _render(draw)
+
+
+@dataclasses.dataclass
+class _Shares:
+    """A shares plot's numbers per label (NaN where unknown), and how each is drawn."""
+
+    labels: list[str]
+    share: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    target: np.ndarray
+    corrected: np.ndarray
+
+    def draw(self, ax: Any) -> list[Any]:
+        """Bars, intervals, target and corrected marks; the legend's handles."""
+        x = np.arange(len(self.labels), dtype=float)
+        ax.bar(x, np.nan_to_num(self.share), width=0.6, color=BAR, edgecolor=EDGE, linewidth=0.8)
         handles: list[Any] = [Patch(facecolor=BAR, edgecolor=EDGE, label="share")]
-        if _interval_bars(ax, x, share, low, high, elinewidth=1, capsize=4):
+        if _interval_bars(ax, x, self.share, self.low, self.high, elinewidth=1, capsize=4):
             handles.append(
                 Line2D([], [], color="black", marker="|", markersize=8, label="95% interval")
             )
-        has = np.isfinite(tgt)
+        has = np.isfinite(self.target)
         if has.any():
-            ax.hlines(tgt[has], x[has] - 0.4, x[has] + 0.4, colors=TARGET, linestyles="--",
-                      linewidth=1.8)  # fmt: skip
+            ax.hlines(self.target[has], x[has] - 0.4, x[has] + 0.4, colors=TARGET,
+                      linestyles="--", linewidth=1.8)  # fmt: skip
             handles.append(Line2D([], [], color=TARGET, linestyle="--", label="target"))
-        has = np.isfinite(cor)
+        has = np.isfinite(self.corrected)
         if has.any():
-            ax.plot(x[has], cor[has], linestyle="none", marker="D", markersize=6,
+            ax.plot(x[has], self.corrected[has], linestyle="none", marker="D", markersize=6,
                     color=CORRECTED, markeredgecolor="white")  # fmt: skip
             handles.append(
                 Line2D([], [], color=CORRECTED, marker="D", linestyle="none", label="corrected")
             )
-        values = np.concatenate([share, high, tgt, cor])
+        self.axes(ax)
+        return handles
+
+    def axes(self, ax: Any) -> None:
+        """Room above the highest mark (at most 105%), percent ticks, the labels."""
+        values = np.concatenate([self.share, self.high, self.target, self.corrected])
         top = np.nanmax(values[np.isfinite(values)], initial=0.0)
         ax.set_ylim(0.0, min(1.05, max(top * 1.15, top + 0.02, 0.1)))
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.set_ylabel("share")
-        _tick_labels(ax, labels)
-        ax.set_xlim(-0.6, len(labels) - 0.4)
-        fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
-
-    return _render(draw)
+        _tick_labels(ax, self.labels)
+        ax.set_xlim(-0.6, len(self.labels) - 0.4)
 
 
 def accuracy_plot(summary: pandas.DataFrame, *, groups: list[str], title: str = "") -> bytes:
@@ -154,12 +181,6 @@ def accuracy_plot(summary: pandas.DataFrame, *, groups: list[str], title: str = 
         missing.insert(0, "method")
     if missing:
         raise ValueError(f"accuracy_plot: summary lacks column(s) {', '.join(missing)}")
-
-    def column(name: str) -> np.ndarray:
-        if name not in summary:
-            return np.full(len(summary), math.nan)
-        return np.array([_number(v) for v in summary[name]], dtype=float)
-
     methods = [str(m) for m in summary["method"]]
 
     def draw(fig: Figure) -> None:
@@ -169,18 +190,7 @@ def accuracy_plot(summary: pandas.DataFrame, *, groups: list[str], title: str = 
         if not methods or not groups:
             _no_data(ax)
             return
-        x = np.arange(len(methods), dtype=float)
-        width = 0.8 / len(groups)
-        for i, group in enumerate(groups):
-            mean = column(f"accuracy_{group}_mean")
-            low, high = column(f"accuracy_{group}_ci_low"), column(f"accuracy_{group}_ci_high")
-            at = x - 0.4 + width * (i + 0.5)
-            color = PALETTE[i % len(PALETTE)]
-            ax.bar(at, np.nan_to_num(mean), width=width * 0.92, color=color, label=str(group))
-            _interval_bars(ax, at, mean, low, high, elinewidth=0.9, capsize=3)
-            # an absent mean must not read as an accuracy of zero
-            for where in at[~np.isfinite(mean)]:
-                ax.text(where, 0.01, "n/a", ha="center", va="bottom", fontsize=7, color="0.4")
+        _group_bars(ax, summary, groups)
         ax.set_ylim(0.0, 1.05)
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.set_ylabel("accuracy")
@@ -189,3 +199,25 @@ def accuracy_plot(summary: pandas.DataFrame, *, groups: list[str], title: str = 
                    title_fontsize=8)  # fmt: skip
 
     return _render(draw)
+
+
+def _group_bars(ax: Any, summary: pandas.DataFrame, groups: list[str]) -> None:
+    """Per method (a row of `summary`), one bar per group with its interval."""
+
+    def column(name: str) -> np.ndarray:
+        if name not in summary:
+            return np.full(len(summary), math.nan)
+        return np.array([_number(v) for v in summary[name]], dtype=float)
+
+    x = np.arange(len(summary), dtype=float)
+    width = 0.8 / len(groups)
+    for i, group in enumerate(groups):
+        mean = column(f"accuracy_{group}_mean")
+        low, high = column(f"accuracy_{group}_ci_low"), column(f"accuracy_{group}_ci_high")
+        at = x - 0.4 + width * (i + 0.5)
+        color = PALETTE[i % len(PALETTE)]
+        ax.bar(at, np.nan_to_num(mean), width=width * 0.92, color=color, label=str(group))
+        _interval_bars(ax, at, mean, low, high, elinewidth=0.9, capsize=3)
+        # an absent mean must not read as an accuracy of zero
+        for where in at[~np.isfinite(mean)]:
+            ax.text(where, 0.01, "n/a", ha="center", va="bottom", fontsize=7, color="0.4")

@@ -17,26 +17,103 @@ the same command resumes where it stopped and reproduces the same images.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import toolkit
-from evaluations.common import now, provenance, versions, write_csv, write_json
+from evaluations import defaults
+from evaluations.common import (
+    jsonable,
+    now,
+    provenance,
+    versions,
+    write_csv,
+    write_json,
+)
 from toolkit import natural_key
 
 if TYPE_CHECKING:
     import pandas
 
+    from toolkit import GenerationSettings
+
 DEFAULT_FILTERS = ("label_consistency", "memorization")
-#: Weak guidance by default: on colored digits CFG 0.75 gives more varied minority samples
-#: than the sampling default (CFG 2), the filters reject the ones that drift off their
-#: labels, and a downstream CNN gains far more from them (docs/fairness.md has the figures).
-DEFAULT_GUIDANCE = {"guidance": "cfg", "guidance_options": {"scale": 0.75}}
-DEFAULT_STEPS = 20
 ALL = "all"  # the one class when there is no --by
+
+
+@dataclasses.dataclass
+class SynthesisRound:
+    """One generation round: its first seed, the samples it generated, and how many of them
+    the filters accepted and rejected (those are retried in the next round)."""
+
+    round: int
+    seed_start: int
+    generated: int
+    accepted: int
+    rejected: int
+
+
+@dataclasses.dataclass
+class SynthesisConfig:
+    """What `synthesize` was asked for (results.json's ``config``)."""
+
+    data: str | None
+    model: str | None
+    out: str
+    attribute: str
+    by: str | None
+    target: str | dict[str, float]
+    target_shares: dict[str, float]
+    budget: int | None
+    filters: list[str]
+    consistency_threshold: float
+    memorization_threshold: float
+    max_rounds: int
+    seed: int
+    generation: GenerationSettings
+    prompt_template: str | None
+    negative_prompt: str | None
+    #: the words file and the words it gives the prompts (attribute -> value -> words)
+    words: dict[str, Any] | None
+    classifier: str
+    classifier_options: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return jsonable(dataclasses.asdict(self))
+
+
+@dataclasses.dataclass
+class SynthesisResult:
+    """`synthesize`'s result: results.json (`to_json`), with the plan and what each cell got
+    (``plan.csv``) and the accepted images' metadata (``OUT/synthetic/metadata.csv``)."""
+
+    command: ClassVar[str] = "synthesize"
+
+    created: str
+    config: SynthesisConfig
+    plugins: list[dict[str, str]]
+    versions: dict[str, str]
+    planned: int
+    accepted: int
+    shortfall: int
+    rounds: list[SynthesisRound]
+    #: rejections per filter (a sample may be rejected by both)
+    rejections: dict[str, int]
+    plan: pandas.DataFrame = dataclasses.field(repr=False, compare=False)
+    synthetic: pandas.DataFrame = dataclasses.field(repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return jsonable({
+            "command": self.command, "created": self.created, "config": self.config.to_json(),
+            "plugins": self.plugins, "versions": self.versions, "planned": self.planned,
+            "accepted": self.accepted, "shortfall": self.shortfall,
+            "rounds": [dataclasses.asdict(r) for r in self.rounds],
+            "rejections": self.rejections, "plan": self.plan.to_dict(orient="records"),
+        })  # fmt: skip
 
 
 def make_plan(
@@ -59,40 +136,47 @@ def make_plan(
     import pandas
 
     column = metadata[by].astype(str) if by else pandas.Series([ALL] * len(metadata))
-    values_col = metadata[attribute].astype(str)
     classes = list(classes) if classes is not None else sorted(column.unique(), key=natural_key)
-    have = pandas.crosstab(column, values_col).reindex(
+    have = pandas.crosstab(column, metadata[attribute].astype(str)).reindex(
         index=classes, columns=list(values), fill_value=0
     )
-    generate = have * 0
     if budget is None:
-        for c in classes:
-            positive = [v for v in values if target[v] > 0]
-            total = max(have.loc[c, v] / target[v] for v in positive)
-            # round up, and never below what a zero-target value already has
-            for v in values:
-                want = math.ceil(round(total * target[v], 9)) if target[v] > 0 else 0
-                generate.loc[c, v] = max(0, want - have.loc[c, v])
+        generate = _complete_classes(have, target)
     else:
-        for _ in range(budget):
-            current = have + generate
-            totals = current.sum(axis=1)
-            best, best_gap = None, None
-            for c in classes:
-                for v in values:
-                    gap = target[v] * (totals[c] + 1) - current.loc[c, v]
-                    if best_gap is None or gap > best_gap:
-                        best, best_gap = (c, v), gap
-            assert best is not None
-            generate.loc[best] += 1
-    rows = []
-    for c in classes:
-        for v in values:
-            rows.append({by or "class": c, attribute: v, "have": int(have.loc[c, v]),
-                         "generate": int(generate.loc[c, v]),
-                         "want": int(have.loc[c, v] + generate.loc[c, v])})  # fmt: skip
-    frame = pandas.DataFrame(rows)
-    return frame[[by or "class", attribute, "have", "want", "generate"]]
+        generate = _spend_budget(have, target, budget)
+    rows = [{by or "class": c, attribute: v, "have": int(have.loc[c, v]),
+             "want": int(have.loc[c, v] + generate.loc[c, v]),
+             "generate": int(generate.loc[c, v])}
+            for c in classes for v in values]  # fmt: skip
+    return pandas.DataFrame(rows, columns=[by or "class", attribute, "have", "want", "generate"])
+
+
+def _complete_classes(have: pandas.DataFrame, target: Mapping[str, float]) -> pandas.DataFrame:
+    """Per cell, what completes each class to the target shares, no real image dropped."""
+    generate = have * 0
+    positive = [v for v in have.columns if target[v] > 0]
+    for c in have.index:
+        total = max(have.loc[c, v] / target[v] for v in positive)
+        # round up, and never below what a zero-target value already has
+        for v in have.columns:
+            want = math.ceil(round(total * target[v], 9)) if target[v] > 0 else 0
+            generate.loc[c, v] = max(0, want - have.loc[c, v])
+    return generate
+
+
+def _spend_budget(
+    have: pandas.DataFrame, target: Mapping[str, float], budget: int
+) -> pandas.DataFrame:
+    """Per cell, `budget` images placed one at a time where the cell is furthest below its
+    target count (its share of the class's total with that image); ties go to the first."""
+    generate = have * 0
+    for _ in range(budget):
+        current = have + generate
+        totals = current.sum(axis=1)
+        gaps = {(c, v): target[v] * (totals[c] + 1) - current.loc[c, v]
+                for c in have.index for v in have.columns}  # fmt: skip
+        generate.loc[max(gaps, key=gaps.get)] += 1
+    return generate
 
 
 def synthesize(
@@ -109,7 +193,7 @@ def synthesize(
     memorization_threshold: float = 0.03,
     max_rounds: int = 8,
     seed: int = 0,
-    generation: Mapping[str, Any] | None = None,
+    generation: GenerationSettings | None = None,
     prompt_template: str | None = None,
     negative_prompt: str | None = None,
     words: str | pathlib.Path | None = None,
@@ -118,16 +202,16 @@ def synthesize(
     progress: bool = True,
     report: bool = True,
     on_plan: Callable[[pandas.DataFrame], None] | None = None,
-) -> dict[str, Any]:
+) -> SynthesisResult:
     """Plan, generate, filter and retry; write the synthetic dataset folder to
     ``OUT/synthetic`` and the manifest ``OUT/combined.csv``. Returns the results
     (also ``OUT/results.json``).
 
     `data` defaults to the colored-digits training split (written to ``OUT/real``) and
-    `model` to the shipped generator trained on it. `generation` holds further
-    `toolkit.generate` keyword arguments (sampler, steps, guidance, batch_size, ...); without
-    a guidance there, `DEFAULT_GUIDANCE` (CFG 0.75), and `DEFAULT_STEPS` steps.
-    `on_plan` is called with the plan before anything is generated.
+    `model` to the shipped generator trained on it. `generation` says how the images are
+    generated (a `toolkit.GenerationSettings`, or a mapping of its fields;
+    `synthesis_settings` adds the synthesis defaults); the filters are synthesis's own,
+    `filters`. `on_plan` is called with the plan before anything is generated.
 
     A text-to-image `model` takes `prompt_template` instead of label conditions: a
     ``str.format`` template over `attribute` and `by`, e.g. ``"a photo of a {gender}
@@ -138,187 +222,301 @@ def synthesize(
     `label_consistency` then checks `attribute` with the classifier plugin `classifier` and
     `classifier_options` (e.g. ``clip`` with its path and labels, or the same words file).
     """
-    import pandas
-
-    from evaluations.report import shown_path
-
-    out = pathlib.Path(out)
-    if budget is not None and budget < 1:
-        raise toolkit.DtkError("--budget must be at least 1")
-    if max_rounds < 1:
-        raise toolkit.DtkError("--max-rounds must be at least 1")
-    unknown_filters = sorted(set(filters) - set(DEFAULT_FILTERS))
-    if unknown_filters:
-        raise toolkit.DtkError(
-            f"unknown synthesis filter {unknown_filters[0]!r}; choose from "
-            f"{', '.join(DEFAULT_FILTERS)}"
-        )
-    model = pathlib.Path(model) if model is not None else toolkit.default_model()
-    if model is None:
-        raise toolkit.DtkError("no --model given, and this installation ships no default model")
-    if by == attribute:
-        raise toolkit.DtkError("--by must differ from --attribute")
-    text = prompt_template is not None
-    names = [attribute] + ([by] if by else [])
-    if words is not None and not text:
-        raise toolkit.DtkError("--words needs --prompt-template: the words fill its fields")
-    spoken: dict[str, dict[str, str]] = {}  # attribute -> value -> its words in prompts
-    if text:
-        _check_template(prompt_template, names)
-        if data is None:
-            raise toolkit.DtkError("--prompt-template needs --data: the real dataset folder")
-        if words is not None:
-            table = toolkit.read_words(words)
-            # the audited attribute is the one the words are for; a file without it is
-            # most likely spelled for another attribute name
-            toolkit.attribute_words(table, attribute, source=f"--words {words}")
-            spoken = {name: table[name] for name in names if name in table}
-    else:  # the model's attributes are checked before any file is written
-        space = toolkit.label_space(model)
-        if space is None:
-            raise toolkit.DtkError(
-                f"{model} takes no attribute labels; synthesis needs a label-conditioned "
-                "model, or a text-to-image model with --prompt-template"
-            )
-        values = list(space.attribute(attribute).values)
-        model_classes = list(space.attribute(by).values) if by else None
-    # the filters are checked (made once) before the first file is written: the default
-    # data, or else plan.csv, once the plan has been checked against the words file
-    consistency = {
-        "attributes": [attribute] + ([by] if by and not text else []),
-        "threshold": consistency_threshold, "classifier": classifier,
-        "classifier_options": dict(classifier_options or {}),
-    } if "label_consistency" in filters else None  # fmt: skip
-    default_data = data is None
-    if default_data:
-        _check_consistency(consistency)
-        data = out / "real"
-        toolkit.write_colored_digits(data, "train", progress=progress)
-    data = pathlib.Path(data)
-    metadata = toolkit.read_metadata(data, names)
-    if text:  # a text model can draw any value: the data's values are the groups
-        values = sorted(metadata[attribute].astype(str).unique(), key=natural_key)
-    shares = toolkit.target_distribution(target, values, what="--target")
-    foreign = sorted(set(metadata[attribute].astype(str)) - set(values), key=natural_key)
-    if foreign:
-        raise toolkit.DtkError(
-            f"{data}: {attribute} values {foreign} are unknown to the model ({', '.join(values)})"
-        )
-    classes = None
-    if by:
-        classes = sorted(metadata[by].astype(str).unique(), key=natural_key)
-        unknown = [] if text else [c for c in classes if c not in model_classes]
-        if unknown:
-            raise toolkit.DtkError(
-                f"{data}: {by} values {unknown} are unknown to the model "
-                f"({', '.join(model_classes)})"
-            )
-    plan = make_plan(metadata, attribute=attribute, values=values, target=shares, by=by,
-                     classes=classes, budget=budget)  # fmt: skip
-    _check_words(plan, spoken, words)
-    # each round takes the seeds after the previous round's and retries at most what that
-    # round made: a run uses at most planned x rounds seeds
-    toolkit.check_seed(seed, int(plan["generate"].sum()) * max_rounds, what="--seed")
-
-    if not default_data:
-        _check_consistency(consistency)
-    filter_options: dict[str, dict[str, Any]] = {}
-    if consistency is not None:
-        filter_options["label_consistency"] = consistency
-    if "memorization" in filters:
-        filter_options["memorization"] = {"data": data, "threshold": memorization_threshold}
-    write_csv(out / "plan.csv", plan)
+    job = _Synthesis(
+        out=pathlib.Path(out), data=data, model=model, attribute=attribute, by=by,
+        target=target, budget=budget, filters=list(filters),
+        consistency_threshold=consistency_threshold,
+        memorization_threshold=memorization_threshold, max_rounds=max_rounds, seed=seed,
+        settings=synthesis_settings(generation), prompt_template=prompt_template,
+        negative_prompt=negative_prompt, words=words, classifier=classifier,
+        classifier_options=dict(classifier_options or {}), progress=progress,
+    )  # fmt: skip
+    # 1. the options, the model's attributes, the words and the filters: checked before the
+    #    first file is written (the default data, or else plan.csv)
+    job.check_options()
+    cells = job.model_cells()
+    # 2. the real data and the plan, checked against the model and the words file
+    metadata = job.real_data()
+    plan = job.plan(metadata, cells)
     if on_plan is not None:
         on_plan(plan)
-
-    given = dict(generation or {})
-    defaults = {"steps": DEFAULT_STEPS, **({} if "guidance" in given else DEFAULT_GUIDANCE)}
-    generation = {**defaults, **given}
-    pending = [
-        _condition(row, attribute, by)
-        for _, row in plan.iterrows()
-        for _ in range(int(row["generate"]))
-    ]
-    planned = len(pending)
-    accepted: list[pandas.DataFrame] = []
-    rejected: list[pandas.DataFrame] = []
-    rounds = []
-    offset = 0
-    for round_index in range(max_rounds):
-        if not pending:
-            break
-        folder = out / "rounds" / f"round-{round_index}"
-        prompts = {}
-        if text:
-            prompts = {"prompt": [prompt_template.format(**_said(c, spoken)) for c in pending],
-                       "negative_prompt": negative_prompt}  # fmt: skip
-        kept = toolkit.generate(
-            model, out=folder, conditions=pending, n=len(pending), seed=seed + offset, **prompts,
-            filters=[f for f in DEFAULT_FILTERS if f in filters], filter_options=filter_options,
-            on_flag="drop", progress=progress, **generation,
-        )  # fmt: skip
-        if "status" in kept.columns:  # an empty frame when every sample was rejected
-            kept = kept[kept["status"] == "ok"]
-        kept = kept.assign(round=round_index, folder=str(folder))
-        dropped = _rejected(folder).assign(round=round_index)
-        accepted.append(kept)
-        rejected.append(dropped)
-        rounds.append({"round": round_index, "seed_start": seed + offset,
-                       "generated": len(pending), "accepted": len(kept),
-                       "rejected": len(dropped)})  # fmt: skip
-        offset += len(pending)
-        pending = [_condition(row, attribute, by) for _, row in dropped.iterrows()]
-    shortfall = len(pending)
-
-    synthetic = _write_synthetic(out / "synthetic", accepted, attribute, by)
-    rejected_all = pandas.concat(rejected, ignore_index=True) if rejected else pandas.DataFrame()
-    write_csv(out / "synthetic" / "rejected.csv", rejected_all)
-    combined = _combined(out, data, metadata, synthetic, attribute, by)
-    write_csv(out / "combined.csv", combined)
-
-    achieved = _achieved(plan, synthetic, attribute, by)
-    write_csv(out / "plan.csv", achieved)
-    reasons = _rejection_reasons(rejected_all)
-    result = {
-        "command": "synthesize",
-        "created": now(),
-        "config": {
-            "data": shown_path(data),
-            "model": shown_path(model),
-            "out": str(out),
-            "attribute": attribute,
-            "by": by,
-            "target": target if isinstance(target, str) else dict(target),
-            "target_shares": shares,
-            "budget": budget,
-            "filters": list(filters),
-            "consistency_threshold": consistency_threshold,
-            "memorization_threshold": memorization_threshold,
-            "max_rounds": max_rounds,
-            "seed": seed,
-            "generation": generation,
-            "prompt_template": prompt_template,
-            "negative_prompt": negative_prompt,
-            "words": None if words is None else {"path": str(words), "words": spoken},
-            "classifier": classifier,
-            "classifier_options": dict(classifier_options or {}),
-        },
-        "plugins": [provenance("safety_filter", f) for f in filters]
-        + [provenance("attribute_classifier", classifier)] * ("label_consistency" in filters),
-        "versions": versions(),
-        "planned": planned,
-        "accepted": len(synthetic),
-        "shortfall": shortfall,
-        "rounds": rounds,
-        "rejections": reasons,
-        "plan": achieved.to_dict(orient="records"),
-    }
-    write_json(out / "results.json", result)
+    # 3. generate, filter, and retry what the filters rejected
+    rounds = job.generate(plan)
+    # 4. the synthetic dataset folder, combined.csv, plan.csv with the outcome, results.json
+    result = job.write(plan, metadata, rounds)
     if report:
         from evaluations.synthesis_report import write_synthesis_report
 
-        write_synthesis_report(out, result, achieved, synthetic)
+        write_synthesis_report(job.out, result)
     return result
+
+
+def synthesis_settings(generation: GenerationSettings | Mapping[str, Any] | None
+                       ) -> GenerationSettings:  # fmt: skip
+    """The settings synthesis generates with: `generation` (default: its defaults with
+    `defaults.SYNTHESIS_STEPS` steps), with `defaults.SYNTHESIS_GUIDANCE` when it names no
+    guidance."""
+    if generation is None:
+        generation = toolkit.GenerationSettings(steps=defaults.SYNTHESIS_STEPS)
+    settings = toolkit.GenerationSettings.from_mapping(generation)
+    if settings.filters:
+        raise toolkit.DtkError("synthesis filters with its own filters (--filters), not with "
+                               "safety filters of the generation settings")  # fmt: skip
+    if settings.guidance is None:
+        settings = settings.replace(**defaults.SYNTHESIS_GUIDANCE)
+    return settings
+
+
+@dataclasses.dataclass
+class _Cells:
+    """The cells a plan can fill: the group values and the classes the model can draw (a
+    text-to-image model draws any: None until the data says which)."""
+
+    values: list[str] | None
+    classes: list[str] | None
+
+
+@dataclasses.dataclass
+class _Rounds:
+    """What the generation rounds gave: the accepted and the rejected samples' metadata per
+    round, each round's counts, and the samples still missing after the last."""
+
+    accepted: list[pandas.DataFrame] = dataclasses.field(default_factory=list)
+    rejected: list[pandas.DataFrame] = dataclasses.field(default_factory=list)
+    rounds: list[SynthesisRound] = dataclasses.field(default_factory=list)
+    shortfall: int = 0
+
+
+@dataclasses.dataclass
+class _Synthesis:
+    """One `synthesize` run: its options, and its steps (see `synthesize`)."""
+
+    out: pathlib.Path
+    data: str | pathlib.Path | None
+    model: str | pathlib.Path | None
+    attribute: str
+    by: str | None
+    target: str | Mapping[str, float]
+    budget: int | None
+    filters: list[str]
+    consistency_threshold: float
+    memorization_threshold: float
+    max_rounds: int
+    seed: int
+    settings: GenerationSettings
+    prompt_template: str | None
+    negative_prompt: str | None
+    words: str | pathlib.Path | None
+    classifier: str
+    classifier_options: dict[str, Any]
+    progress: bool
+    #: attribute -> value -> its words in prompts (from the words file)
+    spoken: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    shares: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: whether the filters are known to start (checked before the first file is written)
+    filters_checked: bool = False
+
+    @property
+    def text(self) -> bool:
+        return self.prompt_template is not None
+
+    @property
+    def names(self) -> list[str]:
+        return [self.attribute] + ([self.by] if self.by else [])
+
+    def check_options(self) -> None:
+        if self.budget is not None and self.budget < 1:
+            raise toolkit.DtkError("--budget must be at least 1")
+        if self.max_rounds < 1:
+            raise toolkit.DtkError("--max-rounds must be at least 1")
+        unknown = sorted(set(self.filters) - set(DEFAULT_FILTERS))
+        if unknown:
+            raise toolkit.DtkError(f"unknown synthesis filter {unknown[0]!r}; choose from "
+                                   f"{', '.join(DEFAULT_FILTERS)}")  # fmt: skip
+        self.model = pathlib.Path(self.model) if self.model is not None else toolkit.default_model()
+        if self.model is None:
+            raise toolkit.DtkError("no --model given, and this installation ships no default model")
+        if self.by == self.attribute:
+            raise toolkit.DtkError("--by must differ from --attribute")
+        if self.words is not None and not self.text:
+            raise toolkit.DtkError("--words needs --prompt-template: the words fill its fields")
+        if self.text:
+            _check_template(self.prompt_template, self.names)
+            if self.data is None:
+                raise toolkit.DtkError("--prompt-template needs --data: the real dataset folder")
+
+    def model_cells(self) -> _Cells:
+        """A label model's values of `attribute` and `by`; for a text-to-image model, the
+        words the prompts say instead (checked: the file must list `attribute`)."""
+        if self.text:
+            if self.words is not None:
+                table = toolkit.read_words(self.words)
+                # the audited attribute is the one the words are for; a file without it is
+                # most likely spelled for another attribute name
+                toolkit.attribute_words(table, self.attribute, source=f"--words {self.words}")
+                self.spoken = {name: table[name] for name in self.names if name in table}
+            return _Cells(None, None)
+        space = toolkit.label_space(self.model)
+        if space is None:
+            raise toolkit.DtkError(
+                f"{self.model} takes no attribute labels; synthesis needs a label-conditioned "
+                "model, or a text-to-image model with --prompt-template"
+            )
+        classes = list(space.attribute(self.by).values) if self.by else None
+        return _Cells(list(space.attribute(self.attribute).values), classes)
+
+    def consistency(self) -> dict[str, Any] | None:
+        """The label_consistency filter's options (a text model's classes are checked by its
+        prompts alone, so it checks `attribute` only)."""
+        if "label_consistency" not in self.filters:
+            return None
+        return {"attributes": [self.attribute] + ([self.by] if self.by and not self.text else []),
+                "threshold": self.consistency_threshold, "classifier": self.classifier,
+                "classifier_options": self.classifier_options}  # fmt: skip
+
+    def real_data(self) -> pandas.DataFrame:
+        """The real data's metadata; the default data is written first, once the filters
+        are known to start (else the filters are checked once the plan is)."""
+        if self.data is None:
+            _check_consistency(self.consistency())
+            self.data = self.out / "real"
+            toolkit.write_colored_digits(self.data, "train", progress=self.progress)
+            self.filters_checked = True
+        self.data = pathlib.Path(self.data)
+        return toolkit.read_metadata(self.data, self.names)
+
+    def plan(self, metadata: pandas.DataFrame, cells: _Cells) -> pandas.DataFrame:
+        """The plan (written to plan.csv), once the data's values are known to the model,
+        every value a prompt says has words, and the seeds it needs exist."""
+        values = cells.values
+        if values is None:  # a text model can draw any value: the data's values are the groups
+            values = sorted(metadata[self.attribute].astype(str).unique(), key=natural_key)
+        self.shares = toolkit.target_distribution(self.target, values, what="--target")
+        foreign = sorted(set(metadata[self.attribute].astype(str)) - set(values), key=natural_key)
+        if foreign:
+            raise toolkit.DtkError(f"{self.data}: {self.attribute} values {foreign} are unknown "
+                                   f"to the model ({', '.join(values)})")  # fmt: skip
+        classes = self.classes(metadata, cells)
+        plan = make_plan(metadata, attribute=self.attribute, values=values, target=self.shares,
+                         by=self.by, classes=classes, budget=self.budget)  # fmt: skip
+        _check_words(plan, self.spoken, self.words)
+        # each round takes the seeds after the previous round's and retries at most what that
+        # round made: a run uses at most planned x rounds seeds
+        toolkit.check_seed(self.seed, int(plan["generate"].sum()) * self.max_rounds, what="--seed")
+        if not self.filters_checked:
+            _check_consistency(self.consistency())
+        write_csv(self.out / "plan.csv", plan)
+        return plan
+
+    def classes(self, metadata: pandas.DataFrame, cells: _Cells) -> list[str] | None:
+        """The data's classes (values of `by`), which a label model must know."""
+        if not self.by:
+            return None
+        classes = sorted(metadata[self.by].astype(str).unique(), key=natural_key)
+        unknown = [c for c in classes if c not in cells.classes] if cells.classes else []
+        if unknown:
+            raise toolkit.DtkError(f"{self.data}: {self.by} values {unknown} are unknown to the "
+                                   f"model ({', '.join(cells.classes)})")  # fmt: skip
+        return classes
+
+    def generate(self, plan: pandas.DataFrame) -> _Rounds:
+        """Round after round until the plan is met or `max_rounds` are spent: each round
+        generates the samples still missing, with the seeds after the previous round's."""
+        # synthesis's own filters; a rejected sample is dropped, and retried next round
+        chosen = [f for f in DEFAULT_FILTERS if f in self.filters]
+        settings = self.settings.replace(filters=chosen, filter_options=self.filter_options(),
+                                         on_flag="drop")  # fmt: skip
+        pending = [_condition(row, self.attribute, self.by)
+                   for _, row in plan.iterrows() for _ in range(int(row["generate"]))]  # fmt: skip
+        done, seed = _Rounds(), self.seed
+        for index in range(self.max_rounds):
+            if not pending:
+                break
+            kept, dropped = self.generate_round(index, pending, seed, settings)
+            done.accepted.append(kept)
+            done.rejected.append(dropped)
+            done.rounds.append(SynthesisRound(index, seed, len(pending), len(kept), len(dropped)))
+            seed += len(pending)
+            pending = [_condition(row, self.attribute, self.by) for _, row in dropped.iterrows()]
+        done.shortfall = len(pending)
+        return done
+
+    def generate_round(
+        self, index: int, pending: list[dict[str, str]], seed: int, settings: GenerationSettings
+    ) -> tuple[pandas.DataFrame, pandas.DataFrame]:
+        """One round, an ordinary generation folder (so a rerun resumes it): the accepted
+        samples' metadata and the rejected ones'."""
+        folder = self.out / "rounds" / f"round-{index}"
+        prompts: dict[str, Any] = {}
+        if self.text:
+            prompts = {"prompt": [self.prompt_template.format(**_said(c, self.spoken))
+                                  for c in pending],
+                       "negative_prompt": self.negative_prompt}  # fmt: skip
+        kept = toolkit.generate(self.model, out=folder, conditions=pending, n=len(pending),
+                                seed=seed, settings=settings, progress=self.progress,
+                                **prompts)  # fmt: skip
+        if "status" in kept.columns:  # an empty frame when every sample was rejected
+            kept = kept[kept["status"] == "ok"]
+        return kept.assign(round=index, folder=str(folder)), _rejected(folder).assign(round=index)
+
+    def filter_options(self) -> dict[str, dict[str, Any]]:
+        options: dict[str, dict[str, Any]] = {}
+        consistency = self.consistency()
+        if consistency is not None:
+            options["label_consistency"] = consistency
+        if "memorization" in self.filters:
+            options["memorization"] = {"data": self.data, "threshold": self.memorization_threshold}
+        return options
+
+    def write(self, plan: pandas.DataFrame, metadata: pandas.DataFrame, rounds: _Rounds
+              ) -> SynthesisResult:  # fmt: skip
+        """The synthetic dataset folder with its rejected.csv, combined.csv, plan.csv with
+        what each cell got, and results.json."""
+        import pandas
+
+        synthetic = _write_synthetic(self.out / "synthetic", rounds.accepted, self.attribute,
+                                     self.by)  # fmt: skip
+        rejected = (
+            pandas.concat(rounds.rejected, ignore_index=True)
+            if rounds.rejected
+            else pandas.DataFrame()
+        )
+        write_csv(self.out / "synthetic" / "rejected.csv", rejected)
+        combined = _combined(self.out, self.data, metadata, synthetic, self.attribute, self.by)
+        write_csv(self.out / "combined.csv", combined)
+        achieved = _achieved(plan, synthetic, self.attribute, self.by)
+        write_csv(self.out / "plan.csv", achieved)
+        result = SynthesisResult(
+            created=now(), config=self.config(), plugins=self.plugins(), versions=versions(),
+            planned=int(plan["generate"].sum()), accepted=len(synthetic),
+            shortfall=rounds.shortfall, rounds=rounds.rounds,
+            rejections=_rejection_reasons(rejected), plan=achieved, synthetic=synthetic,
+        )  # fmt: skip
+        write_json(self.out / "results.json", result.to_json())
+        return result
+
+    def config(self) -> SynthesisConfig:
+        from evaluations.report import shown_path
+
+        words = None if self.words is None else {"path": str(self.words), "words": self.spoken}
+        return SynthesisConfig(
+            data=shown_path(self.data), model=shown_path(self.model), out=str(self.out),
+            attribute=self.attribute, by=self.by,
+            target=self.target if isinstance(self.target, str) else dict(self.target),
+            target_shares=self.shares, budget=self.budget, filters=list(self.filters),
+            consistency_threshold=self.consistency_threshold,
+            memorization_threshold=self.memorization_threshold, max_rounds=self.max_rounds,
+            seed=self.seed, generation=self.settings, prompt_template=self.prompt_template,
+            negative_prompt=self.negative_prompt, words=words, classifier=self.classifier,
+            classifier_options=self.classifier_options,
+        )  # fmt: skip
+
+    def plugins(self) -> list[dict[str, str]]:
+        """The filters' provenance, and label_consistency's classifier's."""
+        used = [provenance("safety_filter", f) for f in self.filters]
+        if "label_consistency" in self.filters:
+            used.append(provenance("attribute_classifier", self.classifier))
+        return used
 
 
 def _check_template(template: str, names: list[str]) -> None:
@@ -367,8 +565,7 @@ def _condition(row: Any, attribute: str, by: str | None) -> dict[str, str]:
 
 def _check_consistency(options: dict[str, Any] | None) -> None:
     """The label_consistency filter can be made with `options`: its classifiers exist and
-    take their options (a text model's classes are checked by its prompts alone, so it
-    checks `attribute` only)."""
+    take their options."""
     if options is not None:
         toolkit.create_plugin("safety_filter", "label_consistency", options)
 

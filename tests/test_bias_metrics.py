@@ -299,35 +299,41 @@ def test_summary_is_json_and_consistent():
         confusion=C_TRUE,
         n_boot=500,
     )
-    json.dumps(summary, allow_nan=False)
-    assert summary["labels"] == LABELS
-    assert summary["total"] == 110
-    assert summary["unknown"] == {"count": 10, "share": 10 / 110}
-    groups = summary["groups"]
-    assert sum(g["share"] for g in groups.values()) == pytest.approx(1)
-    assert groups["light"]["share"] == 0.5
-    assert (groups["light"]["ci_low"], groups["light"]["ci_high"]) == m.wilson_interval(50, 100)
-    assert groups["dark"]["target"] == 0.2
+    data = summary.to_json()
+    assert json.loads(json.dumps(data, allow_nan=False)) == data
+    assert summary.labels == LABELS
+    assert summary.total == 110
+    assert (summary.unknown, summary.unknown_share) == (10, 10 / 110)
+    assert data["unknown"] == {"count": 10, "share": 10 / 110}
+    groups = summary.groups
+    assert sum(g.share for g in groups.values()) == pytest.approx(1)
+    assert groups["light"].share == 0.5
+    assert (groups["light"].ci_low, groups["light"].ci_high) == m.wilson_interval(50, 100)
+    assert groups["dark"].target == 0.2
+    assert data["groups"]["dark"] == {"count": 20, "share": 0.2, "ci_low": groups["dark"].ci_low,
+                                      "ci_high": groups["dark"].ci_high, "target": 0.2}  # fmt: skip
     shares = np.array([0.5, 0.3, 0.2])
     t = np.array([0.4, 0.4, 0.2])
     for name in m.METRICS:
-        assert summary["metrics"][name]["value"] == pytest.approx(getattr(m, name)(shares, t))
-    assert summary["metrics"]["bias_amplification"]["value"] == pytest.approx(
+        assert summary.metrics[name].value == pytest.approx(getattr(m, name)(shares, t))
+    assert summary.metrics["bias_amplification"].value == pytest.approx(
         m.mean_absolute_deviation(shares, t)
     )
-    assert summary["reference"] == {"light": 0.4, "medium": 0.4, "dark": 0.2}
-    corrected = np.array([summary["corrected"]["groups"][label]["share"] for label in LABELS])
+    assert summary.reference == {"light": 0.4, "medium": 0.4, "dark": 0.2}
+    corrected = np.array([summary.corrected.shares[label] for label in LABELS])
     np.testing.assert_allclose(corrected, m.corrected_shares([50, 30, 20], C_TRUE))
-    assert summary["corrected"]["metrics"]["total_variation"] == pytest.approx(
+    assert summary.corrected.metrics["total_variation"] == pytest.approx(
         m.total_variation(corrected, t)
     )
+    assert data["corrected"]["groups"]["dark"] == {"share": summary.corrected.shares["dark"]}
 
 
 def test_summary_optional_sections_absent():
     counts = pd.Series({"light": 5, "dark": 5, "unknown": 0})
     summary = m.summarize(counts, {"light": 0.5, "dark": 0.5}, n_boot=100)
-    assert set(summary) == {"labels", "total", "unknown", "groups", "metrics"}
-    assert "bias_amplification" not in summary["metrics"]
+    assert summary.reference is None and summary.corrected is None
+    assert set(summary.to_json()) == {"labels", "total", "unknown", "groups", "metrics"}
+    assert "bias_amplification" not in summary.metrics
 
 
 def test_summary_planted_truth():
@@ -335,26 +341,27 @@ def test_summary_planted_truth():
     predicted = rng.choice(["dark", "light"], size=1000, p=[0.05, 0.95]).tolist()
     counts = m.count_table(predicted, ["light", "dark"])["count"]
     summary = m.summarize(counts, {"light": 0.5, "dark": 0.5}, n_boot=500)
-    dark = summary["groups"]["dark"]
-    assert dark["ci_low"] <= 0.05 <= dark["ci_high"]
-    assert abs(dark["share"] - 0.05) < 0.03
-    tv = summary["metrics"]["total_variation"]
-    assert tv["ci_low"] <= 0.45 <= tv["ci_high"]
+    dark = summary.groups["dark"]
+    assert dark.ci_low <= 0.05 <= dark.ci_high
+    assert abs(dark.share - 0.05) < 0.03
+    tv = summary.metrics["total_variation"]
+    assert tv.ci_low <= 0.45 <= tv.ci_high
 
 
 def test_summary_undefined_values_are_none():
     all_unknown = pd.Series({"light": 0, "dark": 0, "unknown": 4})
     summary = m.summarize(all_unknown, {"light": 0.5, "dark": 0.5}, confusion=np.eye(2))
-    json.dumps(summary, allow_nan=False)
-    assert summary["groups"]["light"]["share"] is None
-    assert (summary["groups"]["light"]["ci_low"], summary["groups"]["light"]["ci_high"]) == (0, 1)
-    assert summary["metrics"]["kl_divergence"] == {"value": None, "ci_low": None, "ci_high": None}
-    assert summary["corrected"]["groups"]["dark"]["share"] is None
+    json.dumps(summary.to_json(), allow_nan=False)
+    assert summary.groups["light"].share is None
+    assert (summary.groups["light"].ci_low, summary.groups["light"].ci_high) == (0, 1)
+    assert summary.to_json()["metrics"]["kl_divergence"] == {"value": None, "ci_low": None,
+                                                             "ci_high": None}  # fmt: skip
+    assert summary.corrected.shares["dark"] is None
 
     infinite = m.summarize(pd.Series({"light": 3, "dark": 1}), {"light": 1.0, "dark": 0.0})
-    json.dumps(infinite, allow_nan=False)
-    assert infinite["metrics"]["kl_divergence"]["value"] is None
-    assert infinite["unknown"] == {"count": 0, "share": 0.0}
+    json.dumps(infinite.to_json(), allow_nan=False)
+    assert infinite.metrics["kl_divergence"].value is None
+    assert infinite.to_json()["unknown"] == {"count": 0, "share": 0.0}
 
 
 def test_summary_rejects_mismatched_target():

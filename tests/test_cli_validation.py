@@ -7,6 +7,8 @@ written: no --out folder, no default data, no plan, no half-made report.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas
 import pytest
@@ -83,8 +85,8 @@ SYNTHESIZE = ("synthesize", "--budget", "2", "--max-rounds", "1", "--steps", "1"
         (["--consistency-threshold", "2"], "--consistency-threshold must be in [0, 1]"),
         (["--memorization-threshold", "nan"], "--memorization-threshold must be a finite "),
         (["--memorization-threshold", "-1"], "--memorization-threshold must be a finite "),
-        (["--steps", "0"], "--steps must be a whole number >= 1"),
-        (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+        (["--steps", "0"], "steps must be a whole number >= 1"),
+        (["--batch-size", "0"], "batch size must be a whole number >= 1"),
         (["--device", "bogus"], "--device 'bogus'"),
         (["--sampler", "bogus"], "unknown sampler 'bogus'"),
         (["--classifier", "bogus"], "unknown attribute classifier 'bogus'"),
@@ -134,4 +136,74 @@ DEMO = ("demo", "-n", "10", "--steps", "1", "--seeds", "1", "--budget", "2", "-q
 )
 def test_demo(tmp_path, monkeypatch, args, message):
     """Found before the first stage writes its data."""
+    refused(run(tmp_path, monkeypatch, *DEMO, *args), message, tmp_path)
+
+
+# -- one set of generation options --------------------------------------------------------
+
+#: the generation options `toolkit.generation_options` adds without its filters
+FILTER_OPTIONS = {"safety_filters", "filter_option", "on_flag"}
+
+
+def command(*path):
+    """The click command at ``dtk PATH...``."""
+    import click
+
+    from toolkit.cli import cli
+
+    found = cli
+    for name in path:
+        found = found.get_command(click.Context(found), name)
+    return found
+
+
+def generation_params(cmd, with_filters):
+    """Each generation option of `cmd`, as everything click knows of it but its help."""
+    from toolkit.cli.options import KEYS
+
+    names = set(KEYS) - (set() if with_filters else FILTER_OPTIONS)
+    return {
+        p.name: (tuple(p.opts), p.type.name, p.multiple, getattr(p, "is_flag", False),
+                 p.default, p.show_default, p.metavar)
+        for p in cmd.params if p.name in names
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "with_filters", "steps"),
+    [(("eval", "bias"), True, 20), (("synthesize",), False, 20), (("demo",), False, 10)],
+)
+def test_commands_that_generate_take_exactly_dtk_generates_options(path, with_filters, steps):
+    """The same options, types and defaults as ``dtk generate`` (but --steps, whose default
+    is the command's own, and the safety filters where the command has none)."""
+    cmd = command(*path)
+    ours = generation_params(cmd, with_filters)
+    theirs = generation_params(command("generate"), with_filters)
+    assert ours.keys() == theirs.keys()
+    assert ours.pop("steps")[4] == steps
+    theirs.pop("steps")
+    assert ours == theirs
+    if not with_filters:  # synthesize's --filters names its own filters, not --filter
+        assert not {"filter_option", "on_flag"} & {p.name for p in cmd.params}
+        assert all("--filter" not in p.opts for p in cmd.params)
+    # the command's default steps is shown in --help
+    result = dtk(*path, "--help")
+    assert result.exit_code == 0, result.output
+    assert re.search(rf"\n\s+--steps INTEGER\s+Sampling steps\.\s+\[default: {steps}\]",
+                     result.output), result.output  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sampler-option", "nonsense=1"], "nonsense"),
+        (["--schedule-option", "rho=lots"], "rho"),
+        (["--guidance-option", "scale=2"], "--guidance-option needs --guidance NAME"),
+    ],
+)
+def test_new_generation_options_are_checked_before_anything_is_written(
+    tmp_path, monkeypatch, labelled, args, message
+):
+    result = run(tmp_path, monkeypatch, *SYNTHESIZE, *args)
+    refused(result, message, tmp_path)
     refused(run(tmp_path, monkeypatch, *DEMO, *args), message, tmp_path)

@@ -59,7 +59,8 @@ def small(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.setattr(demo, "evaluate_downstream", fast)
-        result = demo.run_demo("demo", n=10, seeds=2, steps=2, budget=10, progress=False)
+        result = demo.run_demo("demo", n=10, seeds=2, budget=10, progress=False,
+                               generation=toolkit.GenerationSettings(steps=2))  # fmt: skip
     return root, root / "demo", result
 
 
@@ -83,21 +84,43 @@ def test_reports_show_no_path_of_this_machine(small):
     for path in written:
         text = path.read_text()
         assert str(root) not in text and package not in text, path
-    assert result["config"]["model"] == "toolkit/assets/generator"
+    assert result.config.model == "toolkit/assets/generator"
     downstream = json.loads((out / "downstream" / "results.json").read_text())["config"]
     assert (downstream["real"], downstream["test"], downstream["synthetic"]) == (
         "demo/data/train", "demo/data/test", "demo/synthesize/synthetic")  # fmt: skip
 
 
+def test_results_json_is_the_typed_result(small):
+    _, out, result = small
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(result.to_json()))
+    head = result.headline
+    assert saved["headline"]["generated_minority_share"]["share"] == (
+        head.generated_minority_share.share
+    )
+    assert saved["headline"]["cnn_real"]["gap"] == head.cnn["real"].gap
+    assert list(saved["stages"]) == ["audit", "fair guidance", "synthesis", "downstream"]
+    # the audits generate as asked; fair guidance and synthesis keep their own settings
+    assert saved["config"]["steps"] == saved["config"]["generation"]["steps"] == 2
+    runs = {stage: json.loads((out / stage / "samples" / "run.json").read_text())
+            for stage in ("audit", "audit-fair")}  # fmt: skip
+    assert runs["audit"]["steps"] == runs["audit-fair"]["steps"] == 2
+    assert (runs["audit"]["guidance"]["name"], runs["audit-fair"]["guidance"]["name"]) == (
+        "cfg", "fair")  # fmt: skip
+    synthesis = json.loads((out / "synthesize" / "rounds" / "round-0" / "run.json").read_text())
+    assert (synthesis["steps"], synthesis["guidance"]) == (
+        20, {"name": "cfg", "options": {"scale": 0.75}})  # fmt: skip
+
+
 def test_stage_times_are_rounded(small):
     _, out, result = small
-    assert all(round(v, 1) == v for v in result["seconds"].values())
+    assert all(round(v, 1) == v for v in result.seconds.values())
     report = (out / "report.md").read_text()
     table = report.split("*Time per stage*", 1)[1].split("\n\n", 2)[1].splitlines()
     assert table[:2] == ["| stage | time |", "| --- | --- |"]
     stages = [re.fullmatch(r"\| ([a-z ]+) \| (\d+(\.\d)? (s|min|h)) \|", row) for row in table[2:]]
     assert all(stages), table
-    assert [m.group(1) for m in stages] == [*result["seconds"], "total"]
+    assert [m.group(1) for m in stages] == [*result.seconds, "total"]
 
 
 @pytest.mark.parametrize(("seconds", "shown"), [(0.64, "0.6 s"), (9.94, "9.9 s"), (12.3456789,

@@ -124,6 +124,44 @@ def test_documented_names_reads_headings_and_code():
     assert "register_b" not in documented_names(text)
 
 
+def protocol_members() -> list[tuple[str, str]]:
+    """(kind, member) for every member of every plugin kind's protocol, optional ones too."""
+    from toolkit.registry.protocols import CONTRACT, members
+
+    found = []
+    for kind, (protocol, options, _) in CONTRACT.items():
+        for cls in (protocol, options):
+            if cls is not None:
+                found += [(kind, m) for m in members(cls) if m not in ("name", "__call__")]
+    return found
+
+
+@pytest.mark.parametrize(("kind", "member"), protocol_members())
+def test_every_protocol_member_is_documented(markdown, kind, member):
+    assert member in documented_names(markdown), (
+        f"docs/plugins.md does not document {kind} {member}"
+    )
+
+
+def test_optional_members_have_their_defaults_in_one_place():
+    from toolkit.registry.protocols import CONTRACT, members
+
+    for protocol, options, defaults in CONTRACT.values():
+        assert set(defaults) == set(members(options) if options else []), protocol.__name__
+
+
+def test_the_guide_imports_only_the_public_api(markdown):
+    """What a plugin author copies from the guide must not import private toolkit modules."""
+    for _, body in code_blocks(markdown):
+        for line in body.splitlines():
+            private = re.match(r"\s*(from|import) toolkit\.", line)
+            assert not private, f"docs/plugins.md imports a private module: {line.strip()}"
+            names = re.match(r"\s*from toolkit import (.+)", line)
+            if names:
+                for name in re.findall(IDENTIFIER, names.group(1)):
+                    assert name in toolkit.__all__, f"docs/plugins.md imports toolkit.{name}"
+
+
 # -- the tutorial's plugin works ---------------------------------------------------------
 
 

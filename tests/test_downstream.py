@@ -247,7 +247,7 @@ def test_synthetic_methods_are_skipped_and_reported_without_synthetic_data():
     assert all("synthetic" in reason for reason in result.skipped.values())
     assert result.runs["method"].tolist() == ["real", "oversample", "jitter"]
     assert result.to_json()["skipped"] == result.skipped
-    assert result.config["methods"] == ["real", "oversample", "jitter"]
+    assert result.config.methods == ["real", "oversample", "jitter"]
     # One seed: no interval anywhere.
     assert result.summary["gap_ci_low"].isna().all()
     assert all(row["gap_ci_low"] is None for row in result.to_json()["summary"])
@@ -288,8 +288,9 @@ def test_end_to_end_on_colored_digit_folders(folders):
     assert result.summary[["model", "method"]].values.tolist() == [
         [model, method] for model in ("logreg", "cnn") for method in ds.METHODS
     ]
-    assert result.config["sizes"] == {"real": 1367, "synthetic": 684, "test": 860}
-    assert result.config["real_group_counts"] == {"dark": 68, "light": 1299}
+    assert result.config.sizes == {"real": 1367, "synthetic": 684, "test": 860}
+    assert result.config.real_group_counts == {"dark": 68, "light": 1299}
+    assert result.config.groups == ["dark", "light"]
     assert result.skipped == {}
     data = result.to_json()
     text = json.dumps(data, allow_nan=False)
@@ -362,13 +363,16 @@ def test_results_and_report_name_the_folders_as_given(folders, tmp_path, monkeyp
     for name in ("train", "test", "synthetic"):
         (tmp_path / name).symlink_to(folders[name], target_is_directory=True)
     test = toolkit.load_image_folder(pathlib.Path("test"), ["digit", "group"])
-    data = evaluate_downstream(pathlib.Path("out"), pathlib.Path("train"), test, "synthetic",
-                               models=("logreg",), methods=("real", "synthetic"), seeds=1,
-                               steps=2, progress=False)  # fmt: skip
+    evaluation = evaluate_downstream(pathlib.Path("out"), pathlib.Path("train"), test,
+                                     "synthetic", models=("logreg",), methods=("real", "synthetic"),
+                                     seeds=1, steps=2, progress=False)  # fmt: skip
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    for config in (data["config"], saved["config"]):
-        assert (config["real"], config["test"], config["synthetic"]) == ("train", "test",
-                                                                         "synthetic")  # fmt: skip
+    assert saved == json.loads(json.dumps(evaluation.to_json()))
+    config = saved["config"]
+    assert (config["real"], config["test"], config["synthetic"]) == ("train", "test", "synthetic")
+    assert [evaluation.real, evaluation.test, evaluation.synthetic] == ["train", "test",
+                                                                        "synthetic"]  # fmt: skip
+    assert evaluation.config.label == config["label"] == "digit"
     report = (tmp_path / "out" / "report.md").read_text()
     assert "tested on `test`; the gap is" in report
     # the report's title says "Downstream fairness"; no section repeats it

@@ -45,7 +45,13 @@ def test_results_contract_and_files(data, tmp_path):
     result = audit_bias(tmp_path, images=data["train05"], by="digit", reference=data["train05"],
                         calibration=data["test"], progress=False)  # fmt: skip
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved == json.loads(json.dumps(result))
+    assert saved == json.loads(json.dumps(result.to_json()))
+    # the typed result and results.json say the same
+    assert saved["attributes"]["group"]["groups"]["dark"]["share"] == (
+        result.attributes["group"].groups["dark"].share
+    )
+    assert result.attributes["group"].by["3"].total == saved["attributes"]["group"]["by"]["3"][
+        "total"]  # fmt: skip
     group = saved["attributes"]["group"]
     assert set(group["groups"]) == {"light", "dark"}
     for entry in group["groups"].values():
@@ -86,8 +92,8 @@ def test_a_label_with_no_images_still_counts(data, tmp_path):
     metadata = metadata[metadata["group"] == "light"].head(60)
     light = copy_subset(data["test"], metadata, tmp_path / "light")
     result = audit_bias(tmp_path / "audit", images=light, progress=False, report=False)
-    dark = result["attributes"]["group"]["groups"]["dark"]
-    assert dark["count"] == 0 and dark["share"] == 0.0 and dark["ci_high"] > 0
+    dark = result.attributes["group"].groups["dark"]
+    assert dark.count == 0 and dark.share == 0.0 and dark.ci_high > 0
     counts = pandas.read_csv(tmp_path / "audit" / "counts_group.csv", index_col=0)
     assert counts.loc["dark", "count"] == 0 and "unknown" in counts.index
 
@@ -98,7 +104,8 @@ def test_a_plain_image_folder_is_audited(data, tmp_path):
     for name in toolkit.read_metadata(data["test"])["file_name"].head(30):
         (plain / name.replace("/", "-")).write_bytes((data["test"] / name).read_bytes())
     result = audit_bias(tmp_path / "audit", images=tmp_path / "plain", progress=False)
-    assert result["attributes"]["group"]["total"] == 30
+    assert result.attributes["group"].total == 30
+    assert result.config.images == str(tmp_path / "plain") and not result.config.generated
 
 
 def test_generated_audit_spreads_the_by_attribute(tmp_path):
@@ -218,20 +225,20 @@ def test_calibration_without_errors_explains_why_correction_changes_nothing(data
     images = subset(data["test"], tmp_path / "images", 20)
     result = audit_bias(tmp_path / "audit", images=images, calibration=data["test"],
                         n_boot=100, progress=False)  # fmt: skip
-    group = result["attributes"]["group"]
-    checked = group["calibration"]
-    assert checked["images"] == 860
-    counts = checked["counts"]
+    group = result.attributes["group"]
+    checked = group.calibration
+    assert checked.images == 860
+    counts = checked.counts
     assert sum(sum(row.values()) for row in counts.values()) == 860
     assert counts["dark"]["light"] == counts["light"]["dark"] == 0  # the shipped one is exact
-    assert checked["errors"] == 0 and checked["accuracy"] == 1.0 and checked["identity"]
-    assert checked["unknown"] == counts["dark"]["unknown"] + counts["light"]["unknown"]
-    assert checked["confusion"] == {"dark": {"dark": 1.0, "light": 0.0},
-                                    "light": {"dark": 0.0, "light": 1.0}}  # fmt: skip
+    assert checked.errors == 0 and checked.accuracy == 1.0 and checked.identity
+    assert checked.unknown == counts["dark"]["unknown"] + counts["light"]["unknown"]
+    assert checked.confusion == {"dark": {"dark": 1.0, "light": 0.0},
+                                 "light": {"dark": 0.0, "light": 1.0}}  # fmt: skip
     for label in ("dark", "light"):
-        assert group["corrected"]["groups"][label]["share"] == group["groups"][label]["share"]
+        assert group.corrected.shares[label] == group.groups[label].share
     assert json.loads((tmp_path / "audit" / "results.json").read_text())["attributes"][
-        "group"]["calibration"] == json.loads(json.dumps(checked))  # fmt: skip
+        "group"]["calibration"] == json.loads(json.dumps(checked.to_json()))  # fmt: skip
     report = (tmp_path / "audit" / "report.md").read_text()
     assert "| true group | predicted dark | predicted light | predicted unknown |" in report
     assert f"| dark | {counts['dark']['dark']} | 0 | {counts['dark']['unknown']} |" in report
@@ -244,22 +251,22 @@ def test_calibration_errors_move_the_corrected_shares(data, tmp_path):
     calibration = subset(data["test"], tmp_path / "calibration", 40, relabel=10)
     result = audit_bias(tmp_path / "audit", images=images, calibration=calibration,
                         n_boot=100, progress=False)  # fmt: skip
-    group = result["attributes"]["group"]
-    checked = group["calibration"]
-    counts = checked["counts"]
+    group = result.attributes["group"]
+    checked = group.calibration
+    counts = checked.counts
     # the ten relabeled light images are "true dark" images the classifier calls light
     assert counts["dark"]["light"] >= 9 and counts["light"]["dark"] == 0
-    known = checked["images"] - checked["unknown"]
-    assert checked["errors"] == counts["dark"]["light"] and not checked["identity"]
-    assert checked["accuracy"] == pytest.approx(1 - checked["errors"] / known)
+    known = checked.images - checked.unknown
+    assert checked.errors == counts["dark"]["light"] and not checked.identity
+    assert checked.accuracy == pytest.approx(1 - checked.errors / known)
     # the correction reads the same confusion the report shows: C[pred, true]
     labels = ["dark", "light"]
-    confusion = [[checked["confusion"][t][p] for t in labels] for p in labels]
-    raw = [group["groups"][label]["count"] for label in labels]
+    confusion = [[checked.confusion[t][p] for t in labels] for p in labels]
+    raw = [group.groups[label].count for label in labels]
     expected = metrics.corrected_shares(raw, confusion)
-    corrected = [group["corrected"]["groups"][label]["share"] for label in labels]
+    corrected = [group.corrected.shares[label] for label in labels]
     assert corrected == pytest.approx(list(expected))
-    assert corrected[0] > group["groups"]["dark"]["share"] + 0.05
+    assert corrected[0] > group.groups["dark"].share + 0.05
     report = (tmp_path / "audit" / "report.md").read_text()
     assert "Its errors there move the shares: `dark`" in report
     assert "is the identity" not in report
@@ -317,3 +324,20 @@ def test_a_generated_audit_shows_no_path_of_this_machine(tmp_path, monkeypatch):
     for name in ("results.json", "report.md", "report.html"):
         text = (tmp_path / "audit" / name).read_text()
         assert package not in text and str(tmp_path) not in text, name
+
+
+def test_every_generation_option_reaches_the_generated_folder(tmp_path):
+    # eval bias takes dtk generate's options and hands them on as one GenerationSettings
+    result = dtk("eval", "bias", "-n", 4, "--steps", 2, "--sampler", "euler", "--sampler-option",
+                 "s_noise=0.9", "--schedule-option", "rho=5", "--dtype", "bfloat16",
+                 "--batch-size", 3, "--bootstrap", 100, "--out", tmp_path / "audit",
+                 "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "audit" / "samples" / "run.json").read_text())
+    assert run["sampler"] == {"name": "euler", "options": {"s_noise": 0.9}}
+    assert run["schedule"]["options"] == {"rho": 5.0}
+    assert (run["dtype"], run["steps"]) == ("bfloat16", 2)
+    generation = json.loads((tmp_path / "audit" / "results.json").read_text())["config"][
+        "generation"]  # fmt: skip
+    assert generation["sampler_options"] == {"s_noise": "0.9"}  # as given, converted by the run
+    assert (generation["dtype"], generation["batch_size"]) == ("bfloat16", 3)

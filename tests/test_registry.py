@@ -1,4 +1,4 @@
-"""The plugin registry's contract (DESIGN.md "Registry behaviour", docs/plugins.md).
+"""The plugin registry's contract (docs/contracts.md "Plugins", docs/plugins.md).
 
 Built-ins, option validation and conversion, broken plugins, clashes and allow-lists. The
 third-party plugins here are written straight into a folder on ``sys.path`` as a module plus

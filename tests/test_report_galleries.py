@@ -11,7 +11,9 @@ import pandas
 from browser import img_srcs
 from PIL import Image
 
+import toolkit
 from evaluations.report import Report, round_robin
+from evaluations.synthesis import SynthesisConfig, SynthesisResult, SynthesisRound
 from evaluations.synthesis_report import add_synthesis_section
 
 
@@ -40,17 +42,21 @@ def test_synthetic_gallery_shows_every_digit_before_any_repeats(tmp_path):
             Image.new("RGB", (16, 16), colour(digit)).save(tmp_path / "synthetic" / name)
             rows.append({"file_name": name, "digit": str(digit), "group": "dark"})
     synthetic = pandas.DataFrame(rows)
-    result = {
-        "config": {"data": "real", "model": "toolkit/assets/generator", "attribute": "group",
-                   "by": "digit"},
-        "planned": 50, "accepted": 50, "shortfall": 0, "rejections": {},
-        "rounds": [{"round": 0, "seed_start": 0, "generated": 50, "accepted": 50,
-                    "rejected": 0}],
-    }  # fmt: skip
+    config = SynthesisConfig(
+        data="real", model="toolkit/assets/generator", out=str(tmp_path), attribute="group",
+        by="digit", target="balanced", target_shares={"dark": 0.5, "light": 0.5}, budget=None,
+        filters=[], consistency_threshold=0.5, memorization_threshold=0.03, max_rounds=1,
+        seed=0, generation=toolkit.GenerationSettings(), prompt_template=None,
+        negative_prompt=None, words=None, classifier="cnn", classifier_options={},
+    )  # fmt: skip
     plan = pandas.DataFrame({"digit": ["0"], "group": ["dark"], "have": [1], "want": [6],
                              "generate": [5], "generated": [5]})  # fmt: skip
+    result = SynthesisResult(created="2026-01-01T00:00:00+00:00", config=config, plugins=[],
+                             versions={}, planned=50, accepted=50, shortfall=0,
+                             rounds=[SynthesisRound(0, 0, 50, 50, 0)], rejections={},
+                             plan=plan, synthetic=synthetic)  # fmt: skip
     report = Report("t")
-    add_synthesis_section(report, tmp_path, result, plan, synthetic, level=2)
+    add_synthesis_section(report, tmp_path, result, level=2)
     assert thumbnail_digits(report.html()) == [*range(10), *range(6)]
     # the same order, said under each image
     assert "digit 0; digit 1; digit 2" in report.markdown()

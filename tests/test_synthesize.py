@@ -111,11 +111,18 @@ def test_synthesize_end_to_end_and_resume(small_data, tmp_path):
 def test_rejected_samples_are_retried_and_a_shortfall_is_reported(small_data, tmp_path):
     # a threshold no sample can meet: every round rejects everything
     result = synthesize(tmp_path, data=small_data, consistency_threshold=1.0, max_rounds=2,
-                        generation={"steps": 4}, progress=False, report=False)  # fmt: skip
-    assert [r["generated"] for r in result["rounds"]] == [12, 12]
-    assert [r["seed_start"] for r in result["rounds"]] == [0, 12]
-    assert result["accepted"] == 0 and result["shortfall"] == 12
-    assert result["rejections"]["label_consistency"] == 24
+                        generation=toolkit.GenerationSettings(steps=4), progress=False,
+                        report=False)  # fmt: skip
+    assert [r.generated for r in result.rounds] == [12, 12]
+    assert [r.seed_start for r in result.rounds] == [0, 12]
+    assert result.accepted == 0 and result.shortfall == 12 and result.synthetic.empty
+    assert result.rejections["label_consistency"] == 24
+    assert result.plan["generated"].sum() == 0
+    # synthesis's default guidance, added to the settings it was given
+    assert (result.config.generation.guidance, result.config.generation.steps) == ("cfg", 4)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(result.to_json()))
+    assert saved["config"]["generation"]["guidance_options"] == {"scale": 0.75}
     rejected = pandas.read_csv(tmp_path / "synthetic" / "rejected.csv")
     assert len(rejected) == 24 and set(rejected["round"]) == {0, 1}
 
@@ -169,3 +176,18 @@ def test_prompt_template_mistakes(small_data, tmp_path, template, message):
     result = dtk("synthesize", "--data", small_data, "--prompt-template", template,
                  "--out", tmp_path / "s", "-q")  # fmt: skip
     assert result.exit_code == 2 and message in result.output
+
+
+def test_the_generation_options_reach_every_round(small_data, tmp_path):
+    out = tmp_path / "synth"
+    result = dtk("synthesize", "--data", small_data, "--budget", 2, "--max-rounds", 1,
+                 "--filters", "", "--steps", 2, "--sampler", "euler", "--sampler-option",
+                 "s_noise=0.9", "--guidance", "cfg", "--guidance-option", "scale=1.5",
+                 "--dtype", "bfloat16", "--batch-size", 1, "--out", out, "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "rounds" / "round-0" / "run.json").read_text())
+    assert run["sampler"] == {"name": "euler", "options": {"s_noise": 0.9}}
+    assert run["guidance"] == {"name": "cfg", "options": {"scale": 1.5}}
+    assert (run["dtype"], run["steps"], run["filters"]) == ("bfloat16", 2, [])
+    generation = json.loads((out / "results.json").read_text())["config"]["generation"]
+    assert (generation["dtype"], generation["batch_size"]) == ("bfloat16", 1)

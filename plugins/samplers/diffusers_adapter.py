@@ -11,7 +11,7 @@ every other sampler.
 
 A diffusers scheduler draws its noise inside ``step()`` with ``randn_tensor``; for the
 duration of each step that function is pointed at the run's ``noise(sigma, sigma_next)``,
-which keeps every sample's randomness in its own generator (see DESIGN.md,
+which keeps every sample's randomness in its own generator (docs/contracts.md,
 "Reproducibility"): a sample does not depend on the batch it is in or on the run.
 
 Only the schedulers in `SUPPORTED` run here: discrete-time VP (DDPM-trained) schedulers

@@ -21,7 +21,7 @@ from toolkit.registry.options import parse_key_values
 
 #: the keyword names `generation_options` adds to a command's parameters
 KEYS = ("sampler", "sampler_option", "schedule", "schedule_option", "steps", "guidance",
-        "guidance_option", "filters", "filter_option", "on_flag", "batch_size", "device",
+        "guidance_option", "safety_filters", "filter_option", "on_flag", "batch_size", "device",
         "dtype", "trust_pickle", "attention_slicing", "vae_tiling")  # fmt: skip
 
 
@@ -52,7 +52,7 @@ def generation_options(
     ]  # fmt: skip
     if filters:
         options += [
-            click.option("--filter", "filters", multiple=True, metavar="NAME",
+            click.option("--filter", "safety_filters", multiple=True, metavar="NAME",
                          help="Safety filter; repeatable."),
             click.option("--filter-option", multiple=True, metavar="[NAME.]KEY=VALUE",
                          help="An option of a filter; repeatable."),
@@ -89,7 +89,7 @@ def generation_options(
 def settings_from_cli(kw: dict[str, Any]) -> GenerationSettings:
     """The settings from the options `generation_options` added, popped from `kw`."""
     values = {key: kw.pop(key) for key in KEYS if key in kw}
-    filters = tuple(values.pop("filters", ()))
+    filters = tuple(values.pop("safety_filters", ()))
     guidance_options = values.pop("guidance_option")
     if guidance_options and values["guidance"] is None:
         raise DtkError("--guidance-option needs --guidance NAME")

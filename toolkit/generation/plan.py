@@ -24,7 +24,7 @@ from toolkit.data.output import OutputFolder
 from toolkit.errors import DtkError
 from toolkit.generation.distributed import Shard, parse_shard
 from toolkit.generation.record import IDENTITY, run_record
-from toolkit.generation.request import GenerationRequest
+from toolkit.generation.request import GenerationRequest, GenerationSettings
 from toolkit.installed import versions
 from toolkit.models import ModelFolder, open_model
 from toolkit.registry.manager import Registry, get_registry
@@ -179,18 +179,12 @@ def make_plan(request: GenerationRequest, registry: Registry | None = None) -> P
     """Check `request` and resolve it into a `Plan` (see the module docstring)."""
     registry = registry or get_registry()
     settings = request.settings
-    _check_counts(request)
+    check_positive("n", request.n)
+    check_seed(request.seed, request.n)
+    sampler, schedule, filters = _check_settings(settings, registry)
     out, grid = _check_outputs(request)
     shard = _parse_shard(request.shard)
     strings = settings.options_from_strings
-    sampler = PluginUse.validated(registry, "sampler", settings.sampler,
-                                  settings.sampler_options, strings)  # fmt: skip
-    schedule = PluginUse.validated(registry, "schedule", settings.schedule,
-                                   settings.schedule_options, strings)  # fmt: skip
-    filters = _filters(registry, settings, strings)
-    if settings.guidance is not None:  # checked before the model folder is even read
-        PluginUse.validated(registry, "guidance", settings.guidance,
-                            settings.guidance_options, strings)  # fmt: skip
 
     folder = _model_folder(request.model)
     samples = Samples(request, folder)
@@ -208,17 +202,32 @@ def make_plan(request: GenerationRequest, registry: Registry | None = None) -> P
 # -- the steps ---------------------------------------------------------------------------
 
 
-def _check_counts(request: GenerationRequest) -> None:
-    settings = request.settings
-    check_positive("n", request.n)
+def check_settings(settings: GenerationSettings) -> None:
+    """Check generation settings without a model: counts, precision, the flag policy, and
+    that every named plugin exists and takes its options (none is made). `make_plan` does
+    the same; a command that generates later (after writing other files) checks first."""
+    _check_settings(settings, get_registry())
+
+
+def _check_settings(settings: GenerationSettings, registry: Registry
+                    ) -> tuple[PluginUse, PluginUse, list[PluginUse]]:  # fmt: skip
     check_positive("steps", settings.steps)
     check_positive("batch size", settings.batch_size)
-    check_seed(request.seed, request.n)
     if settings.on_flag not in ON_FLAG:
         raise DtkError(f"on_flag must be one of {', '.join(ON_FLAG)}, got {settings.on_flag!r}")
     if settings.dtype not in defaults.DTYPES:
         raise DtkError(f"dtype must be one of {', '.join(defaults.DTYPES)}, got "
                        f"{settings.dtype!r}")  # fmt: skip
+    strings = settings.options_from_strings
+    sampler = PluginUse.validated(registry, "sampler", settings.sampler,
+                                  settings.sampler_options, strings)  # fmt: skip
+    schedule = PluginUse.validated(registry, "schedule", settings.schedule,
+                                   settings.schedule_options, strings)  # fmt: skip
+    filters = _filters(registry, settings, strings)
+    if settings.guidance is not None:  # checked before the model folder is even read
+        PluginUse.validated(registry, "guidance", settings.guidance,
+                            settings.guidance_options, strings)  # fmt: skip
+    return sampler, schedule, filters
 
 
 def _check_outputs(request: GenerationRequest) -> tuple[pathlib.Path, pathlib.Path | None]:

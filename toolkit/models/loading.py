@@ -2,7 +2,7 @@
 scheduler config describes, the weights rule and quiet loads.
 
 Weights load from safetensors; pickled weights (``.bin``, ``.ckpt``) only when the user
-trusts their source, because unpickling can run arbitrary code (DESIGN.md, "Weights").
+trusts their source, because unpickling can run arbitrary code (docs/contracts.md, "Weights").
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ default). Images are float ``[B, C, H, W]`` in [0, 1]; other sizes are resized.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -239,24 +240,70 @@ def train_classifier(
     returns the config, with the accuracy on dataset folder `eval_data` if given (overall
     and per value of the attribute and of each `eval_by` column).
     """
-    import importlib.metadata
-
-    from safetensors.torch import save
-    from tqdm.auto import tqdm
-
     from toolkit.checks import check_writable
-    from toolkit.data.dataset_folder import load_image_folder, natural_key, read_metadata
-    from toolkit.data.output import atomic_write
+    from toolkit.data.dataset_folder import load_image_folder
 
-    # Everything a user can get wrong is refused before any image is read or file written.
+    # 1. Refuse every mistake before any image is read or file written.
     out = pathlib.Path(out)
+    _check_optimizer(epochs, batch_size, lr, weight_decay, label_smoothing)
+    check_seed(seed, what="--seed")
+    channels = _checked_network(image_size, channels)
+    augment = _checked_augment(augment)
+    eval_by = _checked_columns(attribute, eval_data, eval_by)
+    check_writable(out)
+    labels = _labels(data, attribute, eval_data, eval_by)
+    # 2. Read the images (and the evaluation images) at the network's size.
+    dataset = load_image_folder(data, [attribute], size=image_size)
+    evaluation = None
+    if eval_data is not None:
+        evaluation = load_image_folder(eval_data, [attribute, *eval_by], size=image_size)
+    targets = dataset.codes(attribute, labels)
+    # 3. Build the network. The seed fixes its initial weights, then batches and augmentation.
+    architecture = _architecture(image_size, channels, len(labels))
+    torch.manual_seed(seed)  # the initial weights
+    network = build_network(architecture)
+    generator = torch.Generator().manual_seed(seed)  # batches and augmentation
+    # 4. Train.
+    recipe = _Recipe(epochs, batch_size, lr, weight_decay, label_smoothing, augment)
+    seconds = _fit(network, dataset.images, targets, recipe, generator,
+                   desc=f"training {attribute}", progress=progress)  # fmt: skip
+    # 5. Record how it was made, and measure it on the evaluation images.
+    config = _config(attribute, labels, architecture, recipe, seed=seed, data=data,
+                     images=len(dataset), seconds=seconds, command=command)  # fmt: skip
+    network.eval()
+    if evaluation is not None:
+        config["eval"] = accuracy(TrainedClassifier(config, network), evaluation, by=eval_by)
+    # 6. Save the weights and config.
+    _save(out, network, config)
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+    """How `train_classifier` optimizes, checked: what `_fit` follows and config.json records."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    label_smoothing: float
+    augment: list[str]  # names in `AUGMENTATIONS`, in its order
+
+
+def _check_optimizer(
+    epochs: int, batch_size: int, lr: float, weight_decay: float, label_smoothing: float
+) -> None:
+    """The optimizer's settings: counts >= 1, a finite rate > 0, fractions in range."""
     check_positive("--epochs", epochs)
     check_positive("--batch-size", batch_size)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise DtkError(f"--lr must be a positive number, got {lr}")
     check_fraction("weight_decay", weight_decay, high=math.inf)
     check_fraction("label_smoothing", label_smoothing)
-    check_seed(seed, what="--seed")
+
+
+def _checked_network(image_size: int, channels: Sequence[int]) -> list[int]:
+    """The network's widths as a list, once the image size suits its two poolings."""
     whole = isinstance(image_size, int) and not isinstance(image_size, bool)
     if not whole or image_size < 4 or image_size % 4:  # the network pools twice
         raise DtkError(f"--image-size must be a positive multiple of 4, got {image_size}")
@@ -265,19 +312,45 @@ def train_classifier(
         raise DtkError(f"channels takes three widths (one per convolution), got {channels}")
     for width in channels:
         check_positive("each of channels", width)
+    return channels
+
+
+def _checked_augment(augment: str | Sequence[str]) -> list[str]:
+    """The augmentation names (a list, or ``"a,b"``), put in `AUGMENTATIONS` order: the order
+    they are applied in, whatever order they were given in."""
     augment = [a.strip() for a in augment.split(",")] if isinstance(augment, str) else augment
     unknown = [a for a in augment if a not in AUGMENTATIONS]
     if unknown:
         raise DtkError(
             f"unknown augmentation {unknown[0]!r}; choose from: {', '.join(AUGMENTATIONS)}"
         )
-    augment = [a for a in AUGMENTATIONS if a in augment]
+    return [a for a in AUGMENTATIONS if a in augment]
+
+
+def _checked_columns(
+    attribute: str, eval_data: str | pathlib.Path | None, eval_by: str | Sequence[str]
+) -> list[str]:
+    """The `eval_by` columns as a list, once `attribute` names a column and `eval_by` has
+    an evaluation folder to break down."""
     if not isinstance(attribute, str) or not attribute:
         raise DtkError(f"--attribute must name a metadata column, got {attribute!r}")
     eval_by = [eval_by] if isinstance(eval_by, str) else list(eval_by)
     if eval_by and eval_data is None:
         raise DtkError("--eval-by needs --eval DATA: the folder whose accuracy it breaks down")
-    check_writable(out)
+    return eval_by
+
+
+def _labels(
+    data: str | pathlib.Path,
+    attribute: str,
+    eval_data: str | pathlib.Path | None,
+    eval_by: list[str],
+) -> list[str]:
+    """The attribute's values in `data`, naturally sorted: the classifier's labels. Read from
+    the metadata alone, so a blank value, a single value or an evaluation value the
+    classifier could not know is refused before any image is read."""
+    from toolkit.data.dataset_folder import natural_key, read_metadata
+
     column = read_metadata(data, [attribute])[attribute].astype(str)
     if (column == "").any():
         raise DtkError(f"{data}: some images have no {attribute!r} value")
@@ -290,53 +363,99 @@ def train_classifier(
         unknown = sorted(set(evaluated) - set(labels), key=natural_key)
         if unknown:
             raise DtkError(f"{eval_data}: {attribute} values {unknown} are not in {labels}")
-    dataset = load_image_folder(data, [attribute], size=image_size)
-    evaluation = None
-    if eval_data is not None:
-        evaluation = load_image_folder(eval_data, [attribute, *eval_by], size=image_size)
-    targets = dataset.codes(attribute, labels)
+    return labels
 
-    architecture = {
+
+def _architecture(image_size: int, channels: list[int], num_labels: int) -> dict[str, Any]:
+    """What `build_network` builds, as config.json records it (and `load_classifier` reads)."""
+    return {
         "name": ARCHITECTURE,
         "in_channels": 3,
         "image_size": image_size,
         "channels": list(channels),
         "dropout": 0.2,
-        "num_labels": len(labels),
+        "num_labels": num_labels,
     }
-    torch.manual_seed(seed)  # the initial weights
-    network = build_network(architecture)
-    generator = torch.Generator().manual_seed(seed)  # batches and augmentation
-    optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(dataset) / batch_size)
+
+
+def _fit(
+    network: torch.nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    recipe: _Recipe,
+    generator: torch.Generator,
+    *,
+    desc: str,
+    progress: bool,
+) -> float:
+    """Train `network` in place; returns the seconds it took. `generator` draws each epoch's
+    order, then every batch's augmentations in turn: the same seed, the same weights."""
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(
+        network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(images) / recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch
+        optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch
     )
     started = time.perf_counter()
     network.train()
-    bar = tqdm(total=epochs * steps_per_epoch, desc=f"training {attribute}", unit="step",
-               file=sys.stderr, disable=not progress)  # fmt: skip
+    bar = tqdm(total=recipe.epochs * steps_per_epoch, desc=desc, unit="step", file=sys.stderr,
+               disable=not progress)  # fmt: skip
     with bar:
-        for _ in range(epochs):
-            order = torch.randperm(len(dataset), generator=generator)
-            for start in range(0, len(order), batch_size):
-                index = order[start : start + batch_size]
-                images = dataset.images[index]
-                for name in augment:
-                    images = AUGMENTATIONS[name](images, generator)
-                logits = network(images)
-                loss = torch.nn.functional.cross_entropy(
-                    logits, targets[index], label_smoothing=label_smoothing
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        for _ in range(recipe.epochs):
+            order = torch.randperm(len(images), generator=generator)
+            for start in range(0, len(order), recipe.batch_size):
+                index = order[start : start + recipe.batch_size]
+                batch = _augmented(images[index], recipe.augment, generator)
+                loss = _step(network, optimizer, batch, targets[index], recipe.label_smoothing)
                 scheduler.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    seconds = time.perf_counter() - started
+    return time.perf_counter() - started
 
-    config: dict[str, Any] = {
+
+def _augmented(images: torch.Tensor, augment: list[str], generator: torch.Generator) -> Any:
+    """`images` through each named augmentation, in order, drawing from `generator`."""
+    for name in augment:
+        images = AUGMENTATIONS[name](images, generator)
+    return images
+
+
+def _step(
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """One optimizer step on the label-smoothed cross-entropy; returns the loss."""
+    logits = network(images)
+    loss = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def _config(
+    attribute: str,
+    labels: list[str],
+    architecture: dict[str, Any],
+    recipe: _Recipe,
+    *,
+    seed: int,
+    data: str | pathlib.Path,
+    images: int,
+    seconds: float,
+    command: str | None,
+) -> dict[str, Any]:
+    """config.json: what `load_classifier` needs, and how the weights were made (enough to
+    make them again); ``eval`` is filled in once they are measured."""
+    import importlib.metadata
+
+    return {
         "format": FORMAT,
         "attribute": attribute,
         "labels": labels,
@@ -346,15 +465,15 @@ def train_classifier(
             "seed": seed,
             "data": str(data),
             "data_description": _description(pathlib.Path(data)),
-            "images": len(dataset),
-            "epochs": epochs,
-            "batch_size": batch_size,
+            "images": images,
+            "epochs": recipe.epochs,
+            "batch_size": recipe.batch_size,
             "optimizer": "AdamW",
-            "lr": lr,
+            "lr": recipe.lr,
             "lr_schedule": "one-cycle",
-            "weight_decay": weight_decay,
-            "label_smoothing": label_smoothing,
-            "augment": augment,
+            "weight_decay": recipe.weight_decay,
+            "label_smoothing": recipe.label_smoothing,
+            "augment": recipe.augment,
             "seconds": round(seconds, 1),
             "versions": {
                 dist: importlib.metadata.version(dist) for dist in ("diffusion-toolkit", "torch")
@@ -362,16 +481,20 @@ def train_classifier(
         },
         "eval": None,
     }
-    network.eval()
-    if evaluation is not None:
-        config["eval"] = accuracy(TrainedClassifier(config, network), evaluation, by=eval_by)
+
+
+def _save(out: pathlib.Path, network: torch.nn.Module, config: dict[str, Any]) -> None:
+    """The classifier folder: weights, then config, each written atomically."""
+    from safetensors.torch import save
+
+    from toolkit.data.output import atomic_write
+
     state = {k: v.detach().contiguous() for k, v in network.state_dict().items()}
     try:
         atomic_write(out / WEIGHTS, save(state, metadata={"format": FORMAT}))
         atomic_write(out / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     except OSError as exc:  # a full disk, a folder check_writable could not foresee
         raise DtkError(f"cannot write {out}: {exc}") from None
-    return config
 
 
 def _description(data: pathlib.Path) -> Any:

@@ -239,7 +239,6 @@ def write(
     run is recognised) and again last, with the counts. Rerunning the same call rewrites the
     same bytes; a non-empty folder holding anything else is refused.
     """
-    import shlex
     import sys
 
     import pandas
@@ -248,10 +247,7 @@ def write(
     out = pathlib.Path(out)
     records = rows(split, minority_share, seed)  # validates split and share first
     if command is None:
-        args = ["dtk", "data", NAME, str(out), "--split", split]
-        if split == "train":
-            args += ["--minority-share", str(minority_share)]
-        command = shlex.join([*args, "--seed", str(seed)])
+        command = _command(out, split, minority_share, seed)
     info = describe(split, minority_share, seed, command)
     _check_out(out, info)
     # written first too, so that an interrupted run is recognised and redone by its command
@@ -266,6 +262,16 @@ def write(
     info["counts"] = {g: int(counts.get(g, 0)) for g in GROUPS}
     atomic_write(out / "dataset.json", (json.dumps(info, indent=2) + "\n").encode())
     return metadata
+
+
+def _command(out: pathlib.Path, split: str, minority_share: float, seed: int) -> str:
+    """The ``dtk data`` command that writes this folder, for ``dataset.json`` to record."""
+    import shlex
+
+    args = ["dtk", "data", NAME, str(out), "--split", split]
+    if split == "train":
+        args += ["--minority-share", str(minority_share)]
+    return shlex.join([*args, "--seed", str(seed)])
 
 
 def _check_out(out: pathlib.Path, info: dict[str, Any]) -> None:

@@ -7,11 +7,14 @@ shared with Python callers) happens in `toolkit.recipes.training`.
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from toolkit.errors import DtkError
+
+if TYPE_CHECKING:
+    from toolkit.recipes.training import TrainConfig
 
 
 @click.command("train")
@@ -93,7 +96,16 @@ def train_command(**kw: Any) -> None:
       dtk train digits-train --attribute digit --out m --max-minutes 5
       dtk train digits-train --attribute digit --out m --steps 4000 --resume
     """
-    from toolkit.recipes.training import TrainConfig, train
+    from toolkit.recipes.training import train
+
+    out = train(_config(kw), resume=kw["resume"], progress=not kw["quiet"])
+    click.echo(f"model written to {out}", err=True)
+
+
+def _config(kw: dict[str, Any]) -> TrainConfig:
+    """The command line as a `TrainConfig` (which `train` checks, for Python callers too):
+    --channels parsed, and the default step budget applied when no budget is given."""
+    from toolkit.recipes.training import TrainConfig
 
     try:
         channels = tuple(int(c) for c in kw["channels"].split(","))
@@ -104,7 +116,7 @@ def train_command(**kw: Any) -> None:
     steps = kw["steps"]
     if steps is None and kw["max_minutes"] is None:
         steps = 2000
-    config = TrainConfig(
+    return TrainConfig(
         data=str(kw["data"]),
         attributes=list(kw["attributes"]),
         out=str(kw["out"]),
@@ -120,5 +132,3 @@ def train_command(**kw: Any) -> None:
         beta_schedule=kw["beta_schedule"],
         checkpoint_every=kw["checkpoint_every"],
     )
-    out = train(config, resume=kw["resume"], progress=not kw["quiet"])
-    click.echo(f"model written to {out}", err=True)

@@ -61,15 +61,7 @@ class TrainConfig:
     def check(self) -> None:
         """Every setting a user can get wrong, refused with one line before any data is read
         or any file written (`train` calls it; so does ``dtk train``, through `train`)."""
-        attributes = list(self.attributes)
-        if not attributes:
-            raise DtkError("give at least one --attribute (a metadata column to condition on)")
-        for attribute in attributes:
-            if not isinstance(attribute, str) or not attribute:
-                raise DtkError(f"--attribute must name a metadata column, got {attribute!r}")
-        twice = next((a for a in attributes if attributes.count(a) > 1), None)
-        if twice is not None:
-            raise DtkError(f"--attribute {twice} is given twice; name each attribute once")
+        self._check_attributes()
         if self.steps is None and self.max_minutes is None:
             raise DtkError("give --steps or --max-minutes")
         if self.steps is not None:
@@ -102,6 +94,18 @@ class TrainConfig:
                 f"image twice), got {size!r}"
             )
         self._check_channels()
+
+    def _check_attributes(self) -> None:
+        """At least one attribute, each a column name given once."""
+        attributes = list(self.attributes)
+        if not attributes:
+            raise DtkError("give at least one --attribute (a metadata column to condition on)")
+        for attribute in attributes:
+            if not isinstance(attribute, str) or not attribute:
+                raise DtkError(f"--attribute must name a metadata column, got {attribute!r}")
+        twice = next((a for a in attributes if attributes.count(a) > 1), None)
+        if twice is not None:
+            raise DtkError(f"--attribute {twice} is given twice; name each attribute once")
 
     def _check_channels(self) -> None:
         channels = tuple(self.block_out_channels)
@@ -197,11 +201,30 @@ def _drop_labels(codes: torch.Tensor, space: LabelSpace, p: float, g: torch.Gene
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> pathlib.Path:
     """Train and write a model folder `config.out` that `dtk generate` loads."""
-    from diffusers import DDPMPipeline, DDPMScheduler
-    from safetensors.torch import load_file
-    from tqdm.auto import tqdm
+    # 1. Refuse every mistake before any image is read or file written.
+    out, checkpoint, state = _check_request(config, resume)
+    # 2. Read the images and their labels.
+    data = _Data.load(config)
+    # 3. Build the networks, seeded; a resumed run takes up its checkpoint's state.
+    run = _Run.start(config, data.space)
+    if state is not None:
+        run.restore(checkpoint, state)
+    # 4. Optimizer steps until the budget is spent, with periodic checkpoints.
+    run.fit(data, checkpoint, progress=progress)
+    # 5. The model folder: the EMA weights, the label space, how they were made.
+    _write_model(out, run, data.space)
+    # 6. A last checkpoint, for a later --resume, unless step 4 has just written it.
+    if not run.checkpoint_due():
+        run.save_checkpoint(checkpoint)
+    return out
 
-    # Everything a user can get wrong is refused before any image is read or file written.
+
+def _check_request(
+    config: TrainConfig, resume: bool
+) -> tuple[pathlib.Path, pathlib.Path, dict[str, Any] | None]:
+    """The model folder, its checkpoint folder and (with `resume`) the checkpoint's state,
+    once the settings, both folders and the metadata have passed every check: a mistake
+    costs one line, before any image is read or file written."""
     config.check()
     out = pathlib.Path(config.out)
     checkpoint = out.with_name(out.name + ".checkpoint")
@@ -213,74 +236,162 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         raise DtkError(f"--out {out} (or its checkpoint) exists; choose another or pass --resume")
     state = _read_state(checkpoint, config) if resume else None
     _check_values(read_metadata(config.data, config.attributes), config.data, config.attributes)
-    dataset = load_image_folder(config.data, config.attributes, size=config.size)
-    space = label_space(dataset, config.attributes)
-    codes = torch.stack(
-        [dataset.codes(a.name, a.values) for a in space.attributes], dim=1
-    )  # [N, A]
-    x_all = dataset.images * 2 - 1
+    return out, checkpoint, state
 
-    torch.manual_seed(config.seed)
-    g = torch.Generator().manual_seed(config.seed)
-    unet = build_unet(config, space.num_labels)
-    ema = build_unet(config, space.num_labels)
-    dim = unet.class_embedding.embedding_dim
-    unet.class_embedding = FactorizedEmbedding(space, dim)
-    ema.class_embedding = FactorizedEmbedding(space, dim)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule
-    )
-    alphas_cumprod = scheduler.alphas_cumprod
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    step, elapsed = 0, 0.0
-    if state is not None:
-        unet.load_state_dict(load_file(checkpoint / "model.safetensors"))
-        ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        g.set_state(torch.load(checkpoint / "rng.pt", weights_only=True))
-        step, elapsed = state["step"], state["elapsed"]
 
-    total = config.steps
-    budget = None if config.max_minutes is None else config.max_minutes * 60
-    bar = tqdm(total=total, initial=step, desc="training", unit="step", file=sys.stderr,
-               disable=not progress)  # fmt: skip
-    started = time.monotonic() - elapsed
-    losses: list[float] = []
-    unet.train()
-    while (total is None or step < total) and (
-        budget is None or time.monotonic() - started < budget
-    ):
-        idx = torch.randint(0, len(x_all), (config.batch_size,), generator=g)
-        x0 = x_all[idx]
-        labels = _drop_labels(codes[idx], space, config.p_drop, g)
+@dataclasses.dataclass
+class _Data:
+    """The training set as the loop samples it."""
+
+    x_all: torch.Tensor  # [N, 3, size, size] in [-1, 1], the range the noise schedule assumes
+    codes: torch.Tensor  # [N, A]: each image's value index per attribute
+    space: LabelSpace
+
+    @classmethod
+    def load(cls, config: TrainConfig) -> _Data:
+        """Read once, at the model's size; the label space has each attribute's values."""
+        dataset = load_image_folder(config.data, config.attributes, size=config.size)
+        space = label_space(dataset, config.attributes)
+        codes = torch.stack([dataset.codes(a.name, a.values) for a in space.attributes], dim=1)
+        return cls(dataset.images * 2 - 1, codes, space)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One training run's moving parts: what a step changes and a checkpoint keeps.
+
+    `g` alone draws the batches, label drops, timesteps and noise, so a run resumed from a
+    checkpoint (which saves `g`'s state) continues exactly as if it had never stopped.
+    """
+
+    config: TrainConfig
+    unet: Any
+    ema: Any  # the moving average of `unet`'s weights: the weights the model folder gets
+    scheduler: Any  # diffusers' DDPMScheduler: the noise levels
+    optimizer: torch.optim.Optimizer
+    g: torch.Generator
+    step: int = 0
+    elapsed: float = 0.0  # seconds spent before `fit` (in the runs a checkpoint continues)
+    started: float = 0.0  # `time.monotonic()` at step 0, earlier runs counted
+    losses: list[float] = dataclasses.field(default_factory=list)  # this process's steps
+
+    @classmethod
+    def start(cls, config: TrainConfig, space: LabelSpace) -> _Run:
+        """Seeded from `config.seed` (the initial weights, then `g`); the label embedding is
+        a `FactorizedEmbedding`, so that rare attribute combinations share what is learned."""
+        from diffusers import DDPMScheduler
+
+        torch.manual_seed(config.seed)
+        g = torch.Generator().manual_seed(config.seed)
+        unet = build_unet(config, space.num_labels)
+        ema = build_unet(config, space.num_labels)
+        dim = unet.class_embedding.embedding_dim
+        unet.class_embedding = FactorizedEmbedding(space, dim)
+        ema.class_embedding = FactorizedEmbedding(space, dim)
+        ema.load_state_dict(unet.state_dict())
+        ema.requires_grad_(False)
+        scheduler = DDPMScheduler(
+            num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule
+        )
+        optimizer = torch.optim.AdamW(
+            unet.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        return cls(config, unet, ema, scheduler, optimizer, g)
+
+    def restore(self, checkpoint: pathlib.Path, state: dict[str, Any]) -> None:
+        """Weights, optimizer moments, `g`'s state and the step count from `checkpoint`."""
+        from safetensors.torch import load_file
+
+        self.unet.load_state_dict(load_file(checkpoint / "model.safetensors"))
+        self.ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
+        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        self.g.set_state(torch.load(checkpoint / "rng.pt", weights_only=True))
+        self.step, self.elapsed = state["step"], state["elapsed"]
+
+    def fit(self, data: _Data, checkpoint: pathlib.Path, *, progress: bool) -> None:
+        """Steps until `config.steps` are done or `config.max_minutes` have passed (earlier
+        runs counted), with a checkpoint every `config.checkpoint_every` steps."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        budget = None if config.max_minutes is None else config.max_minutes * 60
+        bar = tqdm(total=config.steps, initial=self.step, desc="training", unit="step",
+                   file=sys.stderr, disable=not progress)  # fmt: skip
+        self.started = time.monotonic() - self.elapsed
+        self.unet.train()
+        while (config.steps is None or self.step < config.steps) and (
+            budget is None or self.seconds() < budget
+        ):
+            loss = self.optimizer_step(*self.noisy_batch(data))
+            self.update_ema()
+            self.step += 1
+            self.losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(self.losses[-50:]) / len(self.losses[-50:]):.4f}")
+            if self.checkpoint_due():
+                self.save_checkpoint(checkpoint)
+        bar.close()
+
+    def noisy_batch(self, data: _Data) -> tuple[torch.Tensor, ...]:
+        """Images noised to random timesteps: (noisy images, timesteps, labels, the noise).
+        The draws from `g` come in a fixed order (images, label drops, timesteps, noise)
+        that checkpoints, and the shipped weights, depend on."""
+        config, g = self.config, self.g
+        idx = torch.randint(0, len(data.x_all), (config.batch_size,), generator=g)
+        x0 = data.x_all[idx]
+        labels = _drop_labels(data.codes[idx], data.space, config.p_drop, g)
         t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        a = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = torch.nn.functional.mse_loss(unet(x_t, t, class_labels=labels).sample, eps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), unet.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            _save_checkpoint(checkpoint, unet, ema, optimizer, g, step,
-                             time.monotonic() - started, config)  # fmt: skip
-    bar.close()
+        return x_t, t, labels, eps
 
-    # The model folder, written beside its final place and renamed into it.
+    def optimizer_step(
+        self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor
+    ) -> float:
+        """One AdamW step on the epsilon-prediction loss (returned): the rate warms up
+        linearly over `config.warmup` steps, and the gradient norm is clipped to 1, so that
+        the first steps of a fresh network do not throw it off."""
+        lr = self.config.lr * min(1.0, (self.step + 1) / max(1, self.config.warmup))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = torch.nn.functional.mse_loss(self.unet(x_t, t, class_labels=labels).sample, eps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.optimizer.step()
+        return loss.item()
+
+    def update_ema(self) -> None:
+        """Move the EMA towards the new weights. Its decay ramps up to `config.ema_decay`
+        over the first steps, so that the average soon forgets the random initial weights."""
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+
+    def seconds(self) -> float:
+        """Training time so far, earlier runs counted."""
+        return time.monotonic() - self.started
+
+    def checkpoint_due(self) -> bool:
+        """Whether a checkpoint falls on the current step."""
+        every = self.config.checkpoint_every
+        return bool(every and self.step % every == 0)
+
+    def save_checkpoint(self, checkpoint: pathlib.Path) -> None:
+        """Everything `restore` needs to continue this run exactly (see `_save_checkpoint`)."""
+        _save_checkpoint(checkpoint, self.unet, self.ema, self.optimizer, self.g, self.step,
+                         self.seconds(), self.config)  # fmt: skip
+
+
+def _write_model(out: pathlib.Path, run: _Run, space: LabelSpace) -> None:
+    """The model folder `dtk generate` loads: the EMA weights, with the per-attribute label
+    embeddings summed into the plain table diffusers has. Written beside `out` and renamed
+    into it, so that a failure never leaves half a model there."""
+    from diffusers import DDPMPipeline
+
+    ema = run.ema
     ema.eval()
     factorized = ema.class_embedding
     ema.class_embedding = factorized.materialize()
@@ -288,19 +399,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         try:
-            DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(staging)
+            DDPMPipeline(unet=ema, scheduler=run.scheduler).save_pretrained(staging)
             (staging / "toolkit.json").write_text(json.dumps(space.to_json(), indent=2) + "\n")
-            record = {
-                "command": "dtk train " + " ".join(sys.argv[2:])
-                if sys.argv[1:2] == ["train"]
-                else None,
-                "config": _jsonable(config),
-                "steps_done": step,
-                "minutes": round((time.monotonic() - started) / 60, 2),
-                "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])) if losses else None,
-                "parameters": sum(p.numel() for p in ema.parameters()),
-            }
-            (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+            (staging / "training.json").write_text(json.dumps(_record(run), indent=2) + "\n")
             if out.exists():
                 shutil.rmtree(out)
             os.replace(staging, out)
@@ -308,10 +409,19 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             shutil.rmtree(staging, ignore_errors=True)
             raise
     ema.class_embedding = factorized
-    if not (config.checkpoint_every and step % config.checkpoint_every == 0):  # else saved
-        _save_checkpoint(checkpoint, unet, ema, optimizer, g, step, time.monotonic() - started,
-                         config)  # fmt: skip
-    return out
+
+
+def _record(run: _Run) -> dict[str, Any]:
+    """training.json: the command and settings that made the model, and how far it got."""
+    losses = run.losses
+    return {
+        "command": "dtk train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None,
+        "config": _jsonable(run.config),
+        "steps_done": run.step,
+        "minutes": round(run.seconds() / 60, 2),
+        "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])) if losses else None,
+        "parameters": sum(p.numel() for p in run.ema.parameters()),
+    }
 
 
 def _read_state(checkpoint: pathlib.Path, config: TrainConfig) -> dict[str, Any]:

@@ -33,17 +33,14 @@ every plugin module to list it, and must stay fast.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import pluggy
+
+from toolkit.registry.protocols import Register
 
 PROJECT_NAME = "dtk"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
-
-Register = Callable[[type[Any]], None]
 
 
 @hookspec

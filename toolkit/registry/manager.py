@@ -146,6 +146,8 @@ class Registry:
         return self
 
     def _load(self) -> None:
+        """Import the allowed entry points, then collect their plugins kind by kind; each
+        step skips (and reports) what is broken rather than failing the whole registry."""
         entry_points = self._entry_points
         if entry_points is None:
             entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
@@ -154,54 +156,54 @@ class Registry:
         manager.add_hookspecs(hookspecs)
         owners: dict[str, tuple[str, str]] = {}  # pluggy plugin name -> (distribution, version)
         seen_distributions = set()
-
+        # 1. Import each allowed entry point and register its hooks with pluggy.
         for ep in entry_points:
-            dist = ep.dist.name if ep.dist is not None else "(unknown)"
-            version = ep.dist.version if ep.dist is not None else ""
-            canonical = canonical_distribution(dist)
-            seen_distributions.add(canonical)
-            builtin = canonical == BUILTIN_DISTRIBUTION
-            if not builtin and allow is not None and canonical not in allow:
-                self._problems.append(
-                    LoadProblem(ep.name, dist, version, "disabled", "not in DTK_LOAD_PLUGINS")
-                )
+            dist, version = _distribution(ep)
+            seen_distributions.add(canonical_distribution(dist))
+            if not self._allowed(ep, dist, version, allow):
                 continue
-            plugin_name = f"{dist}:{ep.name}"
             try:
-                with _contained():
-                    module = ep.load()
-                try:
-                    manager.register(module, name=plugin_name)
-                    manager.check_pending()
-                except Exception:
-                    # register() may fail half-way (a hook with a bad signature), leaving the
-                    # plugin's earlier hooks behind: take all of them out.
-                    if manager.get_plugin(plugin_name) is module:
-                        manager.unregister(name=plugin_name)
-                    raise
+                plugin_name = _register_module(manager, ep, dist)
             except Exception as exc:
                 self._fail(ep.name, dist, version, "failed to load", exc)
                 continue
             owners[plugin_name] = (dist, version)
-
+        # 2. Say which allow-listed distributions are not installed (a typo, most likely).
         if allow:
-            for missing in sorted(allow - seen_distributions):
-                self._problems.append(
-                    LoadProblem("", missing, "", "not installed", "named in DTK_LOAD_PLUGINS")
-                )
-                warnings.warn(
-                    f"DTK_LOAD_PLUGINS names {missing!r}, which is not an installed dtk "
-                    "plugin distribution",
-                    PluginLoadWarning,
-                    stacklevel=4,
-                )
-
+            self._report_not_installed(allow - seen_distributions)
+        # 3. Call every loaded plugin's hooks, kind by kind: they register the classes.
         for kind, hook_name in KINDS.items():
             caller = getattr(manager.hook, hook_name)
             for impl in caller.get_hookimpls():
                 dist, version = owners[impl.plugin_name]
                 self._call_hook(impl, kind, hook_name, dist, version)
+        # 4. Mark the names two distributions registered for one kind.
         self._mark_clashes()
+
+    def _allowed(self, ep: Any, dist: str, version: str, allow: set[str] | None) -> bool:
+        """Whether `ep` may load: built-ins always, third parties if ``DTK_LOAD_PLUGINS``
+        (when set) names them; a left-out one is listed as ``disabled``."""
+        canonical = canonical_distribution(dist)
+        if canonical == BUILTIN_DISTRIBUTION or allow is None or canonical in allow:
+            return True
+        self._problems.append(
+            LoadProblem(ep.name, dist, version, "disabled", "not in DTK_LOAD_PLUGINS")
+        )
+        return False
+
+    def _report_not_installed(self, missing: set[str]) -> None:
+        """Distributions ``DTK_LOAD_PLUGINS`` names that are not installed: listed and warned
+        about, since a misspelt name would otherwise silently load nothing."""
+        for name in sorted(missing):
+            self._problems.append(
+                LoadProblem("", name, "", "not installed", "named in DTK_LOAD_PLUGINS")
+            )
+            warnings.warn(
+                f"DTK_LOAD_PLUGINS names {name!r}, which is not an installed dtk "
+                "plugin distribution",
+                PluginLoadWarning,
+                stacklevel=5,  # `_load` used 4; this method is one frame deeper
+            )
 
     def _call_hook(self, impl: Any, kind: str, hook_name: str, dist: str, version: str) -> None:
         pending: list[Registration] = []
@@ -395,6 +397,32 @@ class Registry:
                 f"{kind.replace('_', ' ')} {name!r} from {reg.distribution} {reg.version} "
                 f"failed to start: {type(exc).__name__}: {exc}"
             ) from exc
+
+
+def _distribution(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
+    """The name and version of the distribution that declares `ep`."""
+    if ep.dist is None:
+        return "(unknown)", ""
+    return ep.dist.name, ep.dist.version
+
+
+def _register_module(
+    manager: pluggy.PluginManager, ep: importlib.metadata.EntryPoint, dist: str
+) -> str:
+    """Import `ep`'s module and register its hooks under ``dist:name`` (returned)."""
+    plugin_name = f"{dist}:{ep.name}"
+    with _contained():
+        module = ep.load()
+    try:
+        manager.register(module, name=plugin_name)
+        manager.check_pending()
+    except Exception:
+        # register() may fail half-way (a hook with a bad signature), leaving the
+        # plugin's earlier hooks behind: take all of them out.
+        if manager.get_plugin(plugin_name) is module:
+            manager.unregister(name=plugin_name)
+        raise
+    return plugin_name
 
 
 def _command_registration(

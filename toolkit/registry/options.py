@@ -16,7 +16,7 @@ import math
 import pathlib
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from toolkit.errors import OptionError
@@ -174,72 +174,125 @@ def parse_key_values(pairs: Iterable[str], *, what: str = "option") -> dict[str,
 
 
 def _coerce(value: Any, annotation: Any, from_strings: bool) -> Any:
+    """`value` as `annotation` says, converted from a command-line string if `from_strings`.
+
+    A converter per annotation (`_BY_ORIGIN` for ``X | Y``, ``Literal`` and lists, `_BY_TYPE`
+    for the plain types, `_to_class` for any other class) rather than one long chain, so each
+    rule reads on its own. Raises TypeError or ValueError, which `validate_options` reports.
+    """
     if annotation is _MISSING or annotation is Any or isinstance(annotation, str):
         return value  # unannotated, or an annotation that does not resolve: as given
+    convert = _BY_ORIGIN.get(typing.get_origin(annotation))
+    if convert is None and isinstance(annotation, type):
+        convert = _BY_TYPE.get(annotation)
+    return (convert or _to_class)(value, annotation, from_strings)
+
+
+def _to_union(value: Any, annotation: Any, from_strings: bool) -> Any:
+    """``X | Y``: the first member that takes the value; ``none`` is None on the command line."""
+    args = typing.get_args(annotation)
+    if type(None) in args and (value is None or (from_strings and value == "none")):
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, from_strings)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"expected {type_name(annotation)}")
+
+
+def _to_literal(value: Any, annotation: Any, from_strings: bool) -> Any:
+    """``Literal[...]``: one of the choices (matched by its text on the command line)."""
+    choices = typing.get_args(annotation)
+    for choice in choices:
+        as_text = from_strings and isinstance(value, str) and str(choice) == value
+        if value == choice or as_text:
+            return choice
+    raise ValueError("expected one of " + ", ".join(repr(c) for c in choices))
+
+
+def _to_sequence(value: Any, annotation: Any, from_strings: bool) -> Any:
+    """``list[X]`` or ``tuple[X, ...]``: each item as X (comma-separated on the command line);
+    a lone string is refused, as it would otherwise be split into characters."""
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if type(None) in args and (value is None or (from_strings and value == "none")):
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, from_strings)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise ValueError(f"expected {type_name(annotation)}")
-    if origin is typing.Literal:
-        choices = typing.get_args(annotation)
-        for choice in choices:
-            as_text = from_strings and isinstance(value, str) and str(choice) == value
-            if value == choice or as_text:
-                return choice
-        raise ValueError("expected one of " + ", ".join(repr(c) for c in choices))
-    if origin in (list, tuple):
-        item = typing.get_args(annotation)[0]
-        if from_strings and isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise TypeError(f"expected {type_name(annotation)}")
-        items = [_coerce(v.strip() if isinstance(v, str) else v, item, from_strings) for v in value]
-        return origin(items)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if from_strings and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise TypeError("expected true or false")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise TypeError("expected an integer")
-        if isinstance(value, int):
-            return value
-        if from_strings and isinstance(value, str):
-            return int(value)
-        raise TypeError("expected an integer")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise TypeError("expected a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if from_strings and isinstance(value, str):
-            number = float(value)
-            if math.isnan(number):
-                raise ValueError("expected a number, not nan")
-            return number
-        raise TypeError("expected a number")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError("expected a string")
-    if annotation is pathlib.Path:
-        if isinstance(value, (str, pathlib.PurePath)):
-            return pathlib.Path(value)
-        raise TypeError("expected a path")
+    item = typing.get_args(annotation)[0]
+    if from_strings and isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"expected {type_name(annotation)}")
+    items = [_coerce(v.strip() if isinstance(v, str) else v, item, from_strings) for v in value]
+    return origin(items)
+
+
+def _to_bool(value: Any, annotation: Any, from_strings: bool) -> bool:
+    """``bool``: a bool, or on the command line 1/true/yes/on and 0/false/no/off."""
+    if isinstance(value, bool):
+        return value
+    if from_strings and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise TypeError("expected true or false")
+
+
+def _to_int(value: Any, annotation: Any, from_strings: bool) -> int:
+    """``int``: an int but not a bool (``True`` is no count)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if from_strings and isinstance(value, str):
+        return int(value)
+    raise TypeError("expected an integer")
+
+
+def _to_float(value: Any, annotation: Any, from_strings: bool) -> float:
+    """``float``: any number but a bool; ``nan`` typed on the command line is refused."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if from_strings and isinstance(value, str):
+        number = float(value)
+        if math.isnan(number):
+            raise ValueError("expected a number, not nan")
+        return number
+    raise TypeError("expected a number")
+
+
+def _to_str(value: Any, annotation: Any, from_strings: bool) -> str:
+    if isinstance(value, str):
+        return value
+    raise TypeError("expected a string")
+
+
+def _to_path(value: Any, annotation: Any, from_strings: bool) -> pathlib.Path:
+    if isinstance(value, (str, pathlib.PurePath)):
+        return pathlib.Path(value)
+    raise TypeError("expected a path")
+
+
+def _to_class(value: Any, annotation: Any, from_strings: bool) -> Any:
+    """Any other class: an instance as given, or one made from the command-line string."""
     if isinstance(annotation, type) and isinstance(value, annotation):
         return value
     if from_strings and isinstance(annotation, type) and isinstance(value, str):
         return annotation(value)
     raise TypeError(f"expected {type_name(annotation)}")
+
+
+#: a converter: (value, annotation, from_strings) -> the value, or TypeError/ValueError
+_Converter = Callable[[Any, Any, bool], Any]
+
+#: converters by the annotation's origin (``typing.get_origin``)
+_BY_ORIGIN: dict[Any, _Converter] = {
+    typing.Union: _to_union,
+    types.UnionType: _to_union,
+    typing.Literal: _to_literal,
+    list: _to_sequence,
+    tuple: _to_sequence,
+}
+#: converters by the annotation itself, for the plain types
+_BY_TYPE: dict[type, _Converter] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    pathlib.Path: _to_path,
+}
