@@ -172,3 +172,33 @@ def refuse_unknown_branches(name: str, branches: set[str], allowed: set[str]) ->
     unknown = branches - allowed
     if unknown:
         raise DtkError(f"guidance {name!r} asks for unknown branches {sorted(unknown)}")
+
+
+class VPModel(Model):
+    """A model whose network is a discrete-time VP denoiser (`VP`): the families of today
+    share this; a family with another parameterization brings its own `Model`."""
+
+    def __init__(self, folder: ModelFolder, network: Any) -> None:
+        from toolkit.models.noise import NoiseLevels
+        from toolkit.models.parameterization import VP
+
+        self.folder = folder
+        self.network = network
+        self.noise_levels = NoiseLevels.from_scheduler_config(folder.scheduler_config)
+        prediction = folder.scheduler_config.get("prediction_type", "epsilon")
+        self.parameterization = VP(self.noise_levels, prediction)
+        self.dtype = next(network.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    def denoise(self, x: torch.Tensor, sigma: Any, **inputs: torch.Tensor) -> torch.Tensor:
+        x_in, t = self.parameterization.inputs(x, sigma)
+        # the network's precision for its float inputs (text embeddings); labels stay ints
+        inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        out = self.network(x_in.to(self.dtype), t, **inputs, return_dict=False)[0]
+        return self.parameterization.denoised(x, sigma, out)
+
+    def prior(self, eps: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.parameterization.prior(eps, sigma)

@@ -24,7 +24,7 @@ from toolkit import defaults
 from toolkit.conditions.labels import LabelSpace
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
-from toolkit.models.family import COND, UNCOND, Conditioning, Model, ModelFolder
+from toolkit.models.family import COND, UNCOND, Conditioning, ModelFolder, VPModel
 from toolkit.models.family import refuse_unknown_branches as _refuse_unknown
 from toolkit.models.loading import (
     check_prediction_type,
@@ -33,8 +33,6 @@ from toolkit.models.loading import (
     unet_shape,
     use_safetensors,
 )
-from toolkit.models.noise import NoiseLevels
-from toolkit.models.parameterization import VP
 
 if TYPE_CHECKING:
     import torch
@@ -147,32 +145,16 @@ class LabelUNetFolder(ModelFolder):
         return LabelUNet(self, unet.to(device=device))
 
 
-class LabelUNet(Model):
+class LabelUNet(VPModel):
     """A loaded label-UNet: the sigma-space denoiser of a VP ``UNet2DModel``."""
 
     def __init__(self, folder: LabelUNetFolder, unet: Any) -> None:
-        self.folder = folder
+        super().__init__(folder, unet)
         self.unet = unet
-        self.noise_levels = NoiseLevels.from_scheduler_config(folder.scheduler_config)
-        self.parameterization = VP(self.noise_levels, folder.scheduler_config.get(
-            "prediction_type", "epsilon"))  # fmt: skip
-        self.dtype = next(unet.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
     @property
     def labels(self) -> LabelSpace | None:
         return self.folder.labels
-
-    def denoise(self, x: torch.Tensor, sigma: Any, **inputs: torch.Tensor) -> torch.Tensor:
-        x_in, t = self.parameterization.inputs(x, sigma)
-        out = self.unet(x_in.to(self.dtype), t, **inputs, return_dict=False)[0]
-        return self.parameterization.denoised(x, sigma, out)
-
-    def prior(self, eps: torch.Tensor, sigma: float) -> torch.Tensor:
-        return self.parameterization.prior(eps, sigma)
 
     def conditioning(self, batch: Sequence[SampleRequest],
                      text_branches: Mapping[str, str]) -> LabelConditioning:  # fmt: skip

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit import defaults
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
-from toolkit.models.family import COND, UNCOND, Conditioning, Model, ModelFolder
+from toolkit.models.family import COND, UNCOND, Conditioning, ModelFolder, VPModel
 from toolkit.models.family import refuse_unknown_branches as _refuse_unknown
 from toolkit.models.loading import (
     check_prediction_type,
@@ -28,8 +28,6 @@ from toolkit.models.loading import (
     unet_shape,
     use_safetensors,
 )
-from toolkit.models.noise import NoiseLevels
-from toolkit.models.parameterization import VP
 
 if TYPE_CHECKING:
     import torch
@@ -178,24 +176,16 @@ class StableDiffusionFolder(ModelFolder):
         return StableDiffusion(self, unet, vae, text_encoder, tokenizer)
 
 
-class StableDiffusion(Model):
+class StableDiffusion(VPModel):
     """A loaded Stable-Diffusion-style model: UNet, VAE, text encoder and tokenizer."""
 
     def __init__(self, folder: StableDiffusionFolder, unet: Any, vae: Any, text_encoder: Any,
                  tokenizer: Any) -> None:  # fmt: skip
-        self.folder = folder
+        super().__init__(folder, unet)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.noise_levels = NoiseLevels.from_scheduler_config(folder.scheduler_config)
-        self.parameterization = VP(self.noise_levels, folder.scheduler_config.get(
-            "prediction_type", "epsilon"))  # fmt: skip
-        self.dtype = next(unet.parameters()).dtype
         #: how many prompts went through the text encoder (each distinct prompt once per run)
         self.encoded = 0
         self._embeddings: dict[str, torch.Tensor] = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
     @property
     def path(self) -> pathlib.Path:
@@ -207,15 +197,6 @@ class StableDiffusion(Model):
         # are the real limit then
         limit = self.text_encoder.config.max_position_embeddings
         return min(int(self.tokenizer.model_max_length), limit)
-
-    def denoise(self, x: torch.Tensor, sigma: Any, **inputs: torch.Tensor) -> torch.Tensor:
-        x_in, t = self.parameterization.inputs(x, sigma)
-        inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-        out = self.unet(x_in.to(self.dtype), t, **inputs, return_dict=False)[0]
-        return self.parameterization.denoised(x, sigma, out)
-
-    def prior(self, eps: torch.Tensor, sigma: float) -> torch.Tensor:
-        return self.parameterization.prior(eps, sigma)
 
     def conditioning(self, batch: Sequence[SampleRequest],
                      text_branches: Mapping[str, str]) -> TextConditioning:  # fmt: skip
