@@ -31,10 +31,11 @@ def _check_steps(name: str, steps: int) -> None:
 
 
 def _finish(name: str, sigmas: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Append the final 0 and check the contract: strictly decreasing, finite, positive."""
+    """Append the final 0 and check the contract: strictly decreasing, positive, finite but
+    for a flow model's start at ``t = 1`` (``sigma = inf``, the first sigma only)."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
-    if not bool(torch.isfinite(sigmas).all()) or not bool((sigmas[:-1] > 0).all()):
+    if not bool(torch.isfinite(sigmas[1:]).all()) or not bool((sigmas[:-1] > 0).all()):
         raise DtkError(f"schedule {name!r} produced a non-finite or non-positive sigma")
     if not bool((sigmas[1:] < sigmas[:-1]).all()):
         raise DtkError(
@@ -45,6 +46,9 @@ def _finish(name: str, sigmas: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def _discrete(name: str, noise: NoiseLevels) -> np.ndarray:
+    if noise.is_flow:
+        raise DtkError(f"schedule {name!r} spaces a VP model's training timesteps; this is a "
+                       "rectified-flow model: use --schedule flow")  # fmt: skip
     if noise.sigmas is None:
         raise DtkError(
             f"schedule {name!r} spaces a model's discrete training timesteps; this model is "
@@ -58,6 +62,11 @@ def _range(
 ) -> tuple[float, float]:
     low = noise.sigma_min if sigma_min is None else sigma_min
     high = noise.sigma_max if sigma_max is None else sigma_max
+    if math.isinf(high):
+        raise DtkError(
+            "this is a rectified-flow model, whose noise reaches sigma = inf (t = 1): use "
+            "--schedule flow, or give this schedule a finite sigma_max"
+        )
     if not 0 < low < high:
         raise DtkError(f"need 0 < sigma_min < sigma_max, got {low} and {high}")
     return low, high
@@ -240,7 +249,43 @@ class VP:
         )
 
 
-SCHEDULES = (Leading, Trailing, Linspace, Karras, Exponential, Polyexponential, Beta, VP)
+class Flow:
+    """A rectified-flow model's own schedule, in sigma space (``sigma = t / (1 - t)``), with
+    the model's shift (`toolkit.NoiseLevels`' flow counterpart holds it).
+
+    `variant` ``euler`` is diffusers' ``FlowMatchEulerDiscreteScheduler``: ``steps`` times
+    evenly spaced from ``t = 1`` (``sigma = inf``) to the smallest training time, shifted
+    (that smallest time is shifted once already, as diffusers does); ComfyUI calls the
+    model's own spacing "simple" and the shift "model sampling shift". ``dpmsolver`` is
+    ``DPMSolverMultistepScheduler(use_flow_sigmas=True)``'s: ``steps + 1`` times evenly
+    spaced in ``alpha = 1 - t`` from 1 to ``1 / N``, shifted, the last dropped, so it starts
+    just short of pure noise.
+    """
+
+    name = "flow"
+
+    def __init__(self, variant: Literal["euler", "dpmsolver"] = "euler") -> None:
+        if variant not in ("euler", "dpmsolver"):
+            raise DtkError(f"flow: variant must be euler or dpmsolver, got {variant!r}")
+        self.variant = variant
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        if not noise.is_flow:
+            raise DtkError("schedule 'flow' is for rectified-flow models; this is a VP model")
+        n = noise.num_train_timesteps
+        if self.variant == "euler":
+            high = float(np.float32(noise.shifted(np.float32(1.0))))
+            t = np.linspace(high * n, noise.t_min * n, steps) / n
+        else:
+            t = (1.0 - np.linspace(1, 1 / n, steps + 1))[::-1][:-1].copy()
+        # float32, as diffusers keeps its sigmas
+        t = torch.from_numpy(np.asarray(noise.shifted(t), dtype=np.float32)).double()
+        sigma = torch.where(t >= 1, torch.full_like(t, math.inf), t / (1 - t))
+        return _finish(self.name, sigma)
+
+
+SCHEDULES = (Leading, Trailing, Linspace, Karras, Exponential, Polyexponential, Beta, VP, Flow)
 
 
 @toolkit.hookimpl

@@ -12,14 +12,16 @@ import json
 import math
 import pathlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 else:
+    np = lazy_import("numpy")
     torch = lazy_import("torch")
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -42,6 +44,7 @@ class NoiseLevels:
     sigma_min: float
     sigma_max: float
     sigmas: torch.Tensor | None = None
+    is_flow: ClassVar[bool] = False
 
     # -- constructors --------------------------------------------------------------------
 
@@ -176,3 +179,62 @@ def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:
 
     betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
     return torch.tensor(betas, dtype=torch.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlowLevels:
+    """The noise levels of a rectified-flow model (SD3, Flux): ``x_t = (1 - t) x0 + t eps``.
+
+    In sigma space that is the same ODE as ``x_t / (1 - t) = x0 + sigma eps`` with
+    ``sigma = t / (1 - t)``, so every sigma-space sampler runs on it; ``t = 1`` (pure noise)
+    is ``sigma = inf``. The network is trained on ``t`` in ``(0, 1]`` and takes the timestep
+    ``t * num_train_timesteps``. Sampling times are shifted towards noise, as diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` shifts them: statically, ``t' = shift t / (1 + (shift
+    - 1) t)`` (SD3), or by resolution (Flux's dynamic shifting), ``t' = e^mu / (e^mu +
+    1 / t - 1)`` with `mu` computed from the image's sequence length.
+    """
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    mu: float | None = None
+    is_flow: ClassVar[bool] = True
+    sigmas: ClassVar[None] = None  # no discrete VP training sigmas
+
+    def shifted(self, t: Any) -> Any:
+        """Sampling times `t` (array or float, in (0, 1]) shifted as the model was trained."""
+        if self.mu is not None:
+            return math.exp(self.mu) / (math.exp(self.mu) + (1 / t - 1))
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    @property
+    def t_min(self) -> float:
+        """The smallest training time as diffusers' ``sigma_min`` (float32): statically
+        shifted already when the shift is static, unshifted when it is dynamic."""
+        t = np.float32(1 / self.num_train_timesteps)
+        return float(t if self.mu is not None else np.float32(self.shifted(t)))
+
+    @property
+    def sigma_min(self) -> float:
+        return self.t_min / (1 - self.t_min)
+
+    @property
+    def sigma_max(self) -> float:
+        return math.inf
+
+    @property
+    def is_discrete(self) -> bool:
+        return False
+
+    def sigma_to_t(self, sigma: Any) -> torch.Tensor:
+        """The network's timestep ``t * num_train_timesteps`` of each `sigma` (inf -> t = 1)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        t = torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+        return (t * self.num_train_timesteps).float()
+
+    def t_to_sigma(self, timestep: Any) -> torch.Tensor:
+        t = torch.as_tensor(timestep, dtype=torch.float64) / self.num_train_timesteps
+        return torch.where(t >= 1, torch.full_like(t, math.inf), t / (1 - t))
+
+    def __repr__(self) -> str:
+        how = f"mu={self.mu:.4g}" if self.mu is not None else f"shift={self.shift:g}"
+        return f"FlowLevels({self.num_train_timesteps} timesteps, {how})"

@@ -62,3 +62,34 @@ class VP:
 
 def _expand(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.view(-1, *([1] * (x.ndim - 1)))
+
+
+class Flow:
+    """Rectified-flow parameterization (SD3, Flux): the network predicts the velocity
+    ``v = eps - x0`` of ``x_t = (1 - t) x0 + t eps`` at timestep ``t * N``.
+
+    In sigma space (``sigma = t / (1 - t)``, ``x = x_t / (1 - t)``) the input is
+    ``x_t = x / (1 + sigma)`` at ``t = sigma / (1 + sigma)``, and the estimate is
+    ``x0 = x_t - t v``. At ``t = 1`` (``sigma = inf``) the state is held as the noise itself,
+    ``x / sigma`` in the limit (docs/contracts.md, "Reproducibility"): then ``x_t = x``.
+    """
+
+    def __init__(self, noise_levels: Any) -> None:
+        self.noise_levels = noise_levels
+
+    def inputs(self, x: torch.Tensor, sigma: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = sigma_batch(sigma, x.shape[0], x.device).double()
+        t = torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+        scale = torch.where(torch.isinf(sigma), torch.ones_like(sigma), 1 / (1 + sigma))
+        x_t = x * _expand(scale, x).to(x.dtype)
+        return x_t, (t * self.noise_levels.num_train_timesteps).to(torch.float32)
+
+    def denoised(self, x: torch.Tensor, sigma: Any, out: torch.Tensor) -> torch.Tensor:
+        x_t, timestep = self.inputs(x, sigma)
+        t = _expand(timestep.double() / self.noise_levels.num_train_timesteps, x)
+        return x_t - t.to(x.dtype) * out.to(x.dtype)
+
+    def prior(self, eps: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Pure noise as the state at `sigma`: ``x_t = eps`` (the noise itself at ``inf``),
+        as diffusers starts its flow schedulers whatever their first ``t``."""
+        return eps if math.isinf(sigma) else eps * (1 + float(sigma))

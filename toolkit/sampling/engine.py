@@ -8,6 +8,7 @@ supplies its later noise, so a sample's result does not depend on the batch it i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -59,5 +60,25 @@ def sample_images(
     with torch.inference_mode():
         conditioning = model.conditioning(batch, text_branches)
         guided = GuidedDenoiser(model, guidance, conditioning)
-        x0 = sampler(guided, x, sigmas, noise=noise)
+        x0 = integrate(sampler, guided, x, sigmas, noise)
         return to_unit(model.decode(x0))
+
+
+def integrate(sampler: Any, denoise: Any, x: torch.Tensor, sigmas: Any, noise: Any
+              ) -> torch.Tensor:  # fmt: skip
+    """Run `sampler` from ``sigmas[0]`` to 0.
+
+    A flow model's schedule may start at ``sigma = inf`` (``t = 1``), where `x` is the noise
+    itself. The first step from there is taken here, exactly: every first-order step
+    (Euler, DDIM, DPM-Solver's first step) has the same finite limit, ``x0 + sigma_1 eps``,
+    with ``x0`` the model's estimate at ``t = 1``. The sampler then runs from ``sigmas[1]``,
+    so it only ever sees finite noise levels.
+    """
+    first = float(sigmas[0])
+    if not math.isinf(first):
+        return sampler(denoise, x, sigmas, noise=noise)
+    denoised = denoise(x, first)
+    following = float(sigmas[1])
+    if following == 0:
+        return denoised
+    return sampler(denoise, denoised + following * x, sigmas[1:], noise=noise)

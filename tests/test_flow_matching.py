@@ -1,0 +1,141 @@
+"""Rectified flow in sigma space (``sigma = t / (1 - t)``): our samplers on a flow model's
+velocity network equal diffusers' flow schedulers, from ``t = 1`` (``sigma = inf``) exactly.
+
+The network here is a small random convolution of ``(x_t, t)``: the comparison is of the
+sampling math, which a trained model would only make harder to read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import diffusers
+import pytest
+import torch
+
+import toolkit
+from toolkit.models.noise import FlowLevels
+from toolkit.models.parameterization import Flow
+from toolkit.sampling.engine import integrate
+
+SHAPE = (2, 4, 8, 8)
+N = 1000
+
+
+class Velocity(torch.nn.Module):
+    """A fixed random velocity field v(x_t, t) that depends on both its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        t = (timestep.float() / N).view(-1, 1, 1, 1)
+        return torch.tanh(self.conv(x_t)) * (0.5 + t) + 0.3 * x_t
+
+
+@pytest.fixture(scope="module")
+def net() -> Velocity:
+    return Velocity().eval()
+
+
+def eps() -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+
+
+def ours(net, levels, sampler, schedule, steps, timesteps=None) -> torch.Tensor:
+    """Our sampling; with `timesteps`, the network is handed the nearest of them instead of
+    the exact timestep (what a scheduler that rounds its timesteps hands it)."""
+    flow = Flow(levels)
+
+    def denoise(x, sigma):
+        x_t, timestep = flow.inputs(x, sigma)
+        if timesteps is not None:
+            nearest = (timesteps.double()[None, :] - timestep.double()[:, None]).abs().argmin(1)
+            assert ((timesteps[nearest] - timestep).abs() <= 1).all()
+            timestep = timesteps[nearest].float()
+        return flow.denoised(x, sigma, net(x_t, timestep))
+
+    sigmas = schedule(steps, levels)
+    x = flow.prior(eps(), float(sigmas[0]))
+    with torch.no_grad():
+        return integrate(sampler, denoise, x, sigmas, lambda s, n: torch.randn(SHAPE))
+
+
+def diffusers_loop(net, scheduler, steps, **timesteps) -> torch.Tensor:
+    scheduler.set_timesteps(steps, **timesteps)
+    x = eps() * getattr(scheduler, "init_noise_sigma", 1.0)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(net(x, t.expand(SHAPE[0])), t, x, return_dict=False)[0]
+    return x
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 4, 12])
+def test_euler_equals_flow_match_euler(net, shift, steps):
+    levels = FlowLevels(shift=shift)
+    mine = ours(net, levels, toolkit.sampler("euler"), toolkit.schedule("flow"), steps)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    theirs = diffusers_loop(net, scheduler, steps)
+    assert (mine - theirs).abs().max() <= 1e-4
+    assert (mine - eps()).abs().max() > 0.1  # it moved
+
+
+def test_euler_with_dynamic_shift_equals_flux_style_shifting(net):
+    mu = 0.87
+    mine = ours(net, FlowLevels(mu=mu), toolkit.sampler("euler"), toolkit.schedule("flow"), 6)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    theirs = diffusers_loop(net, scheduler, 6, mu=mu)
+    assert (mine - theirs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [3, 10])
+def test_dpmpp_2m_equals_dpm_solver_with_flow_sigmas(net, shift, steps):
+    levels = FlowLevels(shift=shift)
+    schedule = toolkit.schedule("flow", variant="dpmsolver")
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift
+    )
+    theirs = diffusers_loop(net, scheduler, steps)
+    # DPMSolverMultistepScheduler casts its timesteps to int64: the network sees floor(t N).
+    # Given those, the update rules agree to rounding; our network gets the exact t N.
+    emulated = ours(net, levels, toolkit.sampler("dpmpp_2m"), schedule, steps,
+                    timesteps=scheduler.timesteps)  # fmt: skip
+    assert (emulated - theirs).abs().max() <= 1e-4
+    exact = ours(net, levels, toolkit.sampler("dpmpp_2m"), schedule, steps)
+    assert 1e-5 < (exact - theirs).abs().max() <= 1e-2
+
+
+def test_the_flow_schedules_are_diffusers_sigmas_in_sigma_space():
+    levels = FlowLevels(shift=3.0)
+    euler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    euler.set_timesteps(8)
+    t = euler.sigmas.double()
+    ours_ = toolkit.schedule("flow")(8, levels)
+    assert math.isinf(ours_[0]) and ours_[-1] == 0
+    torch.testing.assert_close(ours_[1:-1] / (1 + ours_[1:-1]), t[1:-1], rtol=1e-6, atol=0)
+
+
+def test_vp_schedules_refuse_a_flow_model_and_flow_refuses_a_vp_one():
+    with pytest.raises(toolkit.DtkError, match=r"rectified-flow model.*--schedule flow"):
+        toolkit.schedule("karras")(10, FlowLevels())
+    with pytest.raises(toolkit.DtkError, match="rectified-flow model: use --schedule flow"):
+        toolkit.schedule("leading")(10, FlowLevels())
+    vp = toolkit.NoiseLevels.from_scheduler_config({})
+    with pytest.raises(toolkit.DtkError, match="'flow' is for rectified-flow models"):
+        toolkit.schedule("flow")(10, vp)
+
+
+def test_the_first_step_from_infinity_is_its_exact_limit(net):
+    """From sigma = inf, every first-order step lands on x0 + sigma_1 eps; a huge finite
+    start only approaches it (and loses it to rounding in float32)."""
+    levels = FlowLevels(shift=1.0)
+    flow = Flow(levels)
+    e = eps()
+    x_t, timestep = flow.inputs(e, math.inf)
+    assert torch.equal(x_t, e) and float(timestep[0]) == N
+    x0 = flow.denoised(e, math.inf, net(x_t, timestep))
+    torch.testing.assert_close(x0, e - net(e, timestep))
