@@ -48,14 +48,14 @@ def _settings(kw: dict[str, Any]) -> toolkit.GenerationSettings:
     """The generation settings from the options `toolkit.generation_options` added (popped
     from `kw`), checked before the command writes anything."""
     settings = toolkit.settings_from_cli(kw)
-    _check_settings(settings)
+    _check_settings(settings, kw.get("model"))
     return settings
 
 
-def _check_settings(settings: toolkit.GenerationSettings) -> None:
-    """The settings and the device, before the command writes anything (each run checks
-    the settings again, with the model)."""
-    toolkit.check_settings(settings)
+def _check_settings(settings: toolkit.GenerationSettings, model: Any = None) -> None:
+    """The settings (against `model`'s defaults) and the device, before the command writes
+    anything (each run checks the settings again)."""
+    toolkit.check_settings(settings, model)
     toolkit.resolve_device(settings.device)
 
 

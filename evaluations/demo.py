@@ -226,8 +226,10 @@ class _Laps:
 
 def _config(out: pathlib.Path, n: int, seeds: int, budget: int | None,
             settings: GenerationSettings) -> DemoConfig:  # fmt: skip
-    return DemoConfig(out=str(out), n=n, seeds=seeds, sampler=settings.sampler,
-                      steps=settings.steps, budget=budget,
+    # as the audits ran them: the shipped model's defaults where the user named none
+    resolved = toolkit.check_settings(settings, toolkit.default_model())
+    return DemoConfig(out=str(out), n=n, seeds=seeds, sampler=resolved.sampler,
+                      steps=resolved.steps, budget=budget,
                       model=shown_path(toolkit.default_model()), generation=settings)  # fmt: skip
 
 

@@ -171,11 +171,12 @@ def generation_params(cmd, with_filters):
 
 @pytest.mark.parametrize(
     ("path", "with_filters", "steps"),
-    [(("eval", "bias"), True, 20), (("synthesize",), False, 20), (("demo",), False, 10)],
+    [(("eval", "bias"), True, None), (("synthesize",), False, 20), (("demo",), False, 10)],
 )
 def test_commands_that_generate_take_exactly_dtk_generates_options(path, with_filters, steps):
     """The same options, types and defaults as ``dtk generate`` (but --steps, whose default
-    is the command's own, and the safety filters where the command has none)."""
+    is the command's own or, as dtk generate's, the model's (None), and the safety filters
+    where the command has none)."""
     cmd = command(*path)
     ours = generation_params(cmd, with_filters)
     theirs = generation_params(command("generate"), with_filters)
@@ -189,7 +190,8 @@ def test_commands_that_generate_take_exactly_dtk_generates_options(path, with_fi
     # the command's default steps is shown in --help
     result = dtk(*path, "--help")
     assert result.exit_code == 0, result.output
-    assert re.search(rf"\n\s+--steps INTEGER\s+Sampling steps\.\s+\[default: {steps}\]",
+    shown = r"Default: the model's" if steps is None else rf"\[default: {steps}\]"
+    assert re.search(rf"\n\s+--steps INTEGER\s+Sampling steps\.\s+{shown}",
                      result.output), result.output  # fmt: skip
 
 

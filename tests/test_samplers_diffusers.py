@@ -183,12 +183,14 @@ def test_sampler_matches_its_diffusers_twin(case: Twin, unet: Any, noise0: torch
 
 def test_every_sampler_with_a_diffusers_twin_is_compared() -> None:
     """k-diffusion's dpmpp_2s_ancestral and dpmpp_sde have no diffusers scheduler; the
-    ``diffusers`` sampler runs diffusers' schedulers itself."""
+    ``diffusers`` sampler runs diffusers' schedulers itself; ``score_sde_ve`` is compared
+    with ``ScoreSdeVePipeline`` as a whole (tests/test_ve.py), its scheduler having no
+    standard loop."""
     from plugins.samplers import SAMPLERS
 
     variants = [*UNIPC_BH1, EULER_CHURN, DPMPP_3M_SDE, DPMPP_2M_KARRAS, *DPMPP_2M_TRUNCATED]
     tested = {c.sampler for c in [*TWINS, *variants]}
-    untwinned = {"dpmpp_2s_ancestral", "dpmpp_sde", "diffusers"}
+    untwinned = {"dpmpp_2s_ancestral", "dpmpp_sde", "diffusers", "score_sde_ve"}
     assert tested == {cls.name for cls in SAMPLERS} - untwinned
 
 

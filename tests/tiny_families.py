@@ -14,7 +14,6 @@ import pathlib
 import torch
 from diffusers import (
     DDPMPipeline,
-    DDPMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
@@ -26,13 +25,9 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
-    ScoreSdeVePipeline,
-    ScoreSdeVeScheduler,
     SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
-    UNet2DModel,
 )
 from diffusers.utils import logging as diffusers_logging
 from tiny_models import tiny_unet
@@ -67,16 +62,12 @@ def sdxl(path: pathlib.Path) -> None:
     ).save_pretrained(path)  # fmt: skip
 
 
-def sd3(path: pathlib.Path) -> None:
-    transformer = SD3Transformer2DModel(
+def sd3_transformer(path: pathlib.Path) -> None:
+    """A bare SD 3 transformer folder (SD 3 pipeline folders are supported: tiny_sd3.py)."""
+    SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
         pooled_projection_dim=32, out_channels=4,
-    )  # fmt: skip
-    StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-        text_encoder_3=None, tokenizer_3=None,
     ).save_pretrained(path)  # fmt: skip
 
 
@@ -128,21 +119,6 @@ def lcm(path: pathlib.Path) -> None:
                                    requires_safety_checker=False).save_pretrained(path)  # fmt: skip
 
 
-def ve(path: pathlib.Path) -> None:
-    ScoreSdeVePipeline(unet=tiny_unet(), scheduler=ScoreSdeVeScheduler()).save_pretrained(path)
-
-
-def learned_variance(path: pathlib.Path) -> None:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=6, block_out_channels=(16, 32),
-        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
-    )  # fmt: skip
-    scheduler = DDPMScheduler(variance_type="learned_range")
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
-
-
 def flow_unet(path: pathlib.Path) -> None:
     """A UNet2DModel trained for rectified flow (its scheduler says so)."""
     DDPMPipeline(unet=tiny_unet(), scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(
@@ -169,15 +145,13 @@ def sd_with_lcm_unet(path: pathlib.Path) -> None:
 #: builder -> a phrase the refusal must contain (the family's name)
 UNSUPPORTED = {
     sdxl: "Stable Diffusion XL",
-    sd3: "Stable Diffusion 3",
+    sd3_transformer: "Stable Diffusion 3 transformer without its pipeline folder",
     flux: "Flux",
     flux_transformer: "Flux",
     pixart_alpha: "PixArt-α",
     pixart_sigma: "PixArt-Σ",
     dit: "DiT",
     lcm: "Latent Consistency Model (LCM)",
-    ve: "VE score-SDE",
-    learned_variance: "learned-variance",
     flow_unet: "rectified-flow",
     sd_with_sdxl_unet: "Stable Diffusion XL",
     sd_with_lcm_unet: "Latent Consistency Model",

@@ -3,7 +3,8 @@ keyword defaults and the docs all read them from here."""
 
 from __future__ import annotations
 
-#: the sampler and schedule of a run that names none: "DPM++ 2M Karras"
+#: the sampler, schedule and steps of a run that names none, unless the model's family has
+#: its own (`ModelFolder.default_sampling`; SD 3: its pipeline's): "DPM++ 2M Karras"
 SAMPLER = "dpmpp_2m"
 SCHEDULE = "karras"
 STEPS = 20

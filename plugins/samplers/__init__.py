@@ -9,6 +9,7 @@ from plugins.samplers.diffusers_adapter import DiffusersScheduler
 from plugins.samplers.dpmpp import DPMPP2M, DPMPP2MSDE, DPMPP3MSDE, DPMPPSDE, DPMPP2SAncestral
 from plugins.samplers.euler import DPM2, DPM2Ancestral, Euler, EulerAncestral, Heun
 from plugins.samplers.lms import LMS
+from plugins.samplers.score_sde import ScoreSdeVe
 from plugins.samplers.unipc import UniPC
 
 SAMPLERS = (
@@ -26,6 +27,7 @@ SAMPLERS = (
     DPMPP2MSDE,
     DPMPP3MSDE,
     UniPC,
+    ScoreSdeVe,
     DiffusersScheduler,
 )
 

@@ -24,12 +24,26 @@ Each clipping option defaults to None: as the model's scheduler config says (the
 denoiser's ``scheduler_config``, read as diffusers reads it: the key if present, else the
 default of the scheduler class the config names, else off). A denoiser without a scheduler
 config (a plain function) is not clipped. True/False (and a number for the ranges) override.
+
+DDPM's variance is the config's ``variance_type``, as ``DDPMScheduler._get_variance``
+computes it from the step's ``a = 1 / (1 + sigma^2)`` and ``a' = 1 / (1 + sigma'^2)``, with
+``beta = 1 - a / a'`` and the posterior variance ``v = (1 - a') / (1 - a) beta``:
+``fixed_small`` (and ``fixed_small_log``) ``v``, the default, which is ``sigma_up`` above;
+``fixed_large`` ``beta``; and for a learned-variance model (iDDPM), from the network's
+variance channels ``p``, which the denoiser exposes as its ``variance`` after each call
+(`toolkit.models.family.Model.variance`, the ``cond`` branch's under guidance):
+``learned_range`` ``exp(f log beta + (1 - f) log v)`` with ``f = (p + 1) / 2``, per pixel,
+and ``learned`` ``p`` itself. In sigma space the noise's scale is that standard deviation
+over ``sqrt(a')``; the mean is the posterior mean whatever the variance. A denoiser that
+exposes no variance gets ``v``. (``fixed_large_log`` is refused: diffusers takes the square
+root of a log variance there, which is NaN.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +204,7 @@ class DDIM(_Ancestral, _Clipping):
     ) -> torch.Tensor:
         sigmas = sigma_list(sigmas)
         clip = self.clipping(denoise)
+        variance_type = self.variance_type(denoise)
         for i in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             denoised = denoise(x, sigma)
@@ -201,13 +216,24 @@ class DDIM(_Ancestral, _Clipping):
                 denoised = clipped
             else:  # the ancestral Euler step, as k-diffusion writes it
                 x = x + (x - denoised) / sigma * (sigma_down - sigma)
-            x = self.add_noise(x, sigma, sigma_next, sigma_up, noise)
+            if variance_type is not None and sigma_next > 0:
+                variance = getattr(denoise, "variance", None)
+                sigma_up = step_noise_scale(variance_type, sigma, sigma_next, variance, x)
+                x = x + noise(sigma, sigma_next) * sigma_up
+            else:
+                x = self.add_noise(x, sigma, sigma_next, sigma_up, noise)
             report(callback, i, x, sigma, sigma, denoised)
         return x
 
+    def variance_type(self, denoise: Any) -> str | None:
+        """The step's variance when it is not the ancestral step's ``sigma_up`` (DDIM's
+        always is)."""
+        return None
+
 
 class DDPM(DDIM):
-    """Ancestral sampling from the DDPM posterior (variance "fixed small")."""
+    """Ancestral sampling from the DDPM posterior, with the variance the model's config
+    names ("fixed small" by default; a learned one from the model)."""
 
     name = "ddpm"
 
@@ -230,3 +256,46 @@ class DDPM(DDIM):
 
     #: the posterior mean takes the clipped x0 in both of its terms
     clipped_eps = True
+
+    def variance_type(self, denoise: Any) -> str | None:
+        """The model's ``variance_type``, when it is other than the fixed small one."""
+        config = getattr(denoise, "scheduler_config", None) or {}
+        variance_type = config.get("variance_type") or "fixed_small"
+        if variance_type in ("fixed_small", "fixed_small_log"):
+            return None
+        if variance_type in ("fixed_large", *LEARNED):
+            return variance_type
+        why = "diffusers has no such variance"
+        if variance_type == "fixed_large_log":
+            why = "diffusers' DDPMScheduler takes the square root of its log variance: NaN"
+        raise OptionError(
+            f"ddpm cannot sample with the model's variance_type {variance_type!r} ({why}); "
+            f"it follows fixed_small, fixed_small_log, fixed_large, {', '.join(LEARNED)}"
+        )
+
+
+#: the variance types whose variance the model predicts
+LEARNED = ("learned", "learned_range")
+
+
+def step_noise_scale(variance_type: str, sigma: float, sigma_next: float,
+                     predicted: torch.Tensor | None, x: torch.Tensor) -> Any:  # fmt: skip
+    """The standard deviation of a DDPM step's fresh noise in sigma space (a float, or a
+    tensor like `x` for a learned variance), as ``DDPMScheduler`` computes it (see the
+    module docstring); `predicted` is the model's variance channels, or None."""
+    import torch
+
+    a, a_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+    beta = 1 - a / a_next
+    small = max((1 - a_next) / (1 - a) * beta, 1e-20)
+    scale = math.sqrt(a_next)  # x_t-space deviations / sqrt(a') = sigma-space ones
+    if variance_type == "fixed_large":
+        return math.sqrt(beta) / scale
+    if predicted is None:  # a denoiser that exposes no variance: the fixed small one
+        return math.sqrt(small) / scale
+    predicted = predicted.to(x.dtype)
+    if variance_type == "learned":
+        return predicted.sqrt() / scale
+    frac = (predicted + 1) / 2
+    log_variance = frac * math.log(beta) + (1 - frac) * math.log(small)
+    return torch.exp(0.5 * log_variance) / scale

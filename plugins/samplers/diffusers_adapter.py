@@ -19,6 +19,13 @@ whose noise levels are the model's training ones and whose noise comes from
 ``randn_tensor``. The others are refused with the reason in `REFUSED` (flow-matching, VE,
 EDM and consistency models, token models, inversion, pipeline-specific steps, Brownian-tree
 noise), or, for a class this list does not know yet, because nobody has checked it.
+
+A rectified-flow model (SD 3) runs its own scheduler when its config names one of
+`FLOW_SUPPORTED` (``FlowMatchEulerDiscreteScheduler``), and nothing else: the scheduler is
+handed the velocity, with the model's shift. Its first step, from pure noise (``t = 1``,
+sigma = inf), is the engine's, which every first-order step shares
+(`toolkit.sampling.engine.integrate`); the scheduler takes the others, so ``--schedule
+flow`` (the family's default), whose times are the scheduler's, must bring the run there.
 """
 
 from __future__ import annotations
@@ -61,8 +68,15 @@ SUPPORTED = frozenset({
     "UniPCMultistepScheduler",
 })  # fmt: skip
 
-_VP = "dtk's models are discrete-time VP (DDPM-trained) ones"
-_FLOW = f"is for rectified-flow (flow-matching) models; {_VP}"
+_VP = "the diffusers sampler runs discrete-time VP (DDPM-trained) schedulers"
+_FLOW = (
+    f"is for rectified-flow (flow-matching) models; {_VP}, and a flow model's own "
+    "FlowMatchEulerDiscreteScheduler (leave scheduler= out)"
+)
+#: Schedulers a rectified-flow model runs when its own scheduler config names them (checked
+#: against diffusers' loop by `tests/test_sd3.py`); naming them with scheduler= is refused,
+#: since the class alone does not say the model is a flow one.
+FLOW_SUPPORTED = frozenset({"FlowMatchEulerDiscreteScheduler"})
 _TOKENS = "is for discrete-token models, not for denoising continuous images"
 
 #: Why each other diffusers scheduler cannot run here (completes "NAME ...").
@@ -141,6 +155,7 @@ _MODEL_OPTIONS = (
     "trained_betas",
     "rescale_betas_zero_snr",
     "prediction_type",
+    "shift",
 )
 #: Options that turn a scheduler into a rectified-flow one.
 _FLOW_OPTIONS = ("use_flow_sigmas", "flow_shift", "shift_terminal", "use_dynamic_shifting")
@@ -156,8 +171,8 @@ class DiffusersScheduler:
         for key in config:
             if key in _MODEL_OPTIONS:
                 raise OptionError(
-                    f"diffusers sampler: {key} is the model's, read from its scheduler config "
-                    "(the scheduler is handed epsilon); it cannot be set"
+                    f"diffusers sampler: {key} is the model's, read from its scheduler config; "
+                    "it cannot be set"
                 )
             if key in _FLOW_OPTIONS:
                 raise OptionError(f"diffusers sampler: {key} is for rectified-flow models; {_VP}")
@@ -220,7 +235,10 @@ class DiffusersScheduler:
         import torch
 
         levels = getattr(denoise, "noise_levels", None)
+        if getattr(levels, "is_flow", False):
+            return self._flow(denoise, x, sigma_list(sigmas), noise, callback)
         if levels is None or levels.sigmas is None:
+            self.resolve_class(denoise)  # a model's own scheduler is refused with its reason
             raise DtkError("the diffusers sampler needs a discrete-time model")
         sigmas = sigma_list(sigmas)
         scheduler = self.make_scheduler(denoise)
@@ -251,6 +269,62 @@ class DiffusersScheduler:
                 sample = final_step(scheduler, sample)
             report(callback, i, sample, sigma, sigma, denoised)
         return sample
+
+    def _flow(self, denoise: Denoiser, x: torch.Tensor, sigmas: list[float],
+              noise: NoiseSource, callback: StepCallback | None) -> torch.Tensor:  # fmt: skip
+        """A rectified-flow model's own scheduler on ``x_t = x / (1 + sigma)``, handed the
+        velocity ``(x_t - x0) / t``; the engine took its first step from ``t = 1``."""
+        scheduler = self._flow_scheduler(denoise)
+        levels = denoise.noise_levels
+        mu = {} if levels.mu is None else {"mu": levels.mu}
+        # the engine's first step plus the len(sigmas) - 1 left: --steps in all
+        try:
+            scheduler.set_timesteps(len(sigmas), device=x.device, **mu)
+        except (ValueError, NotImplementedError) as exc:
+            name = type(scheduler).__name__
+            raise OptionError(f"{name} with {len(sigmas)} steps: {_one_line(exc)}") from None
+        times = [float(t) for t in scheduler.sigmas]
+        reached = sigmas[0] / (1 + sigmas[0])
+        if times[0] != 1.0 or not math.isclose(times[1], reached, rel_tol=1e-5, abs_tol=1e-7):
+            raise OptionError(
+                f"{type(scheduler).__name__} steps from t = {times[0]:.4g} to t = "
+                f"{times[1]:.4g}, but this run's first step reached t = {reached:.4g}: run "
+                "it with --schedule flow and no options changing its times"
+            )
+        sample = x / (1 + sigmas[0])
+        timesteps = list(scheduler.timesteps)
+        for i in range(1, len(timesteps)):
+            t, t_next = times[i], times[i + 1]
+            sigma, sigma_next = t / (1 - t), t_next / (1 - t_next)
+            denoised = denoise(sample * (1 + sigma), sigma)
+            velocity = (sample - denoised) / t
+            with _noise_from(scheduler, noise, sigma, sigma_next):
+                sample = scheduler.step(velocity, timesteps[i], sample, return_dict=False)[0]
+            report(callback, i - 1, sample * (1 + sigma_next), sigma, sigma, denoised)
+        return sample
+
+    def _flow_scheduler(self, denoise: Any) -> Any:
+        name = (getattr(denoise, "scheduler_config", None) or {}).get("_class_name")
+        if self.scheduler_class is not None or name not in FLOW_SUPPORTED:
+            asked = name if self.scheduler_class is None else self.scheduler_class.__name__
+            raise OptionError(
+                f"{asked} is not a rectified-flow scheduler the diffusers sampler runs; this "
+                f"is a rectified-flow model: it runs the model's own "
+                f"{' or '.join(sorted(FLOW_SUPPORTED))} (leave scheduler= out)"
+            )
+        import diffusers
+
+        cls = getattr(diffusers, name)
+        _check_options(cls, self.config)
+        if self.config.get("stochastic_sampling"):
+            raise OptionError(f"{name} with stochastic_sampling draws its first step's noise "
+                              "afresh; the run's first step keeps the start's")  # fmt: skip
+        accepted = _config_options(cls)
+        config = {k: v for k, v in denoise.scheduler_config.items() if k in accepted}
+        try:
+            return cls.from_config({**config, **self.config})
+        except (ValueError, NotImplementedError) as exc:
+            raise OptionError(f"{name}: {_one_line(exc)}") from None
 
 
 def scheduler_class(name: str) -> type:

@@ -25,26 +25,34 @@ KEYS = ("sampler", "sampler_option", "schedule", "schedule_option", "steps", "gu
         "dtype", "trust_pickle", "attention_slicing", "vae_tiling")  # fmt: skip
 
 
+#: what a sampler, schedule or steps left out is (`ModelFolder.default_sampling`)
+MODEL_DEFAULT = "the model's: {} (SD 3 folders: {}, as their pipeline)"
+
+
 def generation_options(
     *,
-    steps: int = defaults.STEPS,
+    steps: int | None = None,
     guidance_help: str = "cfg (scale 2) when conditioned on a model with a null label, cfg "
     "(scale 7.5) with a prompt, else none",
     filters: bool = True,
 ) -> Callable[[Any], Any]:
     """A decorator adding the generation options to a click command; a command with its own
-    notion of filters (``dtk synthesize``) leaves `filters` out."""
+    notion of filters (``dtk synthesize``) leaves `filters` out. Sampler, schedule and (unless
+    the command gives `steps`) steps default to None: the model's default."""
+    steps_help = "Sampling steps. Default: " + MODEL_DEFAULT.format(defaults.STEPS, 28) + "."
     options = [
-        click.option("--sampler", default=defaults.SAMPLER, show_default=True,
-                     help="Sampler plugin (dtk plugins --kind sampler)."),
+        click.option("--sampler", default=None,
+                     help="Sampler plugin (dtk plugins --kind sampler). Default: "
+                     + MODEL_DEFAULT.format(defaults.SAMPLER, "euler") + "."),
         click.option("--sampler-option", multiple=True, metavar="KEY=VALUE",
                      help="An option of the sampler; repeatable."),
-        click.option("--schedule", default=defaults.SCHEDULE, show_default=True,
-                     help="Noise-schedule plugin."),
+        click.option("--schedule", default=None,
+                     help="Noise-schedule plugin. Default: "
+                     + MODEL_DEFAULT.format(defaults.SCHEDULE, "flow") + "."),
         click.option("--schedule-option", multiple=True, metavar="KEY=VALUE",
                      help="An option of the schedule; repeatable."),
-        click.option("--steps", type=int, default=steps, show_default=True,
-                     help="Sampling steps."),
+        click.option("--steps", type=int, default=steps, show_default=steps is not None,
+                     help="Sampling steps." if steps is not None else steps_help),
         click.option("--guidance", default=None,
                      help=f"Guidance plugin. Default: {guidance_help}."),
         click.option("--guidance-option", multiple=True, metavar="KEY=VALUE",

@@ -178,18 +178,22 @@ class Plan:
 def make_plan(request: GenerationRequest, registry: Registry | None = None) -> Plan:
     """Check `request` and resolve it into a `Plan` (see the module docstring)."""
     registry = registry or get_registry()
-    settings = request.settings
     check_positive("n", request.n)
     check_seed(request.seed, request.n)
-    sampler, schedule, filters = _check_settings(settings, registry)
+    _check_settings(request.settings, registry)  # what is named, before the folder is read
     out, grid = _check_outputs(request)
     shard = _parse_shard(request.shard)
-    strings = settings.options_from_strings
+    strings = request.settings.options_from_strings
 
     folder = _model_folder(request.model)
+    # the plan, run.json and the metadata hold the sampling actually used
+    request = dataclasses.replace(request, settings=resolve_sampling(request.settings, folder))
+    sampler, schedule, filters = _check_settings(request.settings, registry)
+    assert sampler is not None and schedule is not None  # resolved above
     samples = Samples(request, folder)
     folder.check_request(samples.given(), request.prompt is not None,
-                         request.negative_prompt is not None, _memory(settings))  # fmt: skip
+                         request.negative_prompt is not None,
+                         _memory(request.settings))  # fmt: skip
     guidance = _guidance(registry, request, folder, samples, strings)
     plan = Plan(request, folder, sampler, schedule, guidance, filters, samples, shard, out,
                 grid, folder.attribute_order([*samples.given(), samples.condition(0)]),
@@ -202,16 +206,44 @@ def make_plan(request: GenerationRequest, registry: Registry | None = None) -> P
 # -- the steps ---------------------------------------------------------------------------
 
 
-def check_settings(settings: GenerationSettings) -> None:
-    """Check generation settings without a model: counts, precision, the flag policy, and
-    that every named plugin exists and takes its options (none is made). `make_plan` does
-    the same; a command that generates later (after writing other files) checks first."""
-    _check_settings(settings, get_registry())
+def check_settings(settings: GenerationSettings, model: Any = None) -> GenerationSettings:
+    """Check generation settings: counts, precision, the flag policy, and that every plugin
+    exists and takes its options (none is made). A sampler, schedule or steps left at None
+    is `model`'s default (its folder's configs are read), or without a model the toolkit's
+    (`toolkit.defaults`, the shipped model's). Returns the settings with those filled in,
+    as a run records them. `make_plan` does the same with the request's model; a command
+    that generates later (after writing other files) checks first."""
+    if model is None:
+        sampling = (defaults.SAMPLER, defaults.SCHEDULE, defaults.STEPS)
+    else:
+        sampling = open_model(model).default_sampling()
+    resolved = _sampling(settings, sampling)
+    _check_settings(resolved, get_registry())
+    return resolved
+
+
+def resolve_sampling(settings: GenerationSettings, folder: ModelFolder) -> GenerationSettings:
+    """`settings` with the sampler, schedule and steps it leaves at None (each on its own)
+    taken from the model's `ModelFolder.default_sampling`: the toolkit's defaults, or a
+    family's own (SD 3: its pipeline's ``euler`` on the ``flow`` schedule, 28 steps)."""
+    return _sampling(settings, folder.default_sampling())
+
+
+def _sampling(settings: GenerationSettings, sampling: tuple[str, str, int]) -> GenerationSettings:
+    sampler, schedule, steps = sampling
+    return settings.replace(
+        sampler=sampler if settings.sampler is None else settings.sampler,
+        schedule=schedule if settings.schedule is None else settings.schedule,
+        steps=steps if settings.steps is None else settings.steps,
+    )
 
 
 def _check_settings(settings: GenerationSettings, registry: Registry
-                    ) -> tuple[PluginUse, PluginUse, list[PluginUse]]:  # fmt: skip
-    check_positive("steps", settings.steps)
+                    ) -> tuple[PluginUse | None, PluginUse | None, list[PluginUse]]:  # fmt: skip
+    """The named plugins validated; a sampler or schedule left at None (the model's) is
+    None here."""
+    if settings.steps is not None:
+        check_positive("steps", settings.steps)
     check_positive("batch size", settings.batch_size)
     if settings.on_flag not in ON_FLAG:
         raise DtkError(f"on_flag must be one of {', '.join(ON_FLAG)}, got {settings.on_flag!r}")
@@ -219,10 +251,13 @@ def _check_settings(settings: GenerationSettings, registry: Registry
         raise DtkError(f"dtype must be one of {', '.join(defaults.DTYPES)}, got "
                        f"{settings.dtype!r}")  # fmt: skip
     strings = settings.options_from_strings
-    sampler = PluginUse.validated(registry, "sampler", settings.sampler,
-                                  settings.sampler_options, strings)  # fmt: skip
-    schedule = PluginUse.validated(registry, "schedule", settings.schedule,
-                                   settings.schedule_options, strings)  # fmt: skip
+    sampler = schedule = None
+    if settings.sampler is not None:
+        sampler = PluginUse.validated(registry, "sampler", settings.sampler,
+                                      settings.sampler_options, strings)  # fmt: skip
+    if settings.schedule is not None:
+        schedule = PluginUse.validated(registry, "schedule", settings.schedule,
+                                       settings.schedule_options, strings)  # fmt: skip
     filters = _filters(registry, settings, strings)
     if settings.guidance is not None:  # checked before the model folder is even read
         PluginUse.validated(registry, "guidance", settings.guidance,

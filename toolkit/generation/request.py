@@ -24,11 +24,13 @@ Condition = Mapping[str, Any]
 class GenerationSettings:
     """How images are generated (see the module docstring)."""
 
-    sampler: str = defaults.SAMPLER
+    #: sampler, schedule, steps: None is the model's default, each on its own
+    #: (`ModelFolder.default_sampling`: dpmpp_2m, karras, 20 unless the family has its own)
+    sampler: str | None = None
     sampler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    schedule: str = defaults.SCHEDULE
+    schedule: str | None = None
     schedule_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    steps: int = defaults.STEPS
+    steps: int | None = None
     #: None: the model's default for the request (`ModelFolder.default_guidance`)
     guidance: str | None = None
     guidance_options: Mapping[str, Any] | None = None

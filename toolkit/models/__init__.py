@@ -8,13 +8,20 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from toolkit.models.detect import TEXT, UNET, detect_family
+from toolkit.models.detect import SD3, TEXT, UNET, VE, detect_family
 from toolkit.models.family import Conditioning, Model, ModelFolder
 from toolkit.models.label_unet import LabelUNetFolder
+from toolkit.models.sd3 import StableDiffusion3Folder
 from toolkit.models.stable_diffusion import StableDiffusionFolder
+from toolkit.models.ve import VEFolder
 
 #: detection result -> the family's folder class
-FAMILIES: dict[str, type[ModelFolder]] = {UNET: LabelUNetFolder, TEXT: StableDiffusionFolder}
+FAMILIES: dict[str, type[ModelFolder]] = {
+    UNET: LabelUNetFolder,
+    TEXT: StableDiffusionFolder,
+    VE: VEFolder,
+    SD3: StableDiffusion3Folder,
+}
 
 __all__ = [
     "FAMILIES",

@@ -1,11 +1,13 @@
 """Which kind of model a folder holds, read from its configs alone (no weights, no torch).
 
-dtk loads two families so far: label-conditioned (or unconditional) ``UNet2DModel`` folders
-trained as VP diffusion models with epsilon, v or sample prediction (``"unet"``), and
-Stable-Diffusion-1.x/2.x-style pipeline folders (``"text"``). Every other folder is refused
-here, in one line that names its family: a folder of a family we do not support must not
-run as one we do (a VE score-SDE folder used to run silently as an invented VP model) nor
-fail deep inside loading with a misleading message.
+dtk loads these families so far: label-conditioned (or unconditional) ``UNet2DModel``
+folders trained as VP diffusion models with epsilon, v or sample prediction, with a fixed or
+a learned variance (``"unet"``); ``UNet2DModel`` folders of VE score-SDE models, whose
+scheduler is ``ScoreSdeVeScheduler`` (``"ve"``); Stable-Diffusion-1.x/2.x-style pipeline
+folders (``"text"``); and ``StableDiffusion3Pipeline`` folders (``"sd3"``). Every other
+folder is refused here, in one line that names its family: a folder of a family we do not
+support must not run as one we do (a VE score-SDE folder used to run silently as an invented
+VP model) nor fail deep inside loading with a misleading message.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from typing import Any
 from toolkit.errors import DtkError
 from toolkit.models.loading import read_config
 
-UNET, TEXT = "unet", "text"
+UNET, TEXT, VE = "unet", "text", "ve"
+#: Stable Diffusion 3 pipeline folders (`toolkit.models.sd3` checks their configs)
+SD3, SD3_PIPELINE = "sd3", "StableDiffusion3Pipeline"
+#: the scheduler ``variance_type``s whose UNet predicts its variance too (diffusers' DDPM)
+LEARNED_VARIANCE = ("learned", "learned_range")
 
 SUPPORTED = (
-    "dtk supports UNet2DModel (DDPM-style) folders and Stable Diffusion 1.x/2.x pipeline "
-    "folders so far"
+    "dtk supports UNet2DModel folders (DDPM-style, learned variance included, and VE "
+    "score-SDE), Stable Diffusion 1.x/2.x and Stable Diffusion 3 pipeline folders so far"
 )
 
 #: pipeline class name prefix -> the family's name, most specific first
@@ -35,7 +41,6 @@ PIPELINE_FAMILIES = (
     ("PixArtSigma", "PixArt-Σ"),
     ("DiT", "DiT"),
     ("LatentConsistencyModel", "Latent Consistency Model (LCM)"),
-    ("ScoreSdeVe", "VE score-SDE"),
     ("KarrasVe", "VE (Karras et al.)"),
     ("ConsistencyModel", "consistency model"),
     ("LDM", "latent diffusion with a VQ autoencoder (LDM)"),
@@ -55,7 +60,8 @@ PIPELINE_FAMILIES = (
 #: model class of a bare model folder (config.json) -> the family's name
 MODEL_FAMILIES = {
     "FluxTransformer2DModel": "Flux",
-    "SD3Transformer2DModel": "Stable Diffusion 3",
+    "SD3Transformer2DModel": "a Stable Diffusion 3 transformer without its pipeline folder "
+    "(text encoders, tokenizers, VAE)",
     "PixArtTransformer2DModel": "PixArt",
     "DiTTransformer2DModel": "DiT",
     "Transformer2DModel": "DiT-style transformer",
@@ -65,7 +71,6 @@ MODEL_FAMILIES = {
 
 #: scheduler class -> the kind of model it implies that dtk does not run
 SCHEDULER_FAMILIES = {
-    "ScoreSdeVeScheduler": "VE score-SDE (variance exploding)",
     "KarrasVeScheduler": "VE (variance exploding, Karras et al.)",
     "CMStochasticIterativeScheduler": "consistency model",
     "EDMEulerScheduler": "EDM-parameterized",
@@ -76,8 +81,8 @@ SCHEDULER_FAMILIES = {
 
 
 def detect_family(path: str | pathlib.Path) -> str:
-    """``"unet"`` or ``"text"`` for a folder dtk can load; a `DtkError` naming the family of
-    any other folder (see the module docstring)."""
+    """``"unet"``, ``"ve"``, ``"text"`` or ``"sd3"`` for a folder dtk can load; a `DtkError`
+    naming the family of any other folder (see the module docstring)."""
     path = pathlib.Path(path)
     if not path.exists():
         raise DtkError(f"model folder {path} does not exist")
@@ -93,6 +98,8 @@ def _pipeline_family(path: pathlib.Path) -> str:
     if not isinstance(index, dict):
         raise DtkError(f"{path / 'model_index.json'} is not a pipeline index (a JSON object)")
     cls = str(index.get("_class_name", "a pipeline"))
+    if cls == SD3_PIPELINE:
+        return SD3
     for prefix, family in PIPELINE_FAMILIES:
         if cls.startswith(prefix):
             _refuse(path, f"a {family} pipeline ({cls})")
@@ -104,13 +111,16 @@ def _pipeline_family(path: pathlib.Path) -> str:
     if "unet" not in components or not (path / "unet" / "config.json").is_file():
         raise DtkError(f"{path} is a {cls} folder without a unet/ (config.json); {SUPPORTED}")
     scheduler = path / "scheduler" / "scheduler_config.json"
-    _check_scheduler(path, scheduler)
+    family = _check_scheduler(path, scheduler)
+    if cls.startswith("ScoreSdeVe") and family != VE:
+        raise DtkError(f"{path} is a {cls} folder whose scheduler is not ScoreSdeVeScheduler; "
+                       "a VE score-SDE model needs its own")  # fmt: skip
     unet = read_config(path / "unet" / "config.json")
-    if unet.get("_class_name") == "UNet2DConditionModel":
+    if unet.get("_class_name") == "UNet2DConditionModel" and family == UNET:
         _check_text_unet(path, unet)
         return TEXT
     _check_unet(path, unet, scheduler)
-    return UNET
+    return family
 
 
 def _bare_family(path: pathlib.Path) -> str:
@@ -127,32 +137,41 @@ def _bare_family(path: pathlib.Path) -> str:
     if cls != "UNet2DModel":
         _refuse(path, f"a {cls} folder")
     scheduler = path / "scheduler_config.json"
-    _check_scheduler(path, scheduler)
+    family = _check_scheduler(path, scheduler)
     _check_unet(path, config, scheduler)
-    return UNET
+    return family
 
 
-def _check_scheduler(path: pathlib.Path, scheduler: pathlib.Path) -> None:
+def _check_scheduler(path: pathlib.Path, scheduler: pathlib.Path) -> str:
+    """The family the scheduler implies: `VE` for ``ScoreSdeVeScheduler``, else `UNET`."""
     if not scheduler.is_file():
-        return  # the loader names the missing file
+        return UNET  # the loader names the missing file
     config = read_config(scheduler)
     cls = str(config.get("_class_name", ""))
     if cls in SCHEDULER_FAMILIES:
         _refuse(path, f"a {SCHEDULER_FAMILIES[cls]} model (its scheduler is {cls})")
     if cls.startswith("FlowMatch") or config.get("use_flow_sigmas"):
         _refuse(path, f"a rectified-flow (flow matching) model (its scheduler is {cls})")
-    variance = str(config.get("variance_type") or "")
-    if variance.startswith("learned"):
-        _refuse(path, f"a learned-variance model (its scheduler's variance_type is {variance})")
+    return VE if cls == "ScoreSdeVeScheduler" else UNET
 
 
 def _check_unet(path: pathlib.Path, unet: dict[str, Any], scheduler: pathlib.Path) -> None:
+    """A UNet outputs twice its input's channels (mean, then variance) exactly when its
+    scheduler's variance_type says it learned the variance."""
     in_channels, out_channels = unet.get("in_channels", 3), unet.get("out_channels", 3)
-    if out_channels == 2 * in_channels:
-        _refuse(
-            path,
-            f"a learned-variance model (its UNet outputs {out_channels} channels for "
-            f"{in_channels} input channels: the mean and the variance)",
+    config = read_config(scheduler) if scheduler.is_file() else {}
+    variance = str(config.get("variance_type") or "")
+    if out_channels == 2 * in_channels and variance not in LEARNED_VARIANCE:
+        raise DtkError(
+            f"{path}: its UNet outputs {out_channels} channels for {in_channels} input "
+            f"channels (a mean and a learned variance), but its scheduler's variance_type is "
+            f"{variance or 'not set'}, not {' or '.join(LEARNED_VARIANCE)}"
+        )
+    if variance in LEARNED_VARIANCE and out_channels != 2 * in_channels:
+        raise DtkError(
+            f"{path}: its scheduler's variance_type is {variance}, but its UNet outputs "
+            f"{out_channels} channels for {in_channels} input channels, not twice as many "
+            "(it predicts no variance)"
         )
 
 

@@ -19,6 +19,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from toolkit import defaults
 from toolkit.errors import DtkError
 
 if TYPE_CHECKING:
@@ -98,6 +99,12 @@ class ModelFolder(abc.ABC):
     def default_guidance(self, conditional: bool) -> tuple[str, dict[str, Any]]:
         """The guidance (name, options) a request gets when it names none."""
 
+    def default_sampling(self) -> tuple[str, str, int]:
+        """The (sampler, schedule, steps) a request gets for each of them it leaves at None:
+        the toolkit's defaults (`toolkit.defaults`), unless the family samples otherwise
+        (a rectified-flow family: its pipeline's own sampler and steps)."""
+        return defaults.SAMPLER, defaults.SCHEDULE, defaults.STEPS
+
     @abc.abstractmethod
     def check_guidance(self, branches: set[str], text_branches: Mapping[str, str],
                        conditional: bool, name: str) -> None:  # fmt: skip
@@ -134,6 +141,12 @@ class Model(abc.ABC):
 
     folder: ModelFolder
     noise_levels: NoiseLevels
+    #: a learned-variance model's predicted variance for its last `denoise` call: the
+    #: network's variance channels as they are (``[B, C, H, W]``, read per the scheduler
+    #: config's ``variance_type``); None for a model that predicts none. `GuidedDenoiser`
+    #: hands the samplers that use it (``ddpm``) the ``cond`` branch's share as its own
+    #: ``variance``; every other sampler ignores it.
+    variance: torch.Tensor | None = None
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
@@ -174,31 +187,47 @@ def refuse_unknown_branches(name: str, branches: set[str], allowed: set[str]) ->
         raise DtkError(f"guidance {name!r} asks for unknown branches {sorted(unknown)}")
 
 
-class VPModel(Model):
-    """A model whose network is a discrete-time VP denoiser (`VP`): the families of today
-    share this; a family with another parameterization brings its own `Model`."""
+class NetworkModel(Model):
+    """A model whose network runs through a sigma-space parameterization (`VP`, `Flow` in
+    `toolkit.models.parameterization`): ``inputs(x, sigma)`` gives the network's input and
+    timestep, ``denoised(x, sigma, out)`` the clean estimate from its output, ``prior``
+    the start. A family calls its network in `forward` (positional, as a UNet takes it)."""
 
-    def __init__(self, folder: ModelFolder, network: Any) -> None:
-        from toolkit.models.noise import NoiseLevels
-        from toolkit.models.parameterization import VP
-
+    def __init__(self, folder: ModelFolder, network: Any, noise_levels: Any,
+                 parameterization: Any) -> None:  # fmt: skip
         self.folder = folder
         self.network = network
-        self.noise_levels = NoiseLevels.from_scheduler_config(folder.scheduler_config)
-        prediction = folder.scheduler_config.get("prediction_type", "epsilon")
-        self.parameterization = VP(self.noise_levels, prediction)
+        self.noise_levels = noise_levels
+        self.parameterization = parameterization
         self.dtype = next(network.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
         return self.network.device
 
+    def forward(self, x_in: torch.Tensor, t: torch.Tensor, **inputs: torch.Tensor
+                ) -> torch.Tensor:  # fmt: skip
+        """The network's raw output at input `x_in` and timestep `t`."""
+        return self.network(x_in, t, **inputs, return_dict=False)[0]
+
     def denoise(self, x: torch.Tensor, sigma: Any, **inputs: torch.Tensor) -> torch.Tensor:
         x_in, t = self.parameterization.inputs(x, sigma)
         # the network's precision for its float inputs (text embeddings); labels stay ints
         inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-        out = self.network(x_in.to(self.dtype), t, **inputs, return_dict=False)[0]
+        out = self.forward(x_in.to(self.dtype), t, **inputs)
         return self.parameterization.denoised(x, sigma, out)
 
     def prior(self, eps: torch.Tensor, sigma: float) -> torch.Tensor:
         return self.parameterization.prior(eps, sigma)
+
+
+class VPModel(NetworkModel):
+    """A model whose network is a discrete-time VP denoiser (`VP`): the UNet families."""
+
+    def __init__(self, folder: ModelFolder, network: Any) -> None:
+        from toolkit.models.noise import NoiseLevels
+        from toolkit.models.parameterization import VP
+
+        levels = NoiseLevels.from_scheduler_config(folder.scheduler_config)
+        prediction = folder.scheduler_config.get("prediction_type", "epsilon")
+        super().__init__(folder, network, levels, VP(levels, prediction))

@@ -1,5 +1,6 @@
 """The label-UNet family: ``UNet2DModel`` folders, unconditional or conditioned on
-attribute labels, trained as VP diffusion models (epsilon, v or sample prediction).
+attribute labels, trained as VP diffusion models (epsilon, v or sample prediction), with a
+fixed or a learned variance.
 
 Two layouts are accepted:
 
@@ -12,6 +13,12 @@ An optional ``toolkit.json`` (next to ``model_index.json`` or in the UNet folder
 model's conditioning attributes (`toolkit.conditions.labels`); without it a class-conditional
 UNet has one attribute ``class``. Weights load from safetensors; pickled ``.bin`` weights
 only with ``trust_pickle=True``, because unpickling runs code.
+
+A learned-variance UNet (iDDPM; Nichol & Dhariwal 2021) outputs twice the sample's
+channels, the mean's (epsilon, v or x0) then the variance's, and its scheduler config says
+``variance_type`` ``learned`` or ``learned_range``: the denoiser uses the first half, and
+keeps the second as `Model.variance` for the samplers that use it (``ddpm``, as diffusers'
+``DDPMScheduler``); the others ignore it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from toolkit import defaults
 from toolkit.conditions.labels import LabelSpace
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
+from toolkit.models.detect import LEARNED_VARIANCE
 from toolkit.models.family import COND, UNCOND, Conditioning, ModelFolder, VPModel
 from toolkit.models.family import refuse_unknown_branches as _refuse_unknown
 from toolkit.models.loading import (
@@ -56,8 +64,18 @@ class LabelUNetFolder(ModelFolder):
         self.unet_dir, scheduler_file, toolkit_json = _layout(path)
         self.unet_config = read_config(self.unet_dir / "config.json")
         self._scheduler_config = read_config(scheduler_file)
-        check_prediction_type(path, self._scheduler_config)
+        self.check_scheduler_config()
         self._labels = _label_space(self.unet_config, toolkit_json)
+        #: whether the UNet predicts its variance too (`toolkit.models.detect` checked that
+        #: the UNet's channels and the scheduler's variance_type agree)
+        self.learned_variance = (
+            self._scheduler_config.get("variance_type") in LEARNED_VARIANCE
+            and self.unet_config.get("out_channels") == 2 * self.sample_shape[0]
+        )
+
+    def check_scheduler_config(self) -> None:
+        """Refuse a scheduler config the family cannot sample with (read from it alone)."""
+        check_prediction_type(self.path, self._scheduler_config)
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
@@ -72,7 +90,11 @@ class LabelUNetFolder(ModelFolder):
         return self._labels
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "class": self.unet_config.get("_class_name", "UNet2DModel")}
+        described = {**super().describe(),
+                     "class": self.unet_config.get("_class_name", "UNet2DModel")}  # fmt: skip
+        if self.learned_variance:
+            described["variance_type"] = self._scheduler_config["variance_type"]
+        return described
 
     # -- requests ------------------------------------------------------------------------
 
@@ -131,6 +153,10 @@ class LabelUNetFolder(ModelFolder):
 
     def load(self, *, device: Any, dtype: Any, trust_pickle: bool = False,
              attention_slicing: bool = False, vae_tiling: bool = False) -> LabelUNet:  # fmt: skip
+        return LabelUNet(self, self.load_unet(device, dtype, trust_pickle))
+
+    def load_unet(self, device: Any, dtype: Any, trust_pickle: bool) -> Any:
+        """The ``UNet2DModel``, in eval mode without gradients, on `device` in `dtype`."""
         from diffusers import UNet2DModel
 
         safetensors = use_safetensors(self.unet_dir, WEIGHTS_STEM, trust_pickle)
@@ -142,7 +168,7 @@ class LabelUNetFolder(ModelFolder):
         except Exception as exc:  # diffusers raises many types for a damaged folder
             raise load_failure(self.unet_dir, "UNet", exc) from None
         unet.eval().requires_grad_(False)
-        return LabelUNet(self, unet.to(device=device))
+        return unet.to(device=device)
 
 
 class LabelUNet(VPModel):
@@ -151,25 +177,42 @@ class LabelUNet(VPModel):
     def __init__(self, folder: LabelUNetFolder, unet: Any) -> None:
         super().__init__(folder, unet)
         self.unet = unet
+        #: whether the UNet outputs the mean's channels, then the variance's (iDDPM)
+        self.learned_variance = folder.learned_variance
 
     @property
     def labels(self) -> LabelSpace | None:
         return self.folder.labels
 
+    def forward(self, x_in: torch.Tensor, t: torch.Tensor, **inputs: torch.Tensor
+                ) -> torch.Tensor:  # fmt: skip
+        """The network's output; a learned-variance UNet's mean channels, its variance
+        channels kept as `variance` (`toolkit.models.family.Model.variance`)."""
+        out = super().forward(x_in, t, **inputs)
+        if self.learned_variance:
+            out, self.variance = out.chunk(2, dim=1)
+        return out
+
     def conditioning(self, batch: Sequence[SampleRequest],
                      text_branches: Mapping[str, str]) -> LabelConditioning:  # fmt: skip
-        labels = self.labels
-        if labels is None:
-            return LabelConditioning(None, None)
-        cache: dict[tuple, int] = {}
-        values = []
-        for sample in batch:
-            key = tuple(sorted(sample.conditions.items()))
-            if key not in cache:
-                cache[key] = labels.label(sample.conditions)
-            values.append(cache[key])
-        tensor = torch.tensor(values, dtype=torch.long, device=self.device)
-        return LabelConditioning(tensor, labels.null_label)
+        return label_conditioning(self.labels, batch, self.device)
+
+
+def label_conditioning(labels: LabelSpace | None, batch: Sequence[SampleRequest],
+                       device: torch.device) -> LabelConditioning:  # fmt: skip
+    """The `LabelConditioning` of `batch` for a UNet conditioned on `labels` (None: an
+    unconditional one); every family of label-conditioned UNets shares it."""
+    if labels is None:
+        return LabelConditioning(None, None)
+    cache: dict[tuple, int] = {}
+    values = []
+    for sample in batch:
+        key = tuple(sorted(sample.conditions.items()))
+        if key not in cache:
+            cache[key] = labels.label(sample.conditions)
+        values.append(cache[key])
+    tensor = torch.tensor(values, dtype=torch.long, device=device)
+    return LabelConditioning(tensor, labels.null_label)
 
 
 class LabelConditioning(Conditioning):

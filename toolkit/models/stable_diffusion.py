@@ -6,6 +6,11 @@ The folder is what ``StableDiffusionPipeline.save_pretrained`` writes: ``model_i
 latent space; prompts become the UNet's ``encoder_hidden_states`` exactly as diffusers'
 ``StableDiffusionPipeline`` computes them, so the same scheduler, seeds and prompts give the
 same images. Weights load from safetensors; pickled weights only with ``trust_pickle=True``.
+
+What any text-to-image latent family shares lives here too, and the SD 3 family
+(`toolkit.models.sd3`) uses it: `TextFolder` (prompted requests, guidance), loading a
+pipeline's components, `PromptEmbeddings` (each distinct prompt encoded once),
+`TextConditioning` and `decode_latents`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import logging
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from toolkit import defaults
 from toolkit.errors import DtkError
@@ -56,19 +61,102 @@ def prompt_folder(prompt: str, limit: int = 60) -> str:
     return words[:limit].strip("._") or "prompt"
 
 
-class StableDiffusionFolder(ModelFolder):
+def check_parts(path: pathlib.Path, parts: Sequence[tuple[str, str | None]]) -> None:
+    """Refuse a pipeline folder that lacks one of `parts` ((component, its config file, or
+    None for a folder))."""
+    for part, config in parts:
+        folder = path / part
+        if not folder.is_dir() or (config is not None and not (folder / config).is_file()):
+            missing = f"{part}/" if config is None else f"{part}/{config}"
+            raise DtkError(f"{path}: a text-to-image pipeline folder needs {missing}")
+
+
+def load_part(path: pathlib.Path, part: str, cls: Any, stem: str, *, device: Any, dtype: Any,
+              trust_pickle: bool, **kwargs: Any) -> Any:  # fmt: skip
+    """Component `part` of a pipeline folder (weights file `stem`), frozen, on `device`."""
+    folder = path / part
+    safe = use_safetensors(folder, stem, trust_pickle)
+    try:
+        module = cls.from_pretrained(folder, use_safetensors=safe, local_files_only=True,
+                                     torch_dtype=dtype, **kwargs)  # fmt: skip
+    except Exception as exc:  # loaders raise many types for a damaged folder
+        raise load_failure(folder, part, exc) from None
+    return module.eval().requires_grad_(False).to(device=device)
+
+
+def load_tokenizer(path: pathlib.Path, part: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path / part, local_files_only=True)
+    except Exception as exc:  # a broken tokenizer folder can fail in many ways
+        raise load_failure(path / part, part, exc) from None
+
+
+def vae_dtype(dtype: Any, vae_config: Mapping[str, Any]) -> Any:
+    """The VAE's precision: SD's VAEs overflow in float16 (their config says force_upcast),
+    as diffusers knows."""
+    upcast = dtype == torch.float16 and vae_config.get("force_upcast", False)
+    return torch.float32 if upcast else dtype
+
+
+class TextFolder(ModelFolder):
+    """What text-to-image latent families share: prompted requests (refused without a
+    prompt when they carry conditions), classifier-free guidance by default at `cfg_scale`,
+    guidance checked against the cond/uncond branches and a guidance's own prompts, prompt
+    subfolders, and the image shape from the VAE config (`vae_config`, set by the family)."""
+
+    takes_prompts = True
+    #: classifier-free guidance scale of a prompted request that names no guidance
+    cfg_scale: ClassVar[float] = DEFAULT_CFG_SCALE
+    vae_config: dict[str, Any]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config.get("block_out_channels", [0])) - 1)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        _, height, width = self.sample_shape
+        factor = self.vae_scale_factor
+        return (int(self.vae_config.get("out_channels", 3)), height * factor, width * factor)
+
+    def check_request(self, conditions: Sequence[Mapping[str, str]], prompt_given: bool,
+                      negative_given: bool, options: Mapping[str, bool]) -> None:  # fmt: skip
+        if any(conditions) and not prompt_given:
+            raise DtkError(
+                f"{self.path} is a text-to-image model: give --prompt (there --condition only "
+                "annotates prompts with the attribute values they express)"
+            )
+
+    def default_guidance(self, conditional: bool) -> tuple[str, dict[str, Any]]:
+        return ("cfg", {"scale": self.cfg_scale}) if conditional else ("none", {})
+
+    def check_guidance(self, branches: set[str], text_branches: Mapping[str, str],
+                       conditional: bool, name: str) -> None:  # fmt: skip
+        if text_branches.keys() & {COND, UNCOND}:
+            raise DtkError(f"guidance {name!r} may not redefine the cond/uncond branches")
+        _refuse_unknown(name, branches, {COND, UNCOND, *text_branches})
+        if UNCOND in branches and not conditional:
+            raise DtkError(
+                f"guidance {name!r} needs a prompt to guide towards: give --prompt "
+                "(or --negative-prompt), or use --guidance none"
+            )
+
+    def folder_name(self, sample: SampleRequest, attribute_order: Sequence[str]) -> str:
+        if sample.prompt:
+            return prompt_folder(sample.prompt)
+        return super().folder_name(sample, attribute_order)
+
+
+class StableDiffusionFolder(TextFolder):
     """A Stable-Diffusion-style pipeline folder, read from its configs."""
 
     family = "stable-diffusion"
-    takes_prompts = True
 
     def __init__(self, path: pathlib.Path) -> None:
         super().__init__(path)
-        for part, config in PARTS:
-            folder = path / part
-            if not folder.is_dir() or (config is not None and not (folder / config).is_file()):
-                missing = f"{part}/" if config is None else f"{part}/{config}"
-                raise DtkError(f"{path}: a text-to-image pipeline folder needs {missing}")
+        check_parts(path, PARTS)
         self.unet_config = read_config(path / "unet" / "config.json")
         self.vae_config = read_config(path / "vae" / "config.json")
         self.text_config = read_config(path / "text_encoder" / "config.json")
@@ -92,16 +180,6 @@ class StableDiffusionFolder(ModelFolder):
     def sample_shape(self) -> tuple[int, int, int]:
         return unet_shape(self.unet_config)
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae_config.get("block_out_channels", [0])) - 1)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        _, height, width = self.sample_shape
-        factor = self.vae_scale_factor
-        return (int(self.vae_config.get("out_channels", 3)), height * factor, width * factor)
-
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
@@ -110,65 +188,24 @@ class StableDiffusionFolder(ModelFolder):
             "image_shape": list(self.image_shape),
         }
 
-    # -- requests ------------------------------------------------------------------------
-
-    def check_request(self, conditions: Sequence[Mapping[str, str]], prompt_given: bool,
-                      negative_given: bool, options: Mapping[str, bool]) -> None:  # fmt: skip
-        if any(conditions) and not prompt_given:
-            raise DtkError(
-                f"{self.path} is a text-to-image model: give --prompt (there --condition only "
-                "annotates prompts with the attribute values they express)"
-            )
-
-    def default_guidance(self, conditional: bool) -> tuple[str, dict[str, Any]]:
-        return ("cfg", {"scale": DEFAULT_CFG_SCALE}) if conditional else ("none", {})
-
-    def check_guidance(self, branches: set[str], text_branches: Mapping[str, str],
-                       conditional: bool, name: str) -> None:  # fmt: skip
-        if text_branches.keys() & {COND, UNCOND}:
-            raise DtkError(f"guidance {name!r} may not redefine the cond/uncond branches")
-        _refuse_unknown(name, branches, {COND, UNCOND, *text_branches})
-        if UNCOND in branches and not conditional:
-            raise DtkError(
-                f"guidance {name!r} needs a prompt to guide towards: give --prompt "
-                "(or --negative-prompt), or use --guidance none"
-            )
-
-    def folder_name(self, sample: SampleRequest, attribute_order: Sequence[str]) -> str:
-        if sample.prompt:
-            return prompt_folder(sample.prompt)
-        return super().folder_name(sample, attribute_order)
-
     # -- weights -------------------------------------------------------------------------
 
     def load(self, *, device: Any, dtype: Any, trust_pickle: bool = False,
              attention_slicing: bool = False, vae_tiling: bool = False
              ) -> StableDiffusion:  # fmt: skip
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel
+        from transformers import CLIPTextModel
 
         def load(part: str, cls: Any, part_dtype: Any = dtype, **kwargs: Any) -> Any:
-            folder = self.path / part
-            safe = use_safetensors(folder, SAFE[part], trust_pickle)
-            try:
-                module = cls.from_pretrained(folder, use_safetensors=safe, local_files_only=True,
-                                             torch_dtype=part_dtype, **kwargs)  # fmt: skip
-            except Exception as exc:  # loaders raise many types for a damaged folder
-                raise load_failure(folder, part, exc) from None
-            return module.eval().requires_grad_(False).to(device=device)
+            return load_part(self.path, part, cls, SAFE[part], device=device, dtype=part_dtype,
+                             trust_pickle=trust_pickle, **kwargs)  # fmt: skip
 
         unet = load("unet", UNet2DConditionModel, low_cpu_mem_usage=False)
-        # SD's VAE overflows in float16 (its config says force_upcast), as diffusers knows
-        upcast = dtype == torch.float16 and self.vae_config.get("force_upcast", False)
-        vae = load("vae", AutoencoderKL, torch.float32 if upcast else dtype,
+        vae = load("vae", AutoencoderKL, vae_dtype(dtype, self.vae_config),
                    low_cpu_mem_usage=False)  # fmt: skip
         with quiet_transformers():
             text_encoder = load("text_encoder", CLIPTextModel)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.path / "tokenizer",
-                                                      local_files_only=True)  # fmt: skip
-        except Exception as exc:  # a broken tokenizer folder can fail in many ways
-            raise load_failure(self.path / "tokenizer", "tokenizer", exc) from None
+        tokenizer = load_tokenizer(self.path, "tokenizer")
         if attention_slicing:
             unet.set_attention_slice("auto")
         if vae_tiling:
@@ -183,9 +220,12 @@ class StableDiffusion(VPModel):
                  tokenizer: Any) -> None:  # fmt: skip
         super().__init__(folder, unet)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        #: how many prompts went through the text encoder (each distinct prompt once per run)
-        self.encoded = 0
-        self._embeddings: dict[str, torch.Tensor] = {}
+        self.prompts = PromptEmbeddings(self._encode)
+
+    @property
+    def encoded(self) -> int:
+        """How many prompts went through the text encoder (each distinct prompt once)."""
+        return self.prompts.encoded
 
     @property
     def path(self) -> pathlib.Path:
@@ -200,60 +240,99 @@ class StableDiffusion(VPModel):
 
     def conditioning(self, batch: Sequence[SampleRequest],
                      text_branches: Mapping[str, str]) -> TextConditioning:  # fmt: skip
-        cond = self.embed([sample.prompt or "" for sample in batch])
-        uncond = self.embed([sample.negative_prompt or "" for sample in batch])
-        # a guidance's own prompts (sld's safety concept), each encoded once per model
-        extra = {name: self.embed([prompt]) for name, prompt in text_branches.items()}
-        return TextConditioning(cond, uncond, extra)
+        return TextConditioning.of(self.embed, batch, text_branches)
 
-    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
+    def embed(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The UNet's ``encoder_hidden_states`` ``[B, L, D]`` for `prompts`; each distinct
         prompt goes through the text encoder once per model (cached), in one batched call."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
-        if missing:
-            tokens = self.tokenizer(missing, padding="max_length", max_length=self.max_length,
-                                    truncation=True, return_tensors="pt")  # fmt: skip
-            self._warn_truncated(missing)
-            device = self.text_encoder.device
-            mask = None
-            if self.text_encoder.config.to_dict().get("use_attention_mask", False):
-                mask = tokens.attention_mask.to(device)
-            hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-            self.encoded += len(missing)
-            for prompt, row in zip(missing, hidden.to(self.unet.dtype)):
-                self._embeddings[prompt] = row
-        return torch.stack([self._embeddings[p] for p in prompts])
+        return self.prompts(prompts)
 
-    def _warn_truncated(self, prompts: list[str]) -> None:
-        lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]
-        for prompt, length in zip(prompts, lengths):
-            if length > self.max_length:
-                log.warning(
-                    "prompt truncated to the text encoder's %d tokens: %r", self.max_length, prompt
-                )
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                                truncation=True, return_tensors="pt")  # fmt: skip
+        warn_truncated(self.tokenizer, prompts, self.max_length)
+        device = self.text_encoder.device
+        mask = None
+        if self.text_encoder.config.to_dict().get("use_attention_mask", False):
+            mask = tokens.attention_mask.to(device)
+        hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        return {"encoder_hidden_states": hidden.to(self.unet.dtype)}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1] through the VAE (``latents / scaling_factor``)."""
-        scaled = latents / self.vae.config.scaling_factor
-        return self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0].float()
+        return decode_latents(self.vae, latents)
+
+
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1]: ``vae.decode(latents / scaling_factor + shift_factor)``
+    (SD 3's VAE has a shift; SD 1.x/2.x's has none), as diffusers' pipelines decode."""
+    scaled = latents / vae.config.scaling_factor
+    shift = vae.config.get("shift_factor", None)
+    if shift is not None:
+        scaled = scaled + shift
+    return vae.decode(scaled.to(vae.dtype), return_dict=False)[0].float()
+
+
+def warn_truncated(tokenizer: Any, prompts: Sequence[str], max_length: int) -> None:
+    """Log each of `prompts` longer than the text encoder's `max_length` tokens."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]
+    for prompt, length in zip(prompts, lengths):
+        if length > max_length:
+            log.warning("prompt truncated to the text encoder's %d tokens: %r", max_length, prompt)
+
+
+class PromptEmbeddings:
+    """A text model's network inputs per prompt, each distinct prompt encoded once per model:
+    ``encode(prompts) -> {input name: [len(prompts), ...]}`` is called on the prompts not
+    seen yet, in one batched call, and its rows are kept."""
+
+    def __init__(self, encode: Any) -> None:
+        self._encode = encode
+        self._rows: dict[str, dict[str, torch.Tensor]] = {}
+        #: how many prompts went through the encoders
+        self.encoded = 0
+
+    def __call__(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{input name: [len(prompts), ...]}`` for `prompts`, in order."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._rows]
+        if missing:
+            encoded = self._encode(missing)
+            self.encoded += len(missing)
+            for i, prompt in enumerate(missing):
+                self._rows[prompt] = {name: rows[i] for name, rows in encoded.items()}
+        names = self._rows[prompts[0]].keys()
+        return {name: torch.stack([self._rows[p][name] for p in prompts]) for name in names}
 
 
 class TextConditioning(Conditioning):
-    """Branch inputs of a text model: per-sample prompt embeddings (``cond``) and negative
-    prompt embeddings (``uncond``; the empty prompt's when there is none), ``[B, L, D]``.
+    """Branch inputs of a text model, ``{input name: [B, ...]}``: per-sample prompt
+    embeddings (``cond``) and negative prompt embeddings (``uncond``; the empty prompt's when
+    there is none); SD's UNet takes ``encoder_hidden_states``, SD 3's transformer also
+    ``pooled_projections``.
 
-    `extra` holds the embeddings of a guidance's own `text_branches` (one prompt each, shared
-    by the whole batch), ``[L, D]`` or ``[1, L, D]``; they are expanded to the batch here.
+    `extra` holds the inputs of a guidance's own `text_branches` (one prompt each, shared by
+    the whole batch), ``[1, ...]``; they are expanded to the batch here.
     """
 
-    def __init__(self, cond: torch.Tensor, uncond: torch.Tensor,
-                 extra: Mapping[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    def __init__(self, cond: Mapping[str, torch.Tensor], uncond: Mapping[str, torch.Tensor],
+                 extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+                 ) -> None:  # fmt: skip
         self.embeddings = {COND: cond, UNCOND: uncond}
-        self.shared = {name: e.reshape(1, *e.shape[-2:]) for name, e in (extra or {}).items()}
+        self.shared = dict(extra or {})
+
+    @classmethod
+    def of(cls, embed: Any, batch: Sequence[SampleRequest],
+           text_branches: Mapping[str, str]) -> TextConditioning:  # fmt: skip
+        """`batch`'s prompts and negative prompts (the empty prompt when none) through
+        ``embed(prompts) -> {input name: [len(prompts), ...]}``, and a guidance's own prompts
+        (sld's safety concept)."""
+        cond = embed([sample.prompt or "" for sample in batch])
+        uncond = embed([sample.negative_prompt or "" for sample in batch])
+        extra = {name: embed([prompt]) for name, prompt in text_branches.items()}
+        return cls(cond, uncond, extra)
 
     def inputs(self, branch: str, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
         if branch in self.shared:
-            states = self.shared[branch].expand(batch, -1, -1)
-        else:
-            states = self.embeddings[branch]
-        return {"encoder_hidden_states": states.to(device)}
+            shared = self.shared[branch]
+            return {k: v.expand(batch, *v.shape[1:]).to(device) for k, v in shared.items()}
+        return {k: v.to(device) for k, v in self.embeddings[branch].items()}

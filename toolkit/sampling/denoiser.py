@@ -4,7 +4,8 @@
 ONE batched forward pass (the branches' inputs come from the batch's `Conditioning`, built
 by the model's family), then lets the guidance combine the estimates. It also exposes the
 model's `noise_levels` and `scheduler_config`, which some samplers read (the ``diffusers``
-adapter, ``ddim``'s clipping).
+adapter, ``ddim``'s clipping), and a learned-variance model's `variance` for the last call
+(``ddpm`` reads it; `toolkit.models.family.Model.variance`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
+from toolkit.models.family import COND
 from toolkit.registry.protocols import optional
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ class GuidedDenoiser:
         self.noise_levels = model.noise_levels
         self.scheduler_config = model.scheduler_config
         self.forwards = 0  # number of network calls, for tests and benchmarks
+        self.variance: torch.Tensor | None = None  # see `Model.variance`
 
     def _inputs_for(self, branch: str, batch: int, device: torch.device) -> dict[str, Any]:
         try:
@@ -67,4 +70,9 @@ class GuidedDenoiser:
         self.forwards += 1
         denoised = self.model.denoise(xs, sigma, **inputs).split(batch)
         preds: Mapping[str, torch.Tensor] = dict(zip(branches, denoised))
+        # a learned-variance model's variance for this call: the cond branch's (`Model.variance`)
+        variance = getattr(self.model, "variance", None)
+        if variance is not None:
+            variance = variance.split(batch)[branches.index(COND) if COND in branches else 0]
+        self.variance = variance
         return self.guidance(preds, sigma_scalar(sigma))
