@@ -434,8 +434,9 @@ def _check_config(name: str, config: Mapping[str, Any]) -> None:
     variance = config.get("variance_type")
     if variance in ("learned", "learned_range") and name.startswith("DDPM"):
         raise OptionError(
-            f"{name} with variance_type={variance} needs a model that predicts its variance; "
-            "the diffusers sampler hands the scheduler epsilon only"
+            f"{name} with variance_type={variance} needs the model's predicted variance, and "
+            "the diffusers sampler hands the scheduler epsilon only: use --sampler ddpm, "
+            "which samples with it"
         )
 
 
