@@ -4,7 +4,8 @@
 ``EulerDiscreteScheduler`` computes for that ``timestep_spacing`` (Lin et al. 2023, table 2),
 ``linspace variant=dpmsolver`` those of ``DPMSolverMultistepScheduler`` and ``UniPC``;
 ``karras``, ``exponential``, ``polyexponential`` and ``vp`` follow k-diffusion;
-``beta`` is Lee et al. 2024 as diffusers' ``use_beta_sigmas``.
+``beta`` is Lee et al. 2024 as diffusers' ``use_beta_sigmas``; ``flow`` is a rectified-flow
+model's own and ``lcm`` a latent consistency model's (``LCMScheduler``'s timesteps).
 """
 
 from __future__ import annotations
@@ -259,14 +260,16 @@ class Flow:
     model's own spacing "simple" and the shift "model sampling shift". ``dpmsolver`` is
     ``DPMSolverMultistepScheduler(use_flow_sigmas=True)``'s: ``steps + 1`` times evenly
     spaced in ``alpha = 1 - t`` from 1 to ``1 / N``, shifted, the last dropped, so it starts
-    just short of pure noise.
+    just short of pure noise. ``uniform`` is ``FluxPipeline``'s: the times ``1, (steps - 1) /
+    steps, ..., 1 / steps``, shifted. Without a variant, the model's own (its pipeline's:
+    ``uniform`` for Flux, ``euler`` otherwise; `FlowLevels.spacing`).
     """
 
     name = "flow"
 
-    def __init__(self, variant: Literal["euler", "dpmsolver"] = "euler") -> None:
-        if variant not in ("euler", "dpmsolver"):
-            raise DtkError(f"flow: variant must be euler or dpmsolver, got {variant!r}")
+    def __init__(self, variant: Literal["euler", "dpmsolver", "uniform"] | None = None) -> None:
+        if variant not in (None, "euler", "dpmsolver", "uniform"):
+            raise DtkError(f"flow: variant must be euler, dpmsolver or uniform, got {variant!r}")
         self.variant = variant
 
     def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
@@ -274,9 +277,12 @@ class Flow:
         if not noise.is_flow:
             raise DtkError("schedule 'flow' is for rectified-flow models; this is a VP model")
         n = noise.num_train_timesteps
-        if self.variant == "euler":
+        variant = self.variant or getattr(noise, "spacing", "euler")
+        if variant == "euler":
             high = float(np.float32(noise.shifted(np.float32(1.0))))
             t = np.linspace(high * n, noise.t_min * n, steps) / n
+        elif variant == "uniform":  # float32 before the shift, as diffusers takes them
+            t = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
         else:
             t = (1.0 - np.linspace(1, 1 / n, steps + 1))[::-1][:-1].copy()
         # float32, as diffusers keeps its sigmas
@@ -285,7 +291,41 @@ class Flow:
         return _finish(self.name, sigma)
 
 
-SCHEDULES = (Leading, Trailing, Linspace, Karras, Exponential, Polyexponential, Beta, VP, Flow)
+class LCM:
+    """A latent consistency model's timesteps, as diffusers' ``LCMScheduler`` takes them
+    (Luo et al. 2023): the distillation's skipping-step schedule ``k - 1, 2k - 1, ..., T - 1``
+    (``k = T // original_inference_steps``), of which `steps` are taken evenly by index from
+    the top (``floor(linspace(0, original, steps, endpoint=False))``), at their training
+    sigmas. `original_inference_steps` None is the model's (its scheduler config's, else
+    50); `steps` may not exceed it.
+    """
+
+    name = "lcm"
+
+    def __init__(self, original_inference_steps: int | None = None) -> None:
+        if original_inference_steps is not None and original_inference_steps < 1:
+            raise DtkError("lcm: original_inference_steps must be at least 1")
+        self.original_inference_steps = original_inference_steps
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        sigmas = _discrete(self.name, noise)
+        original = self.original_inference_steps or getattr(
+            noise, "original_inference_steps", None) or 50  # fmt: skip
+        if original > len(sigmas):
+            raise DtkError(f"schedule 'lcm': original_inference_steps {original} exceeds the "
+                           f"model's {len(sigmas)} training timesteps")  # fmt: skip
+        if steps > original:
+            raise DtkError(f"schedule 'lcm' takes at most original_inference_steps = {original} "
+                           f"steps, got {steps}")  # fmt: skip
+        skip = len(sigmas) // original
+        origin = (np.arange(1, original + 1) * skip - 1)[::-1]
+        chosen = np.floor(np.linspace(0, original, num=steps, endpoint=False)).astype(np.int64)
+        return _finish(self.name, sigmas[origin[chosen]])
+
+
+SCHEDULES = (Leading, Trailing, Linspace, Karras, Exponential, Polyexponential, Beta, VP, Flow,
+             LCM)  # fmt: skip
 
 
 @toolkit.hookimpl

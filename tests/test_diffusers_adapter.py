@@ -217,7 +217,8 @@ def test_bad_options_are_refused_at_once(options, message):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"scheduler": "DDPMScheduler", "variance_type": "learned"}, "needs the model's predicted variance"),
+        ({"scheduler": "DDPMScheduler", "variance_type": "learned"},
+         "needs the model's predicted variance"),
         ({"scheduler": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"},
          "final_sigmas_type"),
         ({"scheduler": "EulerDiscreteScheduler", "timestep_spacing": "bogus"}, "bogus"),

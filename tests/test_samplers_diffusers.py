@@ -102,6 +102,9 @@ TWINS = [
          {"order": 3}, vp=True),
     Twin("unipc-no-corrector", "UniPCMultistepScheduler",
          {"disable_corrector": list(range(15))}, "unipc", {"corrector": False}, vp=True),
+    # LCM re-noises with fresh noise after every step but the last, as ours does
+    Twin("lcm", "LCMScheduler", {}, "lcm", vp=True, steps=4),
+    Twin("lcm-8", "LCMScheduler", {"original_inference_steps": 40}, "lcm", vp=True, steps=8),
 ]  # fmt: skip
 
 # diffusers computes these differently by design (or by a bug): see the tests below

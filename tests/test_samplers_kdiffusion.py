@@ -529,12 +529,13 @@ def test_dpm_2_ancestral_with_eta_above_1_keeps_its_noise(denoise: Any) -> None:
 
 
 def test_every_builtin_sampler_has_a_reference() -> None:
-    """A new built-in sampler needs a reference here. ``unipc`` and ``score_sde_ve`` have no
-    k-diffusion version (``score_sde_ve`` is checked against ``ScoreSdeVePipeline`` in
-    tests/test_ve.py) and ``diffusers`` runs a diffusers scheduler itself."""
+    """A new built-in sampler needs a reference here. ``unipc``, ``score_sde_ve`` and ``lcm``
+    have no k-diffusion version (``score_sde_ve`` is checked against ``ScoreSdeVePipeline``
+    in tests/test_ve.py, ``lcm`` against ``LCMScheduler`` in tests/test_samplers_diffusers.py)
+    and ``diffusers`` runs a diffusers scheduler itself."""
     from plugins.samplers import SAMPLERS
 
-    builtin = {cls.name for cls in SAMPLERS} - {"unipc", "diffusers", "score_sde_ve"}
+    builtin = {cls.name for cls in SAMPLERS} - {"unipc", "diffusers", "score_sde_ve", "lcm"}
     assert {case.sampler for case in CASES} == builtin
 
 

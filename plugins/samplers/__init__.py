@@ -1,5 +1,5 @@
 """The built-in samplers. Each computes the update rule of its namesake in k-diffusion
-(``ddim``, ``ddpm`` and ``unipc``: in diffusers); shared math is in `updates`."""
+(``ddim``, ``ddpm``, ``unipc`` and ``lcm``: in diffusers); shared math is in `updates`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from plugins.samplers.ddim import DDIM, DDPM
 from plugins.samplers.diffusers_adapter import DiffusersScheduler
 from plugins.samplers.dpmpp import DPMPP2M, DPMPP2MSDE, DPMPP3MSDE, DPMPPSDE, DPMPP2SAncestral
 from plugins.samplers.euler import DPM2, DPM2Ancestral, Euler, EulerAncestral, Heun
+from plugins.samplers.lcm import LCM
 from plugins.samplers.lms import LMS
 from plugins.samplers.score_sde import ScoreSdeVe
 from plugins.samplers.unipc import UniPC
@@ -28,6 +29,7 @@ SAMPLERS = (
     DPMPP3MSDE,
     UniPC,
     ScoreSdeVe,
+    LCM,
     DiffusersScheduler,
 )
 

@@ -22,7 +22,8 @@ noise), or, for a class this list does not know yet, because nobody has checked 
 
 A rectified-flow model (SD 3) runs its own scheduler when its config names one of
 `FLOW_SUPPORTED` (``FlowMatchEulerDiscreteScheduler``), and nothing else: the scheduler is
-handed the velocity, with the model's shift. Its first step, from pure noise (``t = 1``,
+handed the velocity, with the model's shift (and, for Flux, the times its pipeline hands
+it: ``FlowLevels.spacing`` ``uniform``). Its first step, from pure noise (``t = 1``,
 sigma = inf), is the engine's, which every first-order step shares
 (`toolkit.sampling.engine.integrate`); the scheduler takes the others, so ``--schedule
 flow`` (the family's default), whose times are the scheduler's, must bring the run there.
@@ -276,10 +277,15 @@ class DiffusersScheduler:
         velocity ``(x_t - x0) / t``; the engine took its first step from ``t = 1``."""
         scheduler = self._flow_scheduler(denoise)
         levels = denoise.noise_levels
-        mu = {} if levels.mu is None else {"mu": levels.mu}
+        times = {} if levels.mu is None else {"mu": levels.mu}
         # the engine's first step plus the len(sigmas) - 1 left: --steps in all
+        steps = len(sigmas)
+        if getattr(levels, "spacing", "euler") == "uniform":  # the times FluxPipeline hands it
+            import numpy as np
+
+            times["sigmas"] = np.linspace(1.0, 1 / steps, steps)
         try:
-            scheduler.set_timesteps(len(sigmas), device=x.device, **mu)
+            scheduler.set_timesteps(steps, device=x.device, **times)
         except (ValueError, NotImplementedError) as exc:
             name = type(scheduler).__name__
             raise OptionError(f"{name} with {len(sigmas)} steps: {_one_line(exc)}") from None

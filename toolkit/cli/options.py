@@ -21,12 +21,13 @@ from toolkit.registry.options import parse_key_values
 
 #: the keyword names `generation_options` adds to a command's parameters
 KEYS = ("sampler", "sampler_option", "schedule", "schedule_option", "steps", "guidance",
-        "guidance_option", "safety_filters", "filter_option", "on_flag", "batch_size", "device",
-        "dtype", "trust_pickle", "attention_slicing", "vae_tiling")  # fmt: skip
+        "guidance_option", "model_option", "safety_filters", "filter_option", "on_flag",
+        "batch_size", "device", "dtype", "trust_pickle", "attention_slicing",
+        "vae_tiling")  # fmt: skip
 
 
 #: what a sampler, schedule or steps left out is (`ModelFolder.default_sampling`)
-MODEL_DEFAULT = "the model's: {} (SD 3 folders: {}, as their pipeline)"
+MODEL_DEFAULT = "the model's: {}, or its pipeline's ({})"
 
 
 def generation_options(
@@ -39,16 +40,22 @@ def generation_options(
     """A decorator adding the generation options to a click command; a command with its own
     notion of filters (``dtk synthesize``) leaves `filters` out. Sampler, schedule and (unless
     the command gives `steps`) steps default to None: the model's default."""
-    steps_help = "Sampling steps. Default: " + MODEL_DEFAULT.format(defaults.STEPS, 28) + "."
+    steps_help = (
+        "Sampling steps. Default: "
+        + MODEL_DEFAULT.format(defaults.STEPS, "SD 3 and Flux dev: 28; Flux schnell and LCM: 4")
+        + "."
+    )
+    sampler_help = MODEL_DEFAULT.format(defaults.SAMPLER, "SD 3 and Flux: euler; LCM: lcm")
+    schedule_help = MODEL_DEFAULT.format(defaults.SCHEDULE, "SD 3 and Flux: flow; LCM: lcm")
     options = [
         click.option("--sampler", default=None,
                      help="Sampler plugin (dtk plugins --kind sampler). Default: "
-                     + MODEL_DEFAULT.format(defaults.SAMPLER, "euler") + "."),
+                     + sampler_help + "."),
         click.option("--sampler-option", multiple=True, metavar="KEY=VALUE",
                      help="An option of the sampler; repeatable."),
         click.option("--schedule", default=None,
                      help="Noise-schedule plugin. Default: "
-                     + MODEL_DEFAULT.format(defaults.SCHEDULE, "flow") + "."),
+                     + schedule_help + "."),
         click.option("--schedule-option", multiple=True, metavar="KEY=VALUE",
                      help="An option of the schedule; repeatable."),
         click.option("--steps", type=int, default=steps, show_default=steps is not None,
@@ -57,6 +64,10 @@ def generation_options(
                      help=f"Guidance plugin. Default: {guidance_help}."),
         click.option("--guidance-option", multiple=True, metavar="KEY=VALUE",
                      help="An option of the guidance; repeatable."),
+        click.option("--model-option", multiple=True, metavar="KEY=VALUE",
+                     help="An option of the model itself; repeatable. Flux: guidance "
+                     "(dev: the embedded guidance scale, default 3.5), height, width, "
+                     "max_sequence_length; LCM: guidance (default 8.5)."),
     ]  # fmt: skip
     if filters:
         options += [
@@ -105,6 +116,7 @@ def settings_from_cli(kw: dict[str, Any]) -> GenerationSettings:
         sampler_options=parse_key_values(values.pop("sampler_option"), what="--sampler-option"),
         schedule_options=parse_key_values(values.pop("schedule_option"), what="--schedule-option"),
         guidance_options=parse_key_values(guidance_options, what="--guidance-option"),
+        model_options=parse_key_values(values.pop("model_option", ()), what="--model-option"),
         filters=filters,
         filter_options=_filter_options(values.pop("filter_option", ()), filters),
         options_from_strings=True,

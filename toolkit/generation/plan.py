@@ -147,6 +147,9 @@ class Plan:
         columns["guidance"] = self.guidance.name
         columns["guidance_options"] = json.dumps(self.guidance.options, sort_keys=True,
                                                  default=str)  # fmt: skip
+        if self.folder.model_options:  # a model that takes options (Flux, LCM)
+            columns["model_options"] = json.dumps(dict(self.folder.model_options),
+                                                  sort_keys=True, default=str)  # fmt: skip
         return columns
 
     def pending(self, done: set[int], shard: Shard) -> Iterator[int]:
@@ -157,9 +160,11 @@ class Plan:
         """The plan as ``--dry-run`` prints it."""
         settings, n = self.settings, self.samples.n
         first = self.samples[0]
+        options = ", ".join(f"{k}={v}" for k, v in self.folder.model_options.items())
         lines = [
             f"model     {self.folder.path} ({self.folder.family}, samples "
-            f"{'x'.join(map(str, self.folder.sample_shape))})",
+            f"{'x'.join(map(str, self.folder.sample_shape))})"
+            + (f", options {options}" if options else ""),
             f"samples   {n:,} (indices 0..{n - 1}, seeds {self.request.seed}.."
             f"{self.request.seed + n - 1}); sample 0: {_sample_text(first)}",
             f"sampler   {_plugin_text(self.sampler)}, {settings.steps} steps, schedule "
@@ -186,6 +191,8 @@ def make_plan(request: GenerationRequest, registry: Registry | None = None) -> P
     strings = request.settings.options_from_strings
 
     folder = _model_folder(request.model)
+    # before anything reads the folder's shape or noise levels (Flux's depend on its size)
+    folder.model_options = folder.check_model_options(request.settings.model_options, strings)
     # the plan, run.json and the metadata hold the sampling actually used
     request = dataclasses.replace(request, settings=resolve_sampling(request.settings, folder))
     sampler, schedule, filters = _check_settings(request.settings, registry)
@@ -214,10 +221,11 @@ def check_settings(settings: GenerationSettings, model: Any = None) -> Generatio
     as a run records them. `make_plan` does the same with the request's model; a command
     that generates later (after writing other files) checks first."""
     if model is None:
-        sampling = (defaults.SAMPLER, defaults.SCHEDULE, defaults.STEPS)
+        resolved = _sampling(settings, (defaults.SAMPLER, defaults.SCHEDULE, defaults.STEPS), {})
     else:
-        sampling = open_model(model).default_sampling()
-    resolved = _sampling(settings, sampling)
+        folder = open_model(model)
+        folder.check_model_options(settings.model_options, settings.options_from_strings)
+        resolved = resolve_sampling(settings, folder)
     _check_settings(resolved, get_registry())
     return resolved
 
@@ -226,14 +234,20 @@ def resolve_sampling(settings: GenerationSettings, folder: ModelFolder) -> Gener
     """`settings` with the sampler, schedule and steps it leaves at None (each on its own)
     taken from the model's `ModelFolder.default_sampling`: the toolkit's defaults, or a
     family's own (SD 3: its pipeline's ``euler`` on the ``flow`` schedule, 28 steps)."""
-    return _sampling(settings, folder.default_sampling())
+    return _sampling(settings, folder.default_sampling(), folder.default_schedule_options())
 
 
-def _sampling(settings: GenerationSettings, sampling: tuple[str, str, int]) -> GenerationSettings:
+def _sampling(settings: GenerationSettings, sampling: tuple[str, str, int],
+              schedule_options: dict[str, Any]) -> GenerationSettings:  # fmt: skip
     sampler, schedule, steps = sampling
+    if settings.schedule is None:  # the default schedule with its options, then the user's
+        schedule_options = {**schedule_options, **dict(settings.schedule_options or {})}
+    else:
+        schedule_options = dict(settings.schedule_options or {})
     return settings.replace(
         sampler=sampler if settings.sampler is None else settings.sampler,
         schedule=schedule if settings.schedule is None else settings.schedule,
+        schedule_options=schedule_options,
         steps=steps if settings.steps is None else settings.steps,
     )
 

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from toolkit.registry.protocols import SampleRequest, Verdict
 
 #: run.json keys that must agree for a rerun to resume an existing folder (``n`` may grow)
-IDENTITY = ("model", "conditions", "prompt", "negative_prompt", "seed", "sampler", "schedule",
-            "steps", "guidance", "filters", "on_flag", "dtype")  # fmt: skip
+IDENTITY = ("model", "model_options", "conditions", "prompt", "negative_prompt", "seed",
+            "sampler", "schedule", "steps", "guidance", "filters", "on_flag", "dtype")  # fmt: skip
 #: a sample's status: its image is written (`WRITTEN`), or it is listed in rejected.csv
 #: (``dropped``/``refused`` by a filter, ``failed``: its values were not finite)
 STATUSES = ("ok", "tagged", "blank", "dropped", "refused", "failed")
@@ -56,6 +56,9 @@ def run_record(plan: Plan, versions: Mapping[str, str]) -> dict[str, Any]:
             p.provenance for p in (plan.sampler, plan.schedule, plan.guidance, *plan.filters)
         ],
         "versions": dict(versions),
+        # only for families that take options (Flux, LCM): folders of the others, written
+        # before model options existed, still resume
+        **({"model_options": dict(plan.folder.model_options)} if plan.folder.model_options else {}),
     }
 
 

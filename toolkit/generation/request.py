@@ -34,6 +34,9 @@ class GenerationSettings:
     #: None: the model's default for the request (`ModelFolder.default_guidance`)
     guidance: str | None = None
     guidance_options: Mapping[str, Any] | None = None
+    #: options of the model itself (`ModelFolder.check_model_options`): a guidance-distilled
+    #: model's embedded guidance scale (Flux dev, LCM), Flux's image size, ...
+    model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     filters: Sequence[str] = ()
     filter_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     on_flag: str = defaults.ON_FLAG

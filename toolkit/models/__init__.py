@@ -8,10 +8,15 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from toolkit.models.detect import SD3, TEXT, UNET, VE, detect_family
+from toolkit.models.detect import DIT, FLUX, LCM, PIXART, SD3, SDXL, TEXT, UNET, VE, detect_family
+from toolkit.models.dit import DiTFolder
 from toolkit.models.family import Conditioning, Model, ModelFolder
+from toolkit.models.flux import FluxFolder
 from toolkit.models.label_unet import LabelUNetFolder
+from toolkit.models.lcm import LatentConsistencyFolder
+from toolkit.models.pixart import PixArtFolder
 from toolkit.models.sd3 import StableDiffusion3Folder
+from toolkit.models.sdxl import StableDiffusionXLFolder
 from toolkit.models.stable_diffusion import StableDiffusionFolder
 from toolkit.models.ve import VEFolder
 
@@ -21,6 +26,11 @@ FAMILIES: dict[str, type[ModelFolder]] = {
     TEXT: StableDiffusionFolder,
     VE: VEFolder,
     SD3: StableDiffusion3Folder,
+    SDXL: StableDiffusionXLFolder,
+    DIT: DiTFolder,
+    PIXART: PixArtFolder,
+    FLUX: FluxFolder,
+    LCM: LatentConsistencyFolder,
 }
 
 __all__ = [

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import pathlib
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from toolkit import defaults
@@ -47,6 +48,9 @@ class ModelFolder(abc.ABC):
     family: ClassVar[str]
     #: whether requests are prompts (text-to-image) rather than attribute labels
     takes_prompts: ClassVar[bool] = False
+    #: a request's model options (``--model-option``), as `check_model_options` completed
+    #: them; the plan sets them before anything reads the folder's shape or loads it
+    model_options: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
@@ -95,9 +99,26 @@ class ModelFolder(abc.ABC):
         given), whether a prompt and a negative prompt were given, and the memory options
         (``attention_slicing``, ``vae_tiling``) and whether each is set."""
 
+    def check_model_options(self, options: Mapping[str, Any], from_strings: bool = False
+                            ) -> dict[str, Any]:  # fmt: skip
+        """A request's model options (``--model-option KEY=VALUE``: what the network is
+        given besides the sample, such as a distilled model's guidance scale) checked,
+        converted (from command-line strings with `from_strings`) and completed with the
+        family's defaults: what run.json records and `load` uses. A family without
+        options refuses any."""
+        if options:
+            raise DtkError(f"{self.path}: a {self.family} model takes no model options; got "
+                           f"{next(iter(options))!r}")  # fmt: skip
+        return {}
+
     @abc.abstractmethod
     def default_guidance(self, conditional: bool) -> tuple[str, dict[str, Any]]:
         """The guidance (name, options) a request gets when it names none."""
+
+    def default_schedule_options(self) -> dict[str, Any]:
+        """The options of the default schedule (applied when a request names no schedule;
+        its own ``--schedule-option``s add to them)."""
+        return {}
 
     def default_sampling(self) -> tuple[str, str, int]:
         """The (sampler, schedule, steps) a request gets for each of them it leaves at None:

@@ -32,7 +32,7 @@ from toolkit.conditions.labels import LabelSpace
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
 from toolkit.models.detect import LEARNED_VARIANCE
-from toolkit.models.family import COND, UNCOND, Conditioning, ModelFolder, VPModel
+from toolkit.models.family import COND, UNCOND, Conditioning, Model, ModelFolder, VPModel
 from toolkit.models.family import refuse_unknown_branches as _refuse_unknown
 from toolkit.models.loading import (
     check_prediction_type,
@@ -189,13 +189,22 @@ class LabelUNet(VPModel):
         """The network's output; a learned-variance UNet's mean channels, its variance
         channels kept as `variance` (`toolkit.models.family.Model.variance`)."""
         out = super().forward(x_in, t, **inputs)
-        if self.learned_variance:
-            out, self.variance = out.chunk(2, dim=1)
-        return out
+        return mean_channels(self, out) if self.learned_variance else out
 
     def conditioning(self, batch: Sequence[SampleRequest],
                      text_branches: Mapping[str, str]) -> LabelConditioning:  # fmt: skip
         return label_conditioning(self.labels, batch, self.device)
+
+
+def mean_channels(model: Model, out: torch.Tensor, keep_variance: bool = True) -> torch.Tensor:
+    """The mean's channels of a network output that holds the mean's, then the variance's
+    (an iDDPM UNet, DiT's and PixArt's learned sigma): the first half. The second is kept as
+    `model.variance` (`toolkit.models.family.Model.variance`, for the samplers that use it)
+    when `keep_variance`, else dropped, as diffusers' DiT and PixArt pipelines drop it."""
+    mean, variance = out.chunk(2, dim=1)
+    if keep_variance:
+        model.variance = variance
+    return mean
 
 
 def label_conditioning(labels: LabelSpace | None, batch: Sequence[SampleRequest],

@@ -192,11 +192,17 @@ class FlowLevels:
     ``FlowMatchEulerDiscreteScheduler`` shifts them: statically, ``t' = shift t / (1 + (shift
     - 1) t)`` (SD3), or by resolution (Flux's dynamic shifting), ``t' = e^mu / (e^mu +
     1 / t - 1)`` with `mu` computed from the image's sequence length.
+
+    `spacing` is how the model's pipeline spaces its sampling times, which the ``flow``
+    schedule follows unless told otherwise: ``euler``, the scheduler's own (SD3), or
+    ``uniform``, ``t = 1, (N - 1) / N, ..., 1 / N`` (FluxPipeline hands its scheduler
+    these), both then shifted.
     """
 
     num_train_timesteps: int = 1000
     shift: float = 1.0
     mu: float | None = None
+    spacing: str = "euler"
     is_flow: ClassVar[bool] = True
     sigmas: ClassVar[None] = None  # no discrete VP training sigmas
 
@@ -237,4 +243,6 @@ class FlowLevels:
 
     def __repr__(self) -> str:
         how = f"mu={self.mu:.4g}" if self.mu is not None else f"shift={self.shift:g}"
+        if self.spacing != "euler":
+            how += f", spacing {self.spacing}"
         return f"FlowLevels({self.num_train_timesteps} timesteps, {how})"

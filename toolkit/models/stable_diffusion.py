@@ -7,10 +7,12 @@ latent space; prompts become the UNet's ``encoder_hidden_states`` exactly as dif
 ``StableDiffusionPipeline`` computes them, so the same scheduler, seeds and prompts give the
 same images. Weights load from safetensors; pickled weights only with ``trust_pickle=True``.
 
-What any text-to-image latent family shares lives here too, and the SD 3 family
-(`toolkit.models.sd3`) uses it: `TextFolder` (prompted requests, guidance), loading a
-pipeline's components, `PromptEmbeddings` (each distinct prompt encoded once),
-`TextConditioning` and `decode_latents`.
+What any text-to-image latent family shares lives here too, and the SD 3 and SDXL families
+(`toolkit.models.sd3`, `toolkit.models.sdxl`) use it: `TextFolder` (prompted requests,
+guidance), loading a pipeline's components (`load_part`; a UNet and its VAE:
+`load_unet_vae`), CLIP encoders' penultimate hidden states (`penultimate_states`),
+`PromptEmbeddings` (each distinct prompt encoded once), `TextConditioning` and
+`decode_latents`.
 """
 
 from __future__ import annotations
@@ -91,6 +93,25 @@ def load_tokenizer(path: pathlib.Path, part: str) -> Any:
         return AutoTokenizer.from_pretrained(path / part, local_files_only=True)
     except Exception as exc:  # a broken tokenizer folder can fail in many ways
         raise load_failure(path / part, part, exc) from None
+
+
+def load_unet_vae(folder: TextFolder, *, device: Any, dtype: Any, trust_pickle: bool,
+                  attention_slicing: bool, vae_tiling: bool) -> tuple[Any, Any]:  # fmt: skip
+    """A latent UNet family's ``unet/`` (``UNet2DConditionModel``) and ``vae/``
+    (``AutoencoderKL``, in `vae_dtype`), with sliced attention and VAE tiling as asked."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    stem = SAFE["unet"]
+    unet = load_part(folder.path, "unet", UNet2DConditionModel, stem, device=device, dtype=dtype,
+                     trust_pickle=trust_pickle, low_cpu_mem_usage=False)  # fmt: skip
+    vae = load_part(folder.path, "vae", AutoencoderKL, stem, device=device,
+                    dtype=vae_dtype(dtype, folder.vae_config), trust_pickle=trust_pickle,
+                    low_cpu_mem_usage=False)  # fmt: skip
+    if attention_slicing:
+        unet.set_attention_slice("auto")
+    if vae_tiling:
+        vae.enable_tiling()
+    return unet, vae
 
 
 def vae_dtype(dtype: Any, vae_config: Mapping[str, Any]) -> Any:
@@ -193,23 +214,16 @@ class StableDiffusionFolder(TextFolder):
     def load(self, *, device: Any, dtype: Any, trust_pickle: bool = False,
              attention_slicing: bool = False, vae_tiling: bool = False
              ) -> StableDiffusion:  # fmt: skip
-        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        def load(part: str, cls: Any, part_dtype: Any = dtype, **kwargs: Any) -> Any:
-            return load_part(self.path, part, cls, SAFE[part], device=device, dtype=part_dtype,
-                             trust_pickle=trust_pickle, **kwargs)  # fmt: skip
-
-        unet = load("unet", UNet2DConditionModel, low_cpu_mem_usage=False)
-        vae = load("vae", AutoencoderKL, vae_dtype(dtype, self.vae_config),
-                   low_cpu_mem_usage=False)  # fmt: skip
+        unet, vae = load_unet_vae(self, device=device, dtype=dtype, trust_pickle=trust_pickle,
+                                  attention_slicing=attention_slicing,
+                                  vae_tiling=vae_tiling)  # fmt: skip
         with quiet_transformers():
-            text_encoder = load("text_encoder", CLIPTextModel)
+            text_encoder = load_part(self.path, "text_encoder", CLIPTextModel, SAFE["text_encoder"],
+                                     device=device, dtype=dtype,
+                                     trust_pickle=trust_pickle)  # fmt: skip
         tokenizer = load_tokenizer(self.path, "tokenizer")
-        if attention_slicing:
-            unet.set_attention_slice("auto")
-        if vae_tiling:
-            vae.enable_tiling()
         return StableDiffusion(self, unet, vae, text_encoder, tokenizer)
 
 
@@ -273,6 +287,21 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(scaled.to(vae.dtype), return_dict=False)[0].float()
 
 
+def penultimate_states(clips: Sequence[tuple[Any, Any]], prompts: Sequence[str],
+                       length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Each CLIP text encoder of `clips` ((encoder, tokenizer) pairs) on `prompts` padded to
+    `length` tokens: (its first output, the last hidden state or a projection's pooled
+    embedding; its penultimate hidden states), the text SD 3's and SDXL's pipelines take."""
+    warn_truncated(clips[0][1], prompts, length)  # every CLIP cuts at the one length
+    outputs = []
+    for encoder, tokenizer in clips:
+        tokens = tokenizer(list(prompts), padding="max_length", max_length=length,
+                           truncation=True, return_tensors="pt")  # fmt: skip
+        out = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True)
+        outputs.append((out[0], out.hidden_states[-2]))
+    return outputs
+
+
 def warn_truncated(tokenizer: Any, prompts: Sequence[str], max_length: int) -> None:
     """Log each of `prompts` longer than the text encoder's `max_length` tokens."""
     lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]
@@ -321,13 +350,14 @@ class TextConditioning(Conditioning):
         self.shared = dict(extra or {})
 
     @classmethod
-    def of(cls, embed: Any, batch: Sequence[SampleRequest],
-           text_branches: Mapping[str, str]) -> TextConditioning:  # fmt: skip
+    def of(cls, embed: Any, batch: Sequence[SampleRequest], text_branches: Mapping[str, str],
+           negative: Any = None) -> TextConditioning:  # fmt: skip
         """`batch`'s prompts and negative prompts (the empty prompt when none) through
-        ``embed(prompts) -> {input name: [len(prompts), ...]}``, and a guidance's own prompts
-        (sld's safety concept)."""
+        ``embed(prompts) -> {input name: [len(prompts), ...]}`` (the negative prompts through
+        `negative` when the family embeds them otherwise: SDXL's zeros for an empty one), and
+        a guidance's own prompts (sld's safety concept)."""
         cond = embed([sample.prompt or "" for sample in batch])
-        uncond = embed([sample.negative_prompt or "" for sample in batch])
+        uncond = (negative or embed)([sample.negative_prompt or "" for sample in batch])
         extra = {name: embed([prompt]) for name, prompt in text_branches.items()}
         return cls(cond, uncond, extra)
 
