@@ -26,6 +26,8 @@ CAT, DOG, NEG = "a photo of a cat", "a red dog", "blurry"
 LATENT_TOL = 1e-4
 #: a small image and T5 prompt, to keep the tests fast: a 16x24 latent, 96 tokens
 SIZE = {"height": 32, "width": 48, "max_sequence_length": 32}
+#: ... as dtk's options: the size is --height/--width, the prompt length a model option
+SIZE_ARGS = ["--height", 32, "--width", 48, "--model-option", "max_sequence_length=32"]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,7 @@ def test_generate_equals_the_pipeline(folders, tmp_path, decoded, variant, sampl
     out = tmp_path / "out"
     result = dtk("generate", "--model", folders[variant], "--prompts-file",
                  prompts_file(tmp_path, CAT, DOG), "--sampler", sampler, "--steps", 5,
-                 "--seed", 3, *model_options(**SIZE), "--out", out, "-q")  # fmt: skip
+                 "--seed", 3, *SIZE_ARGS, "--out", out, "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
     [ours] = decoded
     assert ours.shape == (2, LATENT_CHANNELS, 16, 24)
@@ -102,7 +104,8 @@ def test_generate_equals_the_pipeline(folders, tmp_path, decoded, variant, sampl
     assert run["model_info"]["family"] == FLUX and run["model_info"]["prediction_type"] == "flow"
     assert run["guidance"] == {"name": "none", "options": {}}
     embedded = {"guidance": 3.5} if variant == "dev" else {}
-    assert run["model_options"] == {**embedded, **SIZE}
+    assert run["model_options"] == {**embedded, "max_sequence_length": 32}
+    assert run["size"] == {"height": 32, "width": 48}
     assert (run["sampler"]["name"], run["schedule"]["name"], run["steps"]) == (sampler, "flow", 5)
 
 
@@ -112,7 +115,7 @@ def test_the_embedded_guidance_scale_is_a_model_option(folders, tmp_path, decode
     out = tmp_path / "out"
     result = dtk("generate", "--model", folders["dev"], "--prompts-file",
                  prompts_file(tmp_path, CAT, DOG), "--steps", 4, "--seed", 7,
-                 *model_options(guidance=6, **SIZE), "--out", out, "-q")  # fmt: skip
+                 *model_options(guidance=6), *SIZE_ARGS, "--out", out, "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
     [ours] = decoded
     kwargs = dict(num_inference_steps=4, output_type="latent", **SIZE)
@@ -125,7 +128,7 @@ def test_the_embedded_guidance_scale_is_a_model_option(folders, tmp_path, decode
     # the model options are part of the run: another scale is another run
     again = dtk("generate", "--model", folders["dev"], "--prompts-file",
                 prompts_file(tmp_path, CAT, DOG), "--steps", 4, "--seed", 7,
-                *model_options(guidance=5, **SIZE), "--out", out, "-q")  # fmt: skip
+                *model_options(guidance=5), *SIZE_ARGS, "--out", out, "-q")  # fmt: skip
     assert again.exit_code == 2 and "its model_options differ" in again.stderr
 
 
@@ -136,7 +139,7 @@ def test_cfg_is_the_pipelines_true_cfg(folders, tmp_path, decoded):
     result = dtk("generate", "--model", folders["dev"], "--prompts-file",
                  prompts_file(tmp_path, CAT, DOG, negative=True), "--guidance", "cfg",
                  "--guidance-option", "scale=4", "--steps", 3, "--seed", 1,
-                 *model_options(**SIZE), "--out", out, "-q")  # fmt: skip
+                 *SIZE_ARGS, "--out", out, "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
     [ours] = decoded
     theirs = pipeline(folders["dev"], [CAT, DOG], 1, num_inference_steps=3, true_cfg_scale=4.0,
@@ -152,8 +155,9 @@ def test_the_default_command(folders, tmp_path, decoded):
     assert result.exit_code == 0, result.output
     assert "sampler   euler, 28 steps, schedule flow" in result.output
     assert "guidance  none" in result.output
-    assert ("(flux, samples 4x128x128), options guidance=3.5, height=256, width=256, "
-            "max_sequence_length=512") in result.output  # fmt: skip
+    assert ("(flux, samples 4x128x128), options guidance=3.5, max_sequence_length=512"
+            in result.output)  # fmt: skip
+    assert "size      256x256 pixels (width x height; the model's default)" in result.output
     out = tmp_path / "out"
     result = dtk("generate", "--model", folders["schnell"], "--prompt", CAT, "-n", 2,
                  "--out", out, "-q")  # fmt: skip
@@ -192,8 +196,7 @@ def test_detection_noise_levels_and_times(folders):
     assert dev.default_sampling() == ("euler", "flow", 28)
     assert schnell.default_sampling() == ("euler", "flow", 4)
     assert dev.default_guidance(True) == ("none", {})
-    dev.model_options = dev.check_model_options(
-        {"height": "32", "width": "48"}, from_strings=True)  # fmt: skip
+    dev.image_size = dev.check_size(32, 48)
     assert dev.sample_shape == (LATENT_CHANNELS, 16, 24) and dev.image_shape == (3, 32, 48)
     levels = dev.noise_levels
     assert math.isclose(levels.mu, calculate_shift(8 * 12, 256, 4096, 0.5, 1.15))
@@ -213,7 +216,9 @@ def test_detection_noise_levels_and_times(folders):
         ("dev", ["--negative-prompt", NEG],
          "Flux samples without classifier-free guidance (dev's own scale is --model-option"),
         ("schnell", model_options(guidance=2), "takes no guidance scale (no guidance_embeds"),
-        ("dev", model_options(height=34), "a Flux image side is a positive multiple of 4"),
+        ("dev", ["--height", 34], "--height 34: an image side of this flux model is a positive "
+         "multiple of 4 (the VAE's scale factor 2 times the 2x2 latent patches)"),
+        ("dev", model_options(width=64), "model option width: the image size is --width"),
         ("dev", model_options(max_sequence_length=513), "T5's prompt length is 1 to 512"),
         ("dev", model_options(steps=3), "unknown option 'steps' for model 'flux'"),
         ("dev", ["--attention-slicing"], "the Flux transformer has no sliced attention"),

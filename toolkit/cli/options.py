@@ -21,9 +21,9 @@ from toolkit.registry.options import parse_key_values
 
 #: the keyword names `generation_options` adds to a command's parameters
 KEYS = ("sampler", "sampler_option", "schedule", "schedule_option", "steps", "guidance",
-        "guidance_option", "model_option", "safety_filters", "filter_option", "on_flag",
-        "batch_size", "device", "dtype", "trust_pickle", "attention_slicing",
-        "vae_tiling")  # fmt: skip
+        "guidance_option", "model_option", "width", "height", "lora", "safety_filters",
+        "filter_option", "on_flag", "batch_size", "device", "dtype", "trust_pickle",
+        "attention_slicing", "vae_tiling")  # fmt: skip
 
 
 #: what a sampler, schedule or steps left out is (`ModelFolder.default_sampling`)
@@ -66,8 +66,17 @@ def generation_options(
                      help="An option of the guidance; repeatable."),
         click.option("--model-option", multiple=True, metavar="KEY=VALUE",
                      help="An option of the model itself; repeatable. Flux: guidance "
-                     "(dev: the embedded guidance scale, default 3.5), height, width, "
-                     "max_sequence_length; LCM: guidance (default 8.5)."),
+                     "(dev: the embedded guidance scale, default 3.5), max_sequence_length; "
+                     "LCM: guidance (default 8.5)."),
+        click.option("--width", type=int, default=None,
+                     help="Image width in pixels (SD, SDXL, SD 3, Flux, PixArt). Default: the "
+                     "model's."),
+        click.option("--height", type=int, default=None,
+                     help="Image height in pixels (SD, SDXL, SD 3, Flux, PixArt). Default: the "
+                     "model's."),
+        click.option("--lora", multiple=True, metavar="PATH[:SCALE]",
+                     help="A LoRA (.safetensors) applied at SCALE (default 1.0); repeatable, "
+                     "combined (SD, SDXL, SD 3, Flux)."),
     ]  # fmt: skip
     if filters:
         options += [
@@ -117,6 +126,7 @@ def settings_from_cli(kw: dict[str, Any]) -> GenerationSettings:
         schedule_options=parse_key_values(values.pop("schedule_option"), what="--schedule-option"),
         guidance_options=parse_key_values(guidance_options, what="--guidance-option"),
         model_options=parse_key_values(values.pop("model_option", ()), what="--model-option"),
+        loras=tuple(values.pop("lora", ())),
         filters=filters,
         filter_options=_filter_options(values.pop("filter_option", ()), filters),
         options_from_strings=True,

@@ -27,6 +27,7 @@ from toolkit.generation.record import IDENTITY, run_record
 from toolkit.generation.request import GenerationRequest, GenerationSettings
 from toolkit.installed import versions
 from toolkit.models import ModelFolder, open_model
+from toolkit.models.lora import check_loras
 from toolkit.registry.manager import Registry, get_registry
 from toolkit.registry.protocols import SampleRequest, optional
 from toolkit.sampling.safety import ON_FLAG
@@ -150,6 +151,10 @@ class Plan:
         if self.folder.model_options:  # a model that takes options (Flux, LCM)
             columns["model_options"] = json.dumps(dict(self.folder.model_options),
                                                   sort_keys=True, default=str)  # fmt: skip
+        if self.folder.image_size is not None:  # a size other than the model's default
+            columns["height"], columns["width"] = self.folder.image_size
+        if self.folder.loras:
+            columns["loras"] = json.dumps([lora.describe() for lora in self.folder.loras])
         return columns
 
     def pending(self, done: set[int], shard: Shard) -> Iterator[int]:
@@ -165,6 +170,8 @@ class Plan:
             f"model     {self.folder.path} ({self.folder.family}, samples "
             f"{'x'.join(map(str, self.folder.sample_shape))})"
             + (f", options {options}" if options else ""),
+            _size_text(self.folder),
+            *([f"loras     {_loras_text(self.folder.loras)}"] if self.folder.loras else []),
             f"samples   {n:,} (indices 0..{n - 1}, seeds {self.request.seed}.."
             f"{self.request.seed + n - 1}); sample 0: {_sample_text(first)}",
             f"sampler   {_plugin_text(self.sampler)}, {settings.steps} steps, schedule "
@@ -191,8 +198,8 @@ def make_plan(request: GenerationRequest, registry: Registry | None = None) -> P
     strings = request.settings.options_from_strings
 
     folder = _model_folder(request.model)
-    # before anything reads the folder's shape or noise levels (Flux's depend on its size)
-    folder.model_options = folder.check_model_options(request.settings.model_options, strings)
+    # before anything reads the folder's shape or noise levels (which depend on the size)
+    _check_model(folder, request.settings)
     # the plan, run.json and the metadata hold the sampling actually used
     request = dataclasses.replace(request, settings=resolve_sampling(request.settings, folder))
     sampler, schedule, filters = _check_settings(request.settings, registry)
@@ -224,7 +231,7 @@ def check_settings(settings: GenerationSettings, model: Any = None) -> Generatio
         resolved = _sampling(settings, (defaults.SAMPLER, defaults.SCHEDULE, defaults.STEPS), {})
     else:
         folder = open_model(model)
-        folder.check_model_options(settings.model_options, settings.options_from_strings)
+        _check_model(folder, settings)
         resolved = resolve_sampling(settings, folder)
     _check_settings(resolved, get_registry())
     return resolved
@@ -306,6 +313,15 @@ def _filters(registry: Registry, settings: Any, strings: bool) -> list[PluginUse
         raise DtkError(f"options given for filters not requested: {', '.join(sorted(unknown))}")
     return [PluginUse.validated(registry, "safety_filter", f, options.get(f), strings)
             for f in settings.filters]  # fmt: skip
+
+
+def _check_model(folder: ModelFolder, settings: GenerationSettings) -> None:
+    """The model's own settings checked and set on `folder`: its model options, the image
+    size (None at the family's default) and the LoRAs (hashed)."""
+    strings = settings.options_from_strings
+    folder.model_options = folder.check_model_options(settings.model_options, strings)
+    folder.image_size = folder.check_size(settings.height, settings.width)
+    folder.loras = check_loras(settings.loras, folder, settings.trust_pickle)
 
 
 def _model_folder(model: Any) -> ModelFolder:
@@ -401,6 +417,18 @@ def _sample_text(sample: SampleRequest) -> str:
     if sample.prompt is not None:
         parts.append(f"prompt {sample.prompt!r}")
     return ", ".join(parts) or "unconditional"
+
+
+def _size_text(folder: ModelFolder) -> str:
+    """The image size (width x height), and whether it is the model's default."""
+    _, height, width = getattr(folder, "image_shape", folder.sample_shape)
+    asked = "--width/--height" if folder.image_size is not None else "the model's default"
+    return f"size      {width}x{height} pixels (width x height; {asked})"
+
+
+def _loras_text(loras: Any) -> str:
+    return ", ".join(f"{lora.path.name} (scale {lora.scale:g}, sha256 {lora.sha256[:12]})"
+                     for lora in loras)  # fmt: skip
 
 
 def _plugin_text(use: PluginUse) -> str:

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from toolkit.registry.protocols import SampleRequest, Verdict
 
 #: run.json keys that must agree for a rerun to resume an existing folder (``n`` may grow)
-IDENTITY = ("model", "model_options", "conditions", "prompt", "negative_prompt", "seed",
-            "sampler", "schedule", "steps", "guidance", "filters", "on_flag", "dtype")  # fmt: skip
+IDENTITY = ("model", "model_options", "size", "loras", "conditions", "prompt",
+            "negative_prompt", "seed", "sampler", "schedule", "steps", "guidance", "filters",
+            "on_flag", "dtype")  # fmt: skip
 #: a sample's status: its image is written (`WRITTEN`), or it is listed in rejected.csv
 #: (``dropped``/``refused`` by a filter, ``failed``: its values were not finite)
 STATUSES = ("ok", "tagged", "blank", "dropped", "refused", "failed")
@@ -59,7 +60,15 @@ def run_record(plan: Plan, versions: Mapping[str, str]) -> dict[str, Any]:
         # only for families that take options (Flux, LCM): folders of the others, written
         # before model options existed, still resume
         **({"model_options": dict(plan.folder.model_options)} if plan.folder.model_options else {}),
+        # likewise only a size other than the model's default (model_info's sample_shape and
+        # image_shape give the size in every case), and only LoRAs given
+        **_size(plan.folder.image_size),
+        **({"loras": [lora.describe() for lora in plan.folder.loras]} if plan.folder.loras else {}),
     }
+
+
+def _size(size: tuple[int, int] | None) -> dict[str, Any]:
+    return {} if size is None else {"size": {"height": size[0], "width": size[1]}}
 
 
 def status(verdicts: Mapping[str, Verdict], on_flag: str, finite: bool) -> str:

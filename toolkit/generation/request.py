@@ -35,8 +35,15 @@ class GenerationSettings:
     guidance: str | None = None
     guidance_options: Mapping[str, Any] | None = None
     #: options of the model itself (`ModelFolder.check_model_options`): a guidance-distilled
-    #: model's embedded guidance scale (Flux dev, LCM), Flux's image size, ...
+    #: model's embedded guidance scale (Flux dev, LCM), Flux's T5 prompt length
     model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: the image size in pixels, each side on its own (None: the model's default), for the
+    #: families that sample at several sizes (`ModelFolder.check_size`)
+    width: int | None = None
+    height: int | None = None
+    #: LoRA adapters applied together: ``"PATH[:SCALE]"`` strings, ``(path, scale)`` pairs or
+    #: paths (scale 1.0) (`toolkit.models.lora`)
+    loras: Sequence[Any] = ()
     filters: Sequence[str] = ()
     filter_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     on_flag: str = defaults.ON_FLAG

@@ -1,9 +1,11 @@
 """Run a `Plan`: load the weights, hold the output folder, generate what is missing, merge.
 
 The steps, in order (each a function below): pick the device and shard; load the model and
-make the plugins; hold the shard's lock and claim the folder; then, batch after batch, let
-request filters refuse samples, sample the rest, judge the images with the image filters,
-write images and records; merge the part logs; warn about failed samples; draw the grid.
+make the plugins; hold the shard's lock and claim the folder; on a text model, encode every
+distinct prompt still to generate and let the text encoders leave the accelerator; then,
+batch after batch, let request filters refuse samples, sample the rest, judge the images
+with the image filters, write images and records; merge the part logs; warn about failed
+samples; draw the grid.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from toolkit.generation.plan import Plan, PluginUse
 from toolkit.generation.record import IDENTITY, NON_FINITE, sample_record, status
 from toolkit.lazy import lazy_import
 from toolkit.models import Model
-from toolkit.registry.protocols import SampleRequest, Verdict
-from toolkit.sampling.engine import sample_images
+from toolkit.registry.protocols import SampleRequest, Verdict, optional
+from toolkit.sampling.engine import encode_batch, release_text_encoders, sample_images
 from toolkit.sampling.safety import is_request_stage, run_filter
 
 if TYPE_CHECKING:
@@ -88,6 +90,7 @@ def run(plan: Plan) -> pandas.DataFrame:
         progress = _progress(total, plan.request.progress and runner.shard.is_main,
                              runner.shard)  # fmt: skip
         with folder.part_writer(runner.shard.name) as writer, torch.inference_mode():
+            _encode_prompts(runner, plan.pending(done, runner.shard))
             for batch in _batches(plan.pending(done, runner.shard), plan.settings.batch_size):
                 _run_batch(runner, [plan.samples[i] for i in batch], writer)
                 progress.update(len(batch))
@@ -134,6 +137,26 @@ def _batches(indices: Iterable[int], size: int) -> Iterator[list[int]]:
     iterator = iter(indices)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
+
+
+def _encode_prompts(runner: Runner, pending: Iterable[int]) -> None:
+    """A text model: the distinct prompts of the `pending` samples (with their negative
+    prompts and the guidance's own) through the text encoders, `batch_size` distinct
+    samples at a time, then the encoders leave the accelerator for the whole of sampling
+    (`toolkit.sampling.engine`). A prompt is still encoded once per model: the batches then
+    find every one encoded."""
+    model = runner.model
+    if not hasattr(model, "release_text_encoders"):
+        return
+    distinct: dict[tuple[str | None, str | None], SampleRequest] = {}
+    for i in pending:
+        sample = runner.plan.samples[i]
+        distinct.setdefault((sample.prompt, sample.negative_prompt), sample)
+    text_branches = optional("guidance", runner.guidance, "text_branches")
+    cpu = torch.device("cpu")  # computed, not moved: the batches move their own
+    for chunk in _batches(iter(distinct.values()), runner.plan.settings.batch_size):
+        encode_batch(model, runner.guidance, chunk, text_branches, cpu)
+    release_text_encoders(model)
 
 
 def _run_batch(runner: Runner, batch: list[SampleRequest], writer: PartWriter) -> None:

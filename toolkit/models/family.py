@@ -51,6 +51,14 @@ class ModelFolder(abc.ABC):
     #: a request's model options (``--model-option``), as `check_model_options` completed
     #: them; the plan sets them before anything reads the folder's shape or loads it
     model_options: Mapping[str, Any] = MappingProxyType({})
+    #: a request's image size, ``(height, width)`` in pixels as `check_size` completed it;
+    #: None: the family's default. The plan sets it before anything reads the shape
+    image_size: tuple[int, int] | None = None
+    #: the diffusers pipeline class whose LoRA loading (``load_lora_weights``) serves the
+    #: family's networks (`toolkit.models.lora`); None: the family takes no LoRA
+    lora_pipeline: ClassVar[str | None] = None
+    #: a request's LoRAs (`toolkit.models.lora.Lora`), checked; `load` applies them
+    loras: Sequence[Any] = ()
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
@@ -110,6 +118,16 @@ class ModelFolder(abc.ABC):
             raise DtkError(f"{self.path}: a {self.family} model takes no model options; got "
                            f"{next(iter(options))!r}")  # fmt: skip
         return {}
+
+    def check_size(self, height: int | None, width: int | None) -> tuple[int, int] | None:
+        """A request's image size (``--height``/``--width`` in pixels, None: the default)
+        checked: ``(height, width)`` with the family's default for a side left out, or None
+        for the default size. A family with one trained size refuses any."""
+        if height is None and width is None:
+            return None
+        raise DtkError(f"{self.path}: a {self.family} model samples at the one size it was "
+                       "trained at; --width/--height apply to Stable Diffusion, SDXL, SD 3, "
+                       "Flux and PixArt folders")  # fmt: skip
 
     @abc.abstractmethod
     def default_guidance(self, conditional: bool) -> tuple[str, dict[str, Any]]:

@@ -25,9 +25,10 @@ FLUX.1 dev is guidance-distilled: its transformer takes the guidance scale as an
 one forward pass of each step; the family's default guidance is ``none``. ``cfg`` on top of
 it is the pipeline's "true CFG" (``true_cfg_scale`` with a negative prompt): two branches,
 each with the embedded scale. Schnell (no ``guidance_embeds``) takes no ``guidance`` option.
-The image size is the ``height`` and ``width`` model options (default 128 latent pixels a
-side times the VAE's scale factor: 1024 for FLUX.1, as the pipeline's), and the T5 prompt
-length ``max_sequence_length`` (default 512, the pipeline's).
+The image size is the request's ``--height``/``--width`` (default 128 latent pixels a side
+times the VAE's scale factor: 1024 for FLUX.1, as the pipeline's; multiples of twice the
+VAE's factor, for the packing), and the T5 prompt length the ``max_sequence_length`` model
+option (default 512, the pipeline's).
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
 from toolkit.models.family import UNCOND, NetworkModel
 from toolkit.models.loading import quiet_transformers, read_config
+from toolkit.models.lora import apply_loras
 from toolkit.models.noise import FlowLevels
 from toolkit.models.stable_diffusion import (
     PromptEmbeddings,
     TextConditioning,
     TextFolder,
+    TextModel,
     check_parts,
     decode_latents,
     load_part,
@@ -89,8 +92,9 @@ SCHNELL_SAMPLING = ("euler", "flow", 4)
 class FluxOptions:
     """A Flux folder's model options (``--model-option KEY=VALUE``), checked and converted
     as plugin options are: ``guidance`` (dev only: the embedded guidance scale, default
-    3.5), ``height`` and ``width`` of the image in pixels (default 128 times the VAE's scale
-    factor), and the T5 prompt length ``max_sequence_length`` (default 512, at most 512)."""
+    3.5) and the T5 prompt length ``max_sequence_length`` (default 512, at most 512).
+    ``height`` and ``width`` are refused with a pointer to ``--height``/``--width``, where the
+    image size moved."""
 
     def __init__(self, guidance: float | None = None, height: int | None = None,
                  width: int | None = None, max_sequence_length: int | None = None
@@ -110,6 +114,7 @@ class FluxFolder(TextFolder):
     """A ``FluxPipeline`` folder, read from its configs."""
 
     family = "flux"
+    lora_pipeline = "FluxPipeline"
 
     def __init__(self, path: pathlib.Path) -> None:
         super().__init__(path)
@@ -176,6 +181,11 @@ class FluxFolder(TextFolder):
         given = validate_options(FluxOptions, options, kind="model", name=self.family,
                                  from_strings=from_strings)  # fmt: skip
         given = {key: value for key, value in given.items() if value is not None}
+        for side in ("height", "width"):
+            if side in given:
+                raise DtkError(f"model option {side}: the image size is --{side} (and "
+                               f"--{'width' if side == 'height' else 'height'}) now, as for "
+                               "every family that takes one")  # fmt: skip
         resolved: dict[str, Any] = {}
         if self.guidance_embeds:
             resolved["guidance"] = float(given.get("guidance", GUIDANCE))
@@ -183,14 +193,6 @@ class FluxFolder(TextFolder):
             raise DtkError(f"{self.path}: this Flux transformer takes no guidance scale (no "
                            "guidance_embeds: schnell-style); use --guidance cfg for "
                            "classifier-free guidance")  # fmt: skip
-        multiple = 2 * self.vae_scale_factor
-        for side in ("height", "width"):
-            value = int(given.get(side, LATENT_SIZE * self.vae_scale_factor))
-            if value < multiple or value % multiple:
-                raise DtkError(f"model option {side}={value}: a Flux image side is a positive "
-                               f"multiple of {multiple} (the VAE's scale factor times the "
-                               "2x2 packing)")  # fmt: skip
-            resolved[side] = value
         length = int(given.get("max_sequence_length", T5_LENGTH))
         if not 1 <= length <= T5_LENGTH:
             raise DtkError(f"model option max_sequence_length={length}: T5's prompt length is "
@@ -206,10 +208,15 @@ class FluxFolder(TextFolder):
     # -- what the configs say ------------------------------------------------------------
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        options, factor = self.options, self.vae_scale_factor
+    def default_sample_shape(self) -> tuple[int, int, int]:
+        """The pipeline's default: 128 latent pixels a side (1024 px for FLUX.1)."""
         channels = int(self.transformer_config.get("in_channels", 64)) // 4
-        return (channels, options["height"] // factor, options["width"] // factor)
+        return (channels, LATENT_SIZE, LATENT_SIZE)
+
+    @property
+    def latent_patch(self) -> int:
+        """The 2x2 packing."""
+        return 2
 
     @property
     def noise_levels(self) -> FlowLevels:
@@ -283,6 +290,7 @@ class FluxFolder(TextFolder):
                   load_tokenizer(self.path, "tokenizer_2"))  # fmt: skip
         if vae_tiling:
             vae.enable_tiling()
+        apply_loras(self, {"transformer": transformer, "text_encoder": clip[0]})
         return Flux(self, transformer, vae, clip, t5, self.options)
 
 
@@ -312,7 +320,7 @@ def image_ids(height: int, width: int, device: Any, dtype: Any) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class Flux(NetworkModel):
+class Flux(TextModel, NetworkModel):
     """A loaded Flux model: the transformer (through `Flow`, packing inside), the VAE, CLIP
     and T5 with their tokenizers, and the model options (embedded guidance scale, prompt
     length)."""
@@ -327,12 +335,7 @@ class Flux(NetworkModel):
         #: dev's embedded guidance scale (None: schnell, which takes none)
         self.guidance_scale = options.get("guidance")
         self.max_sequence_length = int(options.get("max_sequence_length", T5_LENGTH))
-        self.prompts = PromptEmbeddings(self._encode)
-
-    @property
-    def encoded(self) -> int:
-        """How many prompts went through the text encoders (each distinct prompt once)."""
-        return self.prompts.encoded
+        self.prompts = PromptEmbeddings(self._encode, [clip[0], t5[0]])
 
     @property
     def clip_length(self) -> int:

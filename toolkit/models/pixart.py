@@ -18,13 +18,15 @@ none is given). A transformer that takes the resolution and aspect-ratio conditi
 pipeline hands them.
 
 Size: samples are drawn at the transformer's ``sample_size`` (the image is that times the
-VAE's scale factor). The pipelines' resolution binning (``use_resolution_binning``) maps a
-requested size to the nearest size of the model's aspect-ratio table, samples there and
-resizes back; at the default size of a published folder (``sample_size`` 32, 64, 128, 256
-with a scale-8 VAE: 256 to 2048 px, square) the table's size is the default itself, so
-binning changes nothing. Other sizes need ``--width``/``--height``, which dtk does not have
-yet; a folder whose default size is not in its table (no published one) is sampled at its
-default, as the pipelines do with ``use_resolution_binning=False``.
+VAE's scale factor), or at the request's ``--height``/``--width`` (multiples of the VAE's
+factor times the patch size), with the resolution conditions of that size. The pipelines'
+resolution binning (``use_resolution_binning``) maps a requested size to the nearest size of
+the model's aspect-ratio table, samples there and resizes back; at the default size of a
+published folder (``sample_size`` 32, 64, 128, 256 with a scale-8 VAE: 256 to 2048 px,
+square) the table's size is the default itself, so binning changes nothing. dtk samples at
+the size asked for, as the pipelines do with ``use_resolution_binning=False``: ask for a
+size of the table (``ASPECT_RATIO_1024_BIN`` and its kin) for the sizes the model was
+trained at.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from toolkit.models.stable_diffusion import (
     PromptEmbeddings,
     TextConditioning,
     TextFolder,
+    TextModel,
     check_parts,
     decode_latents,
     load_part,
@@ -115,9 +118,13 @@ class PixArtFolder(TextFolder):
         return self._scheduler_config
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def default_sample_shape(self) -> tuple[int, int, int]:
         size = int(self.transformer_config["sample_size"])
         return (int(self.transformer_config.get("in_channels", 4)), size, size)
+
+    @property
+    def latent_patch(self) -> int:
+        return int(self.transformer_config.get("patch_size", 2))
 
     @property
     def max_length(self) -> int:
@@ -129,7 +136,7 @@ class PixArtFolder(TextFolder):
         """Whether the transformer takes the resolution and aspect ratio (its config's
         ``use_additional_conditions``; unset: at ``sample_size`` 128, as diffusers decides)."""
         use = self.transformer_config.get("use_additional_conditions")
-        return self.sample_shape[1] == 128 if use is None else bool(use)
+        return self.default_sample_shape[1] == 128 if use is None else bool(use)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -182,7 +189,7 @@ class PixArtFolder(TextFolder):
         return PixArt(self, transformer, vae, text_encoder, tokenizer)
 
 
-class PixArt(VPModel):
+class PixArt(TextModel, VPModel):
     """A loaded PixArt-α/Σ model: the transformer (VP, epsilon; its learned sigma dropped),
     the VAE, T5 and its tokenizer."""
 
@@ -191,12 +198,7 @@ class PixArt(VPModel):
         super().__init__(folder, transformer)
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.prompts = PromptEmbeddings(self._encode)
-
-    @property
-    def encoded(self) -> int:
-        """How many prompts went through T5 (each distinct prompt once)."""
-        return self.prompts.encoded
+        self.prompts = PromptEmbeddings(self._encode, [text_encoder])
 
     def forward(self, x_in: torch.Tensor, t: torch.Tensor, **inputs: torch.Tensor
                 ) -> torch.Tensor:  # fmt: skip

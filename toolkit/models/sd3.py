@@ -27,11 +27,13 @@ from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
 from toolkit.models.family import NetworkModel
 from toolkit.models.loading import quiet_transformers, read_config
+from toolkit.models.lora import apply_loras
 from toolkit.models.noise import FlowLevels
 from toolkit.models.stable_diffusion import (
     PromptEmbeddings,
     TextConditioning,
     TextFolder,
+    TextModel,
     check_parts,
     decode_latents,
     load_part,
@@ -70,6 +72,7 @@ class StableDiffusion3Folder(TextFolder):
 
     family = "sd3"
     cfg_scale = CFG_SCALE
+    lora_pipeline = "StableDiffusion3Pipeline"
 
     def __init__(self, path: pathlib.Path) -> None:
         super().__init__(path)
@@ -126,9 +129,23 @@ class StableDiffusion3Folder(TextFolder):
         return self._scheduler_config
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def default_sample_shape(self) -> tuple[int, int, int]:
         size = int(self.transformer_config.get("sample_size", 128))
         return (int(self.transformer_config.get("in_channels", 16)), size, size)
+
+    @property
+    def latent_patch(self) -> int:
+        return int(self.transformer_config.get("patch_size", 2))
+
+    def check_latent_size(self, height: int, width: int) -> None:
+        """The transformer's positional embedding covers ``pos_embed_max_size`` patches a
+        side (SD 3: 192, 3072 px at a scale-8 VAE and 2x2 patches)."""
+        limit = self.transformer_config.get("pos_embed_max_size")
+        patches = max(height, width) // self.latent_patch
+        if isinstance(limit, int) and patches > limit:
+            most = limit * self.latent_patch * self.vae_scale_factor
+            raise DtkError(f"--height/--width: this SD 3 transformer's positional embedding "
+                           f"covers {limit} patches a side, at most {most} pixels")  # fmt: skip
 
     @property
     def noise_levels(self) -> FlowLevels:
@@ -196,10 +213,12 @@ class StableDiffusion3Folder(TextFolder):
                       load_tokenizer(self.path, "tokenizer_3"))  # fmt: skip
         if vae_tiling:
             vae.enable_tiling()
+        apply_loras(self, {"transformer": transformer, "text_encoder": clips[0][0],
+                           "text_encoder_2": clips[1][0]})  # fmt: skip
         return StableDiffusion3(self, transformer, vae, clips, t5)
 
 
-class StableDiffusion3(NetworkModel):
+class StableDiffusion3(TextModel, NetworkModel):
     """A loaded SD 3 model: the transformer (through `Flow`), the VAE, two CLIP encoders
     and tokenizers, and T5 with its tokenizer or None."""
 
@@ -210,12 +229,8 @@ class StableDiffusion3(NetworkModel):
         levels = folder.noise_levels
         super().__init__(folder, transformer, levels, Flow(levels))
         self.transformer, self.vae, self.clips, self.t5 = transformer, vae, list(clips), t5
-        self.prompts = PromptEmbeddings(self._encode)
-
-    @property
-    def encoded(self) -> int:
-        """How many prompts went through the text encoders (each distinct prompt once)."""
-        return self.prompts.encoded
+        encoders = [encoder for encoder, _ in self.clips] + [t5[0] if t5 else None]
+        self.prompts = PromptEmbeddings(self._encode, encoders)
 
     @property
     def clip_length(self) -> int:

@@ -12,8 +12,9 @@ The UNet is a VP denoiser in the VAE's latent space (`VPModel`), so every sample
 Each guidance branch feeds it ``encoder_hidden_states`` (both encoders' penultimate hidden
 states side by side), ``text_embeds`` (the second encoder's projection) and ``time_ids``
 (original size, crop's top-left corner and target size: ``(H, W, 0, 0, H, W)`` for the
-folder's image size; a refiner's ``requires_aesthetics_score`` puts the aesthetic score, 6 on
-the conditional branch and 2.5 on the unconditional one, in place of the target size), which
+image size, the folder's or ``--height``/``--width``; a refiner's
+``requires_aesthetics_score`` puts the aesthetic score, 6 on the conditional branch and 2.5
+on the unconditional one, in place of the target size), which
 `StableDiffusionXL.forward` hands the UNet as its ``added_cond_kwargs``, exactly as diffusers'
 pipelines compute them. With ``force_zeros_for_empty_prompt`` (the pipeline's default) a
 sample without a negative prompt has zeros on the unconditional branch, as the pipeline does.
@@ -38,10 +39,12 @@ from toolkit.models.loading import (
     read_config,
     unet_shape,
 )
+from toolkit.models.lora import apply_loras
 from toolkit.models.stable_diffusion import (
     PromptEmbeddings,
     TextConditioning,
     TextFolder,
+    TextModel,
     check_parts,
     decode_latents,
     load_part,
@@ -81,6 +84,7 @@ class StableDiffusionXLFolder(TextFolder):
 
     family = "sdxl"
     cfg_scale = CFG_SCALE
+    lora_pipeline = "StableDiffusionXLPipeline"
 
     def __init__(self, path: pathlib.Path) -> None:
         super().__init__(path)
@@ -142,7 +146,7 @@ class StableDiffusionXLFolder(TextFolder):
         return self._scheduler_config
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def default_sample_shape(self) -> tuple[int, int, int]:
         return unet_shape(self.unet_config)
 
     def time_ids(self, negative: bool = False) -> list[float]:
@@ -198,10 +202,13 @@ class StableDiffusionXLFolder(TextFolder):
             clips = [(load_part(self.path, part, cls, "model", device=device, dtype=dtype,
                                 trust_pickle=trust_pickle), load_tokenizer(self.path, tokens))
                      for part, cls, tokens in parts]  # fmt: skip
+        encoders = dict(zip(("text_encoder", "text_encoder_2")[2 - len(clips):],
+                            (encoder for encoder, _ in clips)))  # fmt: skip
+        apply_loras(self, {"unet": unet, "text_encoder": None, **encoders})
         return StableDiffusionXL(self, unet, vae, clips)
 
 
-class StableDiffusionXL(VPModel):
+class StableDiffusionXL(TextModel, VPModel):
     """A loaded SDXL model: the UNet, the VAE, and its CLIP encoders with their tokenizers
     (the second last; a refiner-style folder has only it)."""
 
@@ -211,12 +218,7 @@ class StableDiffusionXL(VPModel):
                  clips: Sequence[tuple[Any, Any]]) -> None:  # fmt: skip
         super().__init__(folder, unet)
         self.unet, self.vae, self.clips = unet, vae, list(clips)
-        self.prompts = PromptEmbeddings(self._encode)
-
-    @property
-    def encoded(self) -> int:
-        """How many prompts went through the text encoders (each distinct prompt once)."""
-        return self.prompts.encoded
+        self.prompts = PromptEmbeddings(self._encode, [encoder for encoder, _ in self.clips])
 
     @property
     def max_length(self) -> int:
@@ -243,13 +245,13 @@ class StableDiffusionXL(VPModel):
         zero_empty = negative and self.folder.force_zeros_for_empty_prompt
         keep = [bool(p) or not zero_empty for p in prompts]
         encoder = self.clips[-1][0]
-        like = {"dtype": encoder.dtype, "device": encoder.device}
+        like = {"dtype": encoder.dtype, "device": "cpu"}  # where PromptEmbeddings keeps rows
         width = sum(int(clip.config.hidden_size) for clip, _ in self.clips)
         hidden = torch.zeros(len(prompts), self.max_length, width, **like)
         pooled = torch.zeros(len(prompts), int(encoder.config.projection_dim), **like)
         if any(keep):
             rows = self.prompts([p for p, k in zip(prompts, keep) if k])
-            mask = torch.tensor(keep, device=encoder.device)
+            mask = torch.tensor(keep)
             hidden[mask], pooled[mask] = rows["hidden"], rows["pooled"]
         time_ids = torch.tensor([self.folder.time_ids(negative)], **like)
         return {"encoder_hidden_states": hidden, "text_embeds": pooled,

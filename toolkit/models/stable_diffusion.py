@@ -17,9 +17,11 @@ guidance), loading a pipeline's components (`load_part`; a UNet and its VAE:
 
 from __future__ import annotations
 
+import abc
+import functools
 import logging
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from toolkit import defaults
@@ -35,6 +37,7 @@ from toolkit.models.loading import (
     unet_shape,
     use_safetensors,
 )
+from toolkit.models.lora import apply_loras
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +86,14 @@ def load_part(path: pathlib.Path, part: str, cls: Any, stem: str, *, device: Any
                                      torch_dtype=dtype, **kwargs)  # fmt: skip
     except Exception as exc:  # loaders raise many types for a damaged folder
         raise load_failure(folder, part, exc) from None
+    # diffusers may keep a float32 checkpoint's weights in float32 whatever `torch_dtype`
+    # says (0.42: SD 3's transformer with low_cpu_mem_usage=False, whose state dict it
+    # assigns rather than copies); a module that keeps no part in float32 on purpose is
+    # cast, as the pipeline's loading leaves it (torch's own `to`: diffusers' warns)
+    keeps_float32 = getattr(module, "_keep_in_fp32_modules", None)
+    if dtype is not None and not keeps_float32 and any(
+            p.dtype != dtype for p in module.parameters() if p.is_floating_point()):  # fmt: skip
+        torch.nn.Module.to(module, dtype=dtype)
     return module.eval().requires_grad_(False).to(device=device)
 
 
@@ -125,7 +136,11 @@ class TextFolder(ModelFolder):
     """What text-to-image latent families share: prompted requests (refused without a
     prompt when they carry conditions), classifier-free guidance by default at `cfg_scale`,
     guidance checked against the cond/uncond branches and a guidance's own prompts, prompt
-    subfolders, and the image shape from the VAE config (`vae_config`, set by the family)."""
+    subfolders, and the image shape from the VAE config (`vae_config`, set by the family).
+
+    Size: a family gives the latent shape it was trained at (`default_sample_shape`); a
+    request's ``--height``/``--width`` (`check_size`: positive multiples of the VAE's scale
+    factor times the network's `latent_patch`) replace its sides in `sample_shape`."""
 
     takes_prompts = True
     #: classifier-free guidance scale of a prompted request that names no guidance
@@ -135,6 +150,57 @@ class TextFolder(ModelFolder):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae_config.get("block_out_channels", [0])) - 1)
+
+    @property
+    @abc.abstractmethod
+    def default_sample_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the latents at the family's default size."""
+
+    @property
+    def latent_patch(self) -> int:
+        """The side of the network's latent patches (a UNet: 1), which a latent side must
+        be a multiple of."""
+        return 1
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        channels, height, width = self.default_sample_shape
+        if self.image_size is not None:
+            factor = self.vae_scale_factor
+            height, width = self.image_size[0] // factor, self.image_size[1] // factor
+        return (channels, height, width)
+
+    def check_size(self, height: int | None, width: int | None) -> tuple[int, int] | None:
+        """``(height, width)`` in pixels: each given side a positive multiple of the VAE's
+        scale factor times the latent patch, the default's for a side left out; None for the
+        default size (asked for by name or not: the same run)."""
+        if height is None and width is None:
+            return None
+        factor, patch = self.vae_scale_factor, self.latent_patch
+        _, default_height, default_width = self.default_sample_shape
+        size = []
+        for side, value, default in (("height", height, default_height),
+                                     ("width", width, default_width)):  # fmt: skip
+            if value is None:
+                size.append(default * factor)
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DtkError(f"--{side} {value!r}: give a whole number of pixels")
+            multiple = factor * patch
+            if value < multiple or value % multiple:
+                why = f"the VAE's scale factor {factor}"
+                if patch > 1:
+                    why += f" times the {patch}x{patch} latent patches"
+                raise DtkError(f"--{side} {value}: an image side of this {self.family} model "
+                               f"is a positive multiple of {multiple} ({why})")  # fmt: skip
+            size.append(value)
+        if size == [default_height * factor, default_width * factor]:
+            return None
+        self.check_latent_size(size[0] // factor, size[1] // factor)
+        return (size[0], size[1])
+
+    def check_latent_size(self, height: int, width: int) -> None:
+        """Refuse a latent size the network cannot take (beyond the multiple)."""
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -174,6 +240,7 @@ class StableDiffusionFolder(TextFolder):
     """A Stable-Diffusion-style pipeline folder, read from its configs."""
 
     family = "stable-diffusion"
+    lora_pipeline = "StableDiffusionPipeline"
 
     def __init__(self, path: pathlib.Path) -> None:
         super().__init__(path)
@@ -198,7 +265,7 @@ class StableDiffusionFolder(TextFolder):
         return self._scheduler_config
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def default_sample_shape(self) -> tuple[int, int, int]:
         return unet_shape(self.unet_config)
 
     def describe(self) -> dict[str, Any]:
@@ -224,22 +291,35 @@ class StableDiffusionFolder(TextFolder):
                                      device=device, dtype=dtype,
                                      trust_pickle=trust_pickle)  # fmt: skip
         tokenizer = load_tokenizer(self.path, "tokenizer")
+        apply_loras(self, {"unet": unet, "text_encoder": text_encoder})
         return StableDiffusion(self, unet, vae, text_encoder, tokenizer)
 
 
-class StableDiffusion(VPModel):
+class TextModel:
+    """What a loaded text-to-image model shares (a mixin before its `Model` base): its
+    prompts' embeddings (`prompts`, a `PromptEmbeddings` over its text encoders)."""
+
+    prompts: PromptEmbeddings
+
+    @property
+    def encoded(self) -> int:
+        """How many prompts went through the text encoders (each distinct prompt once)."""
+        return self.prompts.encoded
+
+    def release_text_encoders(self) -> None:
+        """The text encoders leave the accelerator (`PromptEmbeddings.release`); the run
+        calls it once the prompts are encoded, before sampling."""
+        self.prompts.release()
+
+
+class StableDiffusion(TextModel, VPModel):
     """A loaded Stable-Diffusion-style model: UNet, VAE, text encoder and tokenizer."""
 
     def __init__(self, folder: StableDiffusionFolder, unet: Any, vae: Any, text_encoder: Any,
                  tokenizer: Any) -> None:  # fmt: skip
         super().__init__(folder, unet)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.prompts = PromptEmbeddings(self._encode)
-
-    @property
-    def encoded(self) -> int:
-        """How many prompts went through the text encoder (each distinct prompt once)."""
-        return self.prompts.encoded
+        self.prompts = PromptEmbeddings(self._encode, [text_encoder])
 
     @property
     def path(self) -> pathlib.Path:
@@ -270,7 +350,7 @@ class StableDiffusion(VPModel):
         if self.text_encoder.config.to_dict().get("use_attention_mask", False):
             mask = tokens.attention_mask.to(device)
         hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-        return {"encoder_hidden_states": hidden.to(self.unet.dtype)}
+        return {"encoder_hidden_states": hidden.to(self.dtype)}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1] through the VAE (``latents / scaling_factor``)."""
@@ -313,56 +393,99 @@ def warn_truncated(tokenizer: Any, prompts: Sequence[str], max_length: int) -> N
 class PromptEmbeddings:
     """A text model's network inputs per prompt, each distinct prompt encoded once per model:
     ``encode(prompts) -> {input name: [len(prompts), ...]}`` is called on the prompts not
-    seen yet, in one batched call, and its rows are kept."""
+    seen yet, in one batched call, and its rows are kept, on the CPU (a run's distinct
+    prompts do not accumulate on the accelerator; a batch's rows go there once, in
+    `TextConditioning`).
 
-    def __init__(self, encode: Any) -> None:
+    The text encoders (`encoders`) run where they were loaded, the model's device (`home`).
+    `release` moves them to the CPU when that is an accelerator, once the prompts are encoded
+    (the run encodes every distinct prompt it has, then releases them before sampling:
+    docs/models.md, "Text encoders"); a prompt not seen yet brings them back first.
+    """
+
+    def __init__(self, encode: Any, encoders: Sequence[Any] = ()) -> None:
         self._encode = encode
         self._rows: dict[str, dict[str, torch.Tensor]] = {}
         #: how many prompts went through the encoders
         self.encoded = 0
+        self.encoders = [encoder for encoder in encoders if encoder is not None]
+        #: the device the encoders run on (None: no encoders)
+        self.home = self.encoders[0].device if self.encoders else None
+        #: whether `release` moved the encoders to the CPU
+        self.released = False
 
     def __call__(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``{input name: [len(prompts), ...]}`` for `prompts`, in order."""
+        """``{input name: [len(prompts), ...]}`` for `prompts`, in order (on the CPU)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._rows]
         if missing:
-            encoded = self._encode(missing)
+            self._fetch()
+            encoded = {name: rows.to("cpu") for name, rows in self._encode(missing).items()}
             self.encoded += len(missing)
             for i, prompt in enumerate(missing):
                 self._rows[prompt] = {name: rows[i] for name, rows in encoded.items()}
         names = self._rows[prompts[0]].keys()
         return {name: torch.stack([self._rows[p][name] for p in prompts]) for name in names}
 
+    def release(self) -> None:
+        """Move the encoders to the CPU if they run on an accelerator (no-op on the CPU)."""
+        if self.released or self.home is None or self.home.type == "cpu":
+            return
+        for encoder in self.encoders:
+            encoder.to("cpu")
+        self.released = True
+
+    def _fetch(self) -> None:
+        """The encoders back on their device, if `release` moved them."""
+        if self.released:
+            for encoder in self.encoders:
+                encoder.to(self.home)
+            self.released = False
+
 
 class TextConditioning(Conditioning):
     """Branch inputs of a text model, ``{input name: [B, ...]}``: per-sample prompt
     embeddings (``cond``) and negative prompt embeddings (``uncond``; the empty prompt's when
     there is none); SD's UNet takes ``encoder_hidden_states``, SD 3's transformer also
-    ``pooled_projections``.
+    ``pooled_projections``. A branch's inputs may be given as a function that computes them,
+    called when the branch is first asked for (`of`: ``uncond``, which guidance without an
+    unconditional branch never asks for); each branch moves to a device once.
 
     `extra` holds the inputs of a guidance's own `text_branches` (one prompt each, shared by
     the whole batch), ``[1, ...]``; they are expanded to the batch here.
     """
 
-    def __init__(self, cond: Mapping[str, torch.Tensor], uncond: Mapping[str, torch.Tensor],
+    def __init__(self, cond: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, Any]],
+                 uncond: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, Any]],
                  extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None
                  ) -> None:  # fmt: skip
         self.embeddings = {COND: cond, UNCOND: uncond}
         self.shared = dict(extra or {})
+        self._moved: dict[tuple[str, int, str], dict[str, torch.Tensor]] = {}
 
     @classmethod
     def of(cls, embed: Any, batch: Sequence[SampleRequest], text_branches: Mapping[str, str],
            negative: Any = None) -> TextConditioning:  # fmt: skip
         """`batch`'s prompts and negative prompts (the empty prompt when none) through
         ``embed(prompts) -> {input name: [len(prompts), ...]}`` (the negative prompts through
-        `negative` when the family embeds them otherwise: SDXL's zeros for an empty one), and
-        a guidance's own prompts (sld's safety concept)."""
+        `negative` when the family embeds them otherwise: SDXL's zeros for an empty one; when
+        the ``uncond`` branch is first asked for), and a guidance's own prompts (sld's safety
+        concept)."""
         cond = embed([sample.prompt or "" for sample in batch])
-        uncond = (negative or embed)([sample.negative_prompt or "" for sample in batch])
+        negatives = [sample.negative_prompt or "" for sample in batch]
+        uncond = functools.partial(negative or embed, negatives)
         extra = {name: embed([prompt]) for name, prompt in text_branches.items()}
         return cls(cond, uncond, extra)
 
     def inputs(self, branch: str, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-        if branch in self.shared:
-            shared = self.shared[branch]
-            return {k: v.expand(batch, *v.shape[1:]).to(device) for k, v in shared.items()}
-        return {k: v.to(device) for k, v in self.embeddings[branch].items()}
+        key = (branch, batch, str(device))
+        if key not in self._moved:
+            if branch in self.shared:
+                shared = self.shared[branch]
+                moved = {k: v.expand(batch, *v.shape[1:]).to(device) for k, v in shared.items()}
+            else:
+                rows = self.embeddings[branch]
+                if callable(rows):
+                    rows = self.embeddings[branch] = rows()
+                moved = {k: v.to(device) for k, v in rows.items()}
+            self._moved[key] = moved
+        return dict(self._moved[key])

@@ -4,10 +4,15 @@ Sample ``k`` starts from ``torch.randn(shape, generator=Generator("cpu").manual_
 with its own seed, scaled to the model's prior at ``sigmas[0]``, and its generator alone
 supplies its later noise, so a sample's result does not depend on the batch it is in
 (docs/contracts.md, "Reproducibility").
+
+A text model's prompts are encoded before sampling (`encode_batch`: every branch the
+guidance uses), and then its text encoders leave the accelerator (`release_text_encoders`;
+docs/models.md, "Text encoders").
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,7 +25,7 @@ from toolkit.sampling.denoiser import GuidedDenoiser
 if TYPE_CHECKING:
     import torch
 
-    from toolkit.models.family import Model
+    from toolkit.models.family import Conditioning, Model
     from toolkit.registry.protocols import SampleRequest
 else:
     torch = lazy_import("torch")
@@ -46,22 +51,45 @@ def sample_images(
         start_batch([dict(sample.conditions) for sample in batch])
     if text_branches is None:
         text_branches = optional("guidance", guidance, "text_branches")
-    shape = model.sample_shape
+    shape, device = model.sample_shape, model.device
     generators = [torch.Generator("cpu").manual_seed(int(s.seed)) for s in batch]
 
     def draw() -> torch.Tensor:
         return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
-    x = model.prior(draw(), float(sigmas[0])).to(model.device)
+    x = model.prior(draw(), float(sigmas[0])).to(device)
 
     def noise(sigma: float, sigma_next: float) -> torch.Tensor:
-        return draw().to(model.device)
+        return draw().to(device)
 
     with torch.inference_mode():
-        conditioning = model.conditioning(batch, text_branches)
+        conditioning = encode_batch(model, guidance, batch, text_branches, device)
+        release_text_encoders(model)
         guided = GuidedDenoiser(model, guidance, conditioning)
         x0 = integrate(sampler, guided, x, sigmas, noise)
         return to_unit(model.decode(x0))
+
+
+def encode_batch(model: Model, guidance: Any, batch: Sequence[SampleRequest],
+                 text_branches: Mapping[str, str], device: Any) -> Conditioning:  # fmt: skip
+    """`batch`'s `Conditioning` (`Model.conditioning`), on a text model with the inputs of
+    every branch `guidance` uses computed now, on `device`: its prompts go through the text
+    encoders here, not during sampling (a branch the guidance never uses, such as ``uncond``
+    without CFG, is never encoded)."""
+    conditioning = model.conditioning(batch, text_branches)
+    if hasattr(model, "release_text_encoders"):
+        for branch in getattr(guidance, "branches", ()):
+            with contextlib.suppress(KeyError):  # GuidedDenoiser names an unknown branch
+                conditioning.inputs(branch, len(batch), device)
+    return conditioning
+
+
+def release_text_encoders(model: Model) -> None:
+    """A text model's encoders leave the accelerator (they come back for a prompt not yet
+    encoded); nothing for a model without text encoders, or on the CPU."""
+    release = getattr(model, "release_text_encoders", None)
+    if release is not None:
+        release()
 
 
 def integrate(sampler: Any, denoise: Any, x: torch.Tensor, sigmas: Any, noise: Any
