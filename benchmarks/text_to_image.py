@@ -30,7 +30,7 @@ also gives ``batched / split CFG``: one network forward of ``2B`` (how guidance 
 two branches) against two of ``B``, through the loaded model (`toolkit.models.Model`). On
 CUDA the table adds the peak memory (``torch.cuda.max_memory_allocated``) of ours plain,
 with ``attention_slicing`` and with ``vae_tiling``, and of the pipeline: ours moves the
-text encoders off the GPU once the prompts are encoded (docs/models.md, "Text encoders").
+text encoders off the GPU once the prompts are encoded (docs/models.md, "Text encoders and memory").
 
 Run: ``python benchmarks/text_to_image.py --family all [--device cuda] [--dtypes ...]``
 (defaults: cuda, full shapes, float32,float16,bfloat16, batch 4 where a GPU is; else cpu,

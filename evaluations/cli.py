@@ -208,8 +208,10 @@ def _bias_summary(result: BiasResult) -> None:
 @classifier_options("Attribute-classifier plugin of the label_consistency filter.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @toolkit.generation_options(
-    steps=defaults.SYNTHESIS_STEPS,
-    guidance_help="cfg, scale 0.75: varied samples, which the filters check",
+    steps_help=f"{defaults.SYNTHESIS_STEPS} with a label-conditioned model; a text-to-image "
+    "model's own, as for dtk generate (SD 3 and Flux dev: 28, LCM and Flux schnell: 4, ...)",
+    guidance_help="cfg at scale 0.75 with a label-conditioned model (varied samples, which "
+    "the filters check); a text-to-image model's own (cfg 7.5 for SD, none for Flux and LCM)",
     filters=False,
 )
 @click.option("--out", type=PATH, default=pathlib.Path("dtk-synthetic"), show_default=True)

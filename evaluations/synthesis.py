@@ -45,6 +45,14 @@ DEFAULT_FILTERS = ("label_consistency", "memorization")
 ALL = "all"  # the one class when there is no --by
 
 
+def class_column(by: str | None, attribute: str) -> str:
+    """The plan's first column: `by`, or without one a column of `ALL` named ``class`` (named
+    ``classes`` when the group attribute is itself ``class``, as a DiT model's is)."""
+    if by:
+        return by
+    return "classes" if attribute == "class" else "class"
+
+
 @dataclasses.dataclass
 class SynthesisRound:
     """One generation round: its first seed, the samples it generated, and how many of them
@@ -144,11 +152,12 @@ def make_plan(
         generate = _complete_classes(have, target)
     else:
         generate = _spend_budget(have, target, budget)
-    rows = [{by or "class": c, attribute: v, "have": int(have.loc[c, v]),
+    key = class_column(by, attribute)
+    rows = [{key: c, attribute: v, "have": int(have.loc[c, v]),
              "want": int(have.loc[c, v] + generate.loc[c, v]),
              "generate": int(generate.loc[c, v])}
             for c in classes for v in values]  # fmt: skip
-    return pandas.DataFrame(rows, columns=[by or "class", attribute, "have", "want", "generate"])
+    return pandas.DataFrame(rows, columns=[key, attribute, "have", "want", "generate"])
 
 
 def _complete_classes(have: pandas.DataFrame, target: Mapping[str, float]) -> pandas.DataFrame:
@@ -227,7 +236,8 @@ def synthesize(
         target=target, budget=budget, filters=list(filters),
         consistency_threshold=consistency_threshold,
         memorization_threshold=memorization_threshold, max_rounds=max_rounds, seed=seed,
-        settings=synthesis_settings(generation), prompt_template=prompt_template,
+        settings=synthesis_settings(generation, text=prompt_template is not None),
+        prompt_template=prompt_template,
         negative_prompt=negative_prompt, words=words, classifier=classifier,
         classifier_options=dict(classifier_options or {}), progress=progress,
     )  # fmt: skip
@@ -251,18 +261,19 @@ def synthesize(
     return result
 
 
-def synthesis_settings(generation: GenerationSettings | Mapping[str, Any] | None
-                       ) -> GenerationSettings:  # fmt: skip
-    """The settings synthesis generates with: `generation` (default: its defaults with
-    `defaults.SYNTHESIS_STEPS` steps), with `defaults.SYNTHESIS_GUIDANCE` when it names no
-    guidance."""
-    if generation is None:
-        generation = toolkit.GenerationSettings(steps=defaults.SYNTHESIS_STEPS)
-    settings = toolkit.GenerationSettings.from_mapping(generation)
+def synthesis_settings(generation: GenerationSettings | Mapping[str, Any] | None,
+                       text: bool = False) -> GenerationSettings:  # fmt: skip
+    """The settings synthesis generates with: `generation` (default: the toolkit's). With a
+    label-conditioned model (not `text`), steps it leaves out are `defaults.SYNTHESIS_STEPS`
+    and guidance it does not name `defaults.SYNTHESIS_GUIDANCE` (tuned on colored digits);
+    a text-to-image model keeps its family's own (an LCM has no branch for CFG)."""
+    settings = toolkit.GenerationSettings.from_mapping(generation or {})
     if settings.filters:
         raise toolkit.DtkError("synthesis filters with its own filters (--filters), not with "
                                "safety filters of the generation settings")  # fmt: skip
-    if settings.guidance is None:
+    if not text and settings.steps is None:
+        settings = settings.replace(steps=defaults.SYNTHESIS_STEPS)
+    if not text and settings.guidance is None:
         settings = settings.replace(**defaults.SYNTHESIS_GUIDANCE)
     return settings
 
@@ -637,12 +648,10 @@ def _achieved(
     plan: pandas.DataFrame, synthetic: pandas.DataFrame, attribute: str, by: str | None
 ) -> pandas.DataFrame:
     """The plan with what was actually accepted per cell (``generated``)."""
-    key = by or "class"
+    key = class_column(by, attribute)
     if len(synthetic):
         got = (
-            synthetic.assign(**{key: synthetic[by] if by else "all"})
-            .groupby([key, attribute])
-            .size()
+            synthetic.assign(**{key: synthetic[by] if by else ALL}).groupby([key, attribute]).size()
         )
     else:
         got = {}

@@ -163,12 +163,25 @@ class FairGuidance(CFG):
             return guided
         if self._direction is None:
             raise DtkError("fair: start_batch(conditions) must be called before each batch")
+        if math.isinf(sigma):
+            return self._first_flow_step(preds, guided)
         push = self._momentum(self._edit_guidance(preds, sigma))
         if push is None:
             return guided
         # `push` is in epsilon units; x0 = x - sigma * eps turns adding it to the guided
         # epsilon into subtracting sigma * push from the clean-image estimate
         return guided - sigma * push
+
+    def _first_flow_step(self, preds: Mapping[str, torch.Tensor], guided: torch.Tensor
+                         ) -> torch.Tensor:  # fmt: skip
+        """The limit at sigma = inf, a rectified-flow model's first level (t = 1): the edit
+        in epsilon units vanishes (so the momentum gathers nothing), while ``sigma * edit``,
+        what the clean-image estimate moves by, is the edit computed at sigma = 1 (the
+        quantile mask does not change when every element is divided by one sigma). The
+        momentum's own term is 0: a run's first level finds it empty."""
+        if self._momentum(torch.zeros_like(guided)) is None:
+            return guided
+        return guided - self._edit_guidance(preds, 1.0)
 
     def _edit_guidance(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:
         uncond = preds["uncond"]

@@ -128,6 +128,12 @@ class SafeLatentDiffusion(CFG):
         if sigma > self._last_sigma:  # a new run, for callers without start_batch
             self._momentum.reset()
         self._last_sigma = sigma
+        if math.isinf(sigma):
+            # a rectified-flow model's first level (t = 1): every branch's epsilon is the
+            # noise itself, so the epsilon differences vanish, the weight of eq. 6 with them,
+            # and the term's limit is 0; the step still counts towards the warmup
+            self._momentum(torch.zeros_like(cond))
+            return guided
         # The paper's rules act element-wise on epsilons, so the affine shortcut of combining
         # clean-image estimates does not carry over. Only differences of epsilons enter them,
         # though, and at fixed x and sigma eps_a - eps_b = (x0_b - x0_a) / sigma: no x needed.

@@ -170,10 +170,15 @@ def generation_params(cmd, with_filters):
 
 
 @pytest.mark.parametrize(
-    ("path", "with_filters", "steps"),
-    [(("eval", "bias"), True, None), (("synthesize",), False, 20), (("demo",), False, 10)],
-)
-def test_commands_that_generate_take_exactly_dtk_generates_options(path, with_filters, steps):
+    ("path", "with_filters", "steps", "shown"),
+    [(("eval", "bias"), True, None, r"Default: the model's"),
+     # a label model's 20 (synthesis's own), a text-to-image model's own: None at the CLI
+     (("synthesize",), False, None, r"Default: 20 with a label-\s*conditioned\s+model;"
+      r"\s+a\s+text-to-image\s+model's\s+own"),
+     (("demo",), False, 10, r"\[default: 10\]")],
+)  # fmt: skip
+def test_commands_that_generate_take_exactly_dtk_generates_options(path, with_filters, steps,
+                                                                   shown):  # fmt: skip
     """The same options, types and defaults as ``dtk generate`` (but --steps, whose default
     is the command's own or, as dtk generate's, the model's (None), and the safety filters
     where the command has none)."""
@@ -190,7 +195,6 @@ def test_commands_that_generate_take_exactly_dtk_generates_options(path, with_fi
     # the command's default steps is shown in --help
     result = dtk(*path, "--help")
     assert result.exit_code == 0, result.output
-    shown = r"Default: the model's" if steps is None else rf"\[default: {steps}\]"
     assert re.search(rf"\n\s+--steps INTEGER\s+Sampling steps\.\s+{shown}",
                      result.output), result.output  # fmt: skip
 

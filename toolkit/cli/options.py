@@ -35,16 +35,16 @@ def generation_options(
     steps: int | None = None,
     guidance_help: str = "cfg (scale 2) when conditioned on a model with a null label, cfg "
     "(scale 7.5) with a prompt, else none",
+    steps_help: str | None = None,
     filters: bool = True,
 ) -> Callable[[Any], Any]:
     """A decorator adding the generation options to a click command; a command with its own
     notion of filters (``dtk synthesize``) leaves `filters` out. Sampler, schedule and (unless
-    the command gives `steps`) steps default to None: the model's default."""
-    steps_help = (
-        "Sampling steps. Default: "
-        + MODEL_DEFAULT.format(defaults.STEPS, "SD 3 and Flux dev: 28; Flux schnell and LCM: 4")
-        + "."
-    )
+    the command gives `steps`) steps default to None: the model's default, or the command's
+    own where it says so in `steps_help` (what follows "Default: ")."""
+    pipelines = "SD 3 and Flux dev: 28; Flux schnell and LCM: 4"
+    model_steps = MODEL_DEFAULT.format(defaults.STEPS, pipelines)
+    steps_help = f"Sampling steps. Default: {steps_help or model_steps}."
     sampler_help = MODEL_DEFAULT.format(defaults.SAMPLER, "SD 3 and Flux: euler; LCM: lcm")
     schedule_help = MODEL_DEFAULT.format(defaults.SCHEDULE, "SD 3 and Flux: flow; LCM: lcm")
     options = [

@@ -400,7 +400,7 @@ class PromptEmbeddings:
     The text encoders (`encoders`) run where they were loaded, the model's device (`home`).
     `release` moves them to the CPU when that is an accelerator, once the prompts are encoded
     (the run encodes every distinct prompt it has, then releases them before sampling:
-    docs/models.md, "Text encoders"); a prompt not seen yet brings them back first.
+    docs/models.md, "Text encoders and memory"); a prompt not seen yet brings them back first.
     """
 
     def __init__(self, encode: Any, encoders: Sequence[Any] = ()) -> None:

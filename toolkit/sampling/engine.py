@@ -7,7 +7,7 @@ supplies its later noise, so a sample's result does not depend on the batch it i
 
 A text model's prompts are encoded before sampling (`encode_batch`: every branch the
 guidance uses), and then its text encoders leave the accelerator (`release_text_encoders`;
-docs/models.md, "Text encoders").
+docs/models.md, "Text encoders and memory").
 """
 
 from __future__ import annotations
