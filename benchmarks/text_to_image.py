@@ -5,15 +5,17 @@ folder is built here with random weights (offline tokenizers from ``tests/``), i
 two shapes:
 
 * ``--size small`` (the default on a CPU): each family's architecture at widths and depths
-  two CPU cores run in one to three seconds a batch of 4 (32x32 latents, SD 3's 16x16, a
-  scale-4 VAE: 128-pixel images; text encoders of 2 layers at the real token lengths: CLIP
-  77, SD 3's T5 256, PixArt-Σ's 300, Flux's 512);
+  two CPU cores run in about one to three seconds a batch of 4 (32x32 latents, SD 3's
+  16x16, a scale-4 VAE: 128-pixel images; text encoders of 2 layers at the real token
+  lengths: CLIP 77, SD 3's T5 256, PixArt-Σ's 300, Flux's 512; 32x32 pixel UNets);
 * ``--size full`` (the default on a GPU): the published architectures (SD 1.5, SDXL base,
   SD 3 medium, DiT-XL-2 256, PixArt-Σ 1024, LCM-Dreamshaper = SD 1.5, FLUX.1-dev's widths),
   except that Flux's blocks and every T5-XXL are cut to a few layers, so a folder builds
   in about a minute (the published widths keep every matrix its real shape).
 
-Per family (``--family sd15|sdxl|sd3|flux|pixart|dit|lcm``, or ``all``) and dtype, the same
+Per family (``--family sd15|sdxl|sd3|flux|pixart|dit|lcm|iddpm|ve``, or ``all``; the last
+two are the unconditional pixel-space families: a learned-variance UNet and a VE score-SDE
+model, with a CIFAR-sized UNet on a CPU) and dtype, the same
 request both ways, at equal steps with the same scheduler and guidance, one batch of
 ``--batch`` samples, each sample from its own generator seeded ``i``:
 
@@ -286,6 +288,38 @@ def build_dit(size: str) -> Any:
     )  # fmt: skip
 
 
+#: pixel-space UNets: a CIFAR-sized one on a CPU; at full size ImageNet-64 iDDPM's widths
+#: and NCSN++ CelebA-HQ-256-like depth (the VE row)
+PIXEL_UNET = {
+    "full": dict(block_out_channels=(128, 256, 384, 512),
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D",
+                                   "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                 layers_per_block=2),
+    "small": dict(block_out_channels=(64, 128, 128),
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                  layers_per_block=1),
+}  # fmt: skip
+PIXEL_SIZE = {"full": {"iddpm": 64, "ve": 256}, "small": {"iddpm": 32, "ve": 32}}
+
+
+def build_iddpm(size: str) -> Any:
+    """A learned-variance UNet (6 channels out) with iDDPM's learned_range variance."""
+    unet = diffusers.UNet2DModel(sample_size=PIXEL_SIZE[size]["iddpm"], in_channels=3,
+                                 out_channels=6, **PIXEL_UNET[size])  # fmt: skip
+    scheduler = diffusers.DDPMScheduler(variance_type="learned_range", beta_schedule="linear")
+    return diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+
+
+def build_ve(size: str) -> Any:
+    """An NCSN++-style score network (Fourier time features) with ScoreSdeVeScheduler."""
+    unet = diffusers.UNet2DModel(sample_size=PIXEL_SIZE[size]["ve"], in_channels=3,
+                                 out_channels=3, time_embedding_type="fourier",
+                                 **PIXEL_UNET[size])  # fmt: skip
+    return diffusers.ScoreSdeVePipeline(unet=unet, scheduler=diffusers.ScoreSdeVeScheduler())
+
+
 # -- the families ----------------------------------------------------------------------------
 
 
@@ -345,7 +379,17 @@ FAMILIES = {
     # LCMScheduler, the embedded guidance 8.5, no CFG
     "lcm": Family(build_lcm, "LatentConsistencyModelPipeline", 4,
                   lambda size: dict(prompt=PROMPT), prompted(8.5)),
+    # unconditional pixel models: DDPMScheduler's learned variance (our ddpm on its leading
+    # timesteps), and ScoreSdeVePipeline's predictor-corrector (2 forwards a step)
+    "iddpm": Family(build_iddpm, "DDPMPipeline", 10,
+                    lambda size: dict(sampler="ddpm", schedule="leading"),
+                    lambda size, batch: {"batch_size": batch}),
+    "ve": Family(build_ve, "ScoreSdeVePipeline", 10,
+                 lambda size: dict(sampler="score_sde_ve", schedule="exponential"),
+                 lambda size, batch: {"batch_size": batch}),
 }  # fmt: skip
+#: families whose networks have no unconditional branch to batch with (no CFG row)
+NO_CFG = ("lcm", "iddpm", "ve")
 
 
 def build(name: str, size: str, root: pathlib.Path) -> pathlib.Path:
@@ -400,11 +444,11 @@ def cfg_forwards(name: str, model: pathlib.Path, args: argparse.Namespace, dtype
                  ) -> float | None:  # fmt: skip
     """Time of one network forward of ``2B`` (how guidance runs CFG's two branches) over
     two of ``B``, ``--steps`` times each, at a middle noise level; None for a family
-    without an unconditional branch (LCM)."""
+    without an unconditional branch (LCM, the unconditional pixel models)."""
     from toolkit.models import load_model
     from toolkit.registry.protocols import SampleRequest
 
-    if name == "lcm":
+    if name in NO_CFG:
         return None
     device = torch.device(args.device)
     loaded = load_model(model, device=device, dtype=getattr(torch, dtype))

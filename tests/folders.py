@@ -1,4 +1,5 @@
-"""Dataset folders in tests: reading generated images back, copying part of a folder."""
+"""Dataset folders in tests: reading generated images back, comparing them, copying part of
+a folder, writing a prompts file."""
 
 from __future__ import annotations
 
@@ -30,3 +31,20 @@ def copy_subset(
         (out / name).write_bytes((source / name).read_bytes())
     metadata.to_csv(out / "metadata.csv", index=False)
     return out
+
+
+def max_pixel_difference(ours, theirs) -> int:
+    """The largest difference, in pixel levels, between two runs' images of the same samples
+    (sequences or dicts by sample index ``0 .. len(theirs) - 1``, as int16)."""
+    return max(int(np.abs(ours[i] - theirs[i]).max()) for i in range(len(theirs)))
+
+
+def prompts_file(directory: pathlib.Path, *prompts: str, negative: str | None = None
+                 ) -> pathlib.Path:  # fmt: skip
+    """A ``--prompts-file`` CSV in `directory`: a row per prompt, every row with `negative`
+    as its negative prompt when given (no negative_prompt column otherwise)."""
+    header = "prompt" if negative is None else "prompt,negative_prompt"
+    rows = [p if negative is None else f"{p},{negative}" for p in prompts]
+    path = directory / "prompts.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path

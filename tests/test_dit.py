@@ -17,7 +17,7 @@ from diffusers import (
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
 )
-from folders import pixels
+from folders import max_pixel_difference, pixels
 from invoke import dtk
 from tiny_dit import LATENT, NUM_CLASSES, save_dit_pipeline
 
@@ -78,10 +78,6 @@ def pipeline(folder, classes, seed, *, output_type="np", **kwargs):
 
 def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max())
-
-
-def max_pixel_difference(ours, theirs) -> int:
-    return max(int(np.abs(ours[i] - theirs[i]).max()) for i in range(len(theirs)))
 
 
 @pytest.mark.parametrize("case", list(CASES))

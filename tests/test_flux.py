@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from folders import pixels
+from folders import max_pixel_difference, pixels, prompts_file
 from invoke import dtk
 from tiny_flux import LATENT_CHANNELS, save_flux_pipeline
 
@@ -63,21 +63,6 @@ def pipeline(folder, prompts, seed, *, output_type="np", **kwargs):
 
 def model_options(**options):
     return [arg for key, value in options.items() for arg in ("--model-option", f"{key}={value}")]
-
-
-def prompts_file(tmp_path, *prompts, negative=False):
-    """A prompts file; with `negative`, a negative_prompt column (a column is a negative
-    prompt given, which Flux uses only under guidance with an unconditional branch)."""
-    path = tmp_path / "prompts.csv"
-    if negative:
-        path.write_text("prompt,negative_prompt\n" + "".join(f"{p},{NEG}\n" for p in prompts))
-    else:
-        path.write_text("prompt\n" + "".join(f"{p}\n" for p in prompts))
-    return path
-
-
-def max_pixel_difference(ours, theirs) -> int:
-    return max(int(np.abs(ours[i] - theirs[i]).max()) for i in range(len(theirs)))
 
 
 @pytest.mark.parametrize("sampler", ["euler", "diffusers"])
@@ -137,7 +122,7 @@ def test_cfg_is_the_pipelines_true_cfg(folders, tmp_path, decoded):
     branches in one forward pass, each with the embedded scale."""
     out = tmp_path / "out"
     result = dtk("generate", "--model", folders["dev"], "--prompts-file",
-                 prompts_file(tmp_path, CAT, DOG, negative=True), "--guidance", "cfg",
+                 prompts_file(tmp_path, CAT, DOG, negative=NEG), "--guidance", "cfg",
                  "--guidance-option", "scale=4", "--steps", 3, "--seed", 1,
                  *SIZE_ARGS, "--out", out, "-q")  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler
-from folders import pixels
+from folders import max_pixel_difference, pixels, prompts_file
 from invoke import dtk
 from tiny_lcm import (
     GUIDANCE_DIM,
@@ -57,16 +57,6 @@ def pipeline(folder, prompts, seed, *, output_type="np", **kwargs):
     if output_type == "latent":
         return out.images
     return np.round(out.images * 255).astype(np.int16)
-
-
-def prompts_file(tmp_path, *prompts):
-    path = tmp_path / "prompts.csv"
-    path.write_text("prompt\n" + "".join(f"{p}\n" for p in prompts))
-    return path
-
-
-def max_pixel_difference(ours, theirs) -> int:
-    return max(int(np.abs(ours[i] - theirs[i]).max()) for i in range(len(theirs)))
 
 
 @pytest.mark.parametrize(

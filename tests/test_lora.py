@@ -21,7 +21,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from diffusers.utils import convert_state_dict_to_diffusers
-from folders import pixels
+from folders import max_pixel_difference, pixels, prompts_file
 from invoke import dtk
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
@@ -140,26 +140,14 @@ def pipeline(family, folder, loras, seed, *, output_type="np", **kwargs):
     return np.round(out.images * 255).astype(np.int16)
 
 
-def prompts_file(tmp_path, negative=True):
-    path = tmp_path / "prompts.csv"
-    if negative:
-        path.write_text(f"prompt,negative_prompt\n{CAT},{NEG}\n{DOG},{NEG}\n")
-    else:
-        path.write_text(f"prompt\n{CAT}\n{DOG}\n")
-    return path
-
-
 def generate(family, folder, tmp_path, out, *args):
     negative = family != "flux"  # Flux takes a negative prompt under cfg only
-    result = dtk("generate", "--model", folder, "--prompts-file", prompts_file(tmp_path, negative),
+    prompts = prompts_file(tmp_path, CAT, DOG, negative=NEG if negative else None)
+    result = dtk("generate", "--model", folder, "--prompts-file", prompts,
                  *ARGS[family], "--steps", 3, "--seed", 3, *args, "--out", out,
                  "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
     return result
-
-
-def max_pixel_difference(ours, theirs) -> int:
-    return max(int(np.abs(ours[i] - theirs[i]).max()) for i in range(len(theirs)))
 
 
 def sha256(path) -> str:

@@ -19,7 +19,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
     ASPECT_RATIO_1024_BIN,
 )
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
-from folders import pixels
+from folders import max_pixel_difference, pixels
 from invoke import dtk
 from tiny_pixart import PIPELINES, save_pixart_pipeline
 from transformers import T5EncoderModel
@@ -73,10 +73,6 @@ def pipeline(folder, variant, prompts, seed, *, output_type="np", shape=(4, 8, 8
 
 def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max())
-
-
-def max_pixel_difference(ours, theirs) -> int:
-    return max(int(np.abs(ours[i] - theirs[i]).max()) for i in range(len(theirs)))
 
 
 @pytest.mark.parametrize("variant", list(PIPELINES))

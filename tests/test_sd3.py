@@ -14,7 +14,7 @@ import pandas
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-from folders import pixels
+from folders import max_pixel_difference, pixels, prompts_file
 from invoke import dtk
 from tiny_sd3 import LATENT, SHIFT, save_sd3_pipeline
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
@@ -62,16 +62,6 @@ def pipeline(folder, prompts, seed, *, t5=False, output_type="np", **kwargs):
     return np.round(out.images * 255).astype(np.int16)
 
 
-def prompts_file(tmp_path, *prompts):
-    path = tmp_path / "prompts.csv"
-    path.write_text("prompt,negative_prompt\n" + "".join(f"{p},{NEG}\n" for p in prompts))
-    return path
-
-
-def max_pixel_difference(ours, theirs) -> int:
-    return max(int(np.abs(ours[i] - theirs[i]).max()) for i in range(len(theirs)))
-
-
 @pytest.mark.parametrize("sampler", ["euler", "diffusers"])
 def test_generate_equals_the_pipeline_with_cfg(folders, tmp_path, decoded, sampler):
     """(a) euler on the flow schedule and (b) the folder's own FlowMatchEulerDiscreteScheduler
@@ -79,8 +69,8 @@ def test_generate_equals_the_pipeline_with_cfg(folders, tmp_path, decoded, sampl
     out = tmp_path / "out"
     schedule = ["--schedule", "flow"] if sampler == "euler" else []
     result = dtk("generate", "--model", folders["sd3"], "--prompts-file",
-                 prompts_file(tmp_path, CAT, DOG), "--sampler", sampler, *schedule, "--steps", 6,
-                 "--seed", 5, "--out", out, "-q")  # fmt: skip
+                 prompts_file(tmp_path, CAT, DOG, negative=NEG), "--sampler", sampler,
+                 *schedule, "--steps", 6, "--seed", 5, "--out", out, "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
     [ours] = decoded
     theirs = pipeline(folders["sd3"], [CAT, DOG], 5, negative_prompt=[NEG] * 2,

@@ -18,7 +18,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from folders import pixels
+from folders import max_pixel_difference, pixels, prompts_file
 from invoke import dtk
 from tiny_sdxl import LATENT, PROJECTION, save_sdxl_pipeline, save_sdxl_refiner
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -93,16 +93,6 @@ def pipeline(folder, prompts, seed, *, output_type="np", **kwargs):
     return np.round(out.images * 255).astype(np.int16)
 
 
-def prompts_file(tmp_path, *prompts, negative=NEG):
-    path = tmp_path / "prompts.csv"
-    path.write_text("prompt,negative_prompt\n" + "".join(f"{p},{negative}\n" for p in prompts))
-    return path
-
-
-def max_pixel_difference(ours, theirs) -> int:
-    return max(int(np.abs(ours[i] - theirs[i]).max()) for i in range(len(theirs)))
-
-
 @pytest.mark.parametrize("sampler", ["euler", "diffusers"])
 def test_generate_equals_the_pipeline_with_cfg(folders, tmp_path, decoded, sampler):
     """(a) euler on SDXL's leading timesteps (steps_offset 1) and (b) the folder's own
@@ -111,8 +101,8 @@ def test_generate_equals_the_pipeline_with_cfg(folders, tmp_path, decoded, sampl
     out = tmp_path / "out"
     args = EULER if sampler == "euler" else ["--sampler", "diffusers"]
     result = dtk("generate", "--model", folders["base"], "--prompts-file",
-                 prompts_file(tmp_path, CAT, DOG), *args, "--steps", 6, "--seed", 5, "--out", out,
-                 "-q")  # fmt: skip
+                 prompts_file(tmp_path, CAT, DOG, negative=NEG), *args, "--steps", 6,
+                 "--seed", 5, "--out", out, "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
     [ours] = decoded
     kwargs = dict(negative_prompt=[NEG] * 2, num_inference_steps=6)

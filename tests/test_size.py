@@ -22,7 +22,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
-from folders import pixels
+from folders import max_pixel_difference, pixels, prompts_file
 from invoke import dtk
 from tiny_dit import save_dit_pipeline
 from tiny_models import save_pipeline, save_ve_pipeline
@@ -93,16 +93,6 @@ def pipeline(family, folder, prompts, seed, height, width, *, output_type="np", 
     return np.round(out.images * 255).astype(np.int16)
 
 
-def prompts_file(tmp_path, *prompts):
-    path = tmp_path / "prompts.csv"
-    path.write_text("prompt,negative_prompt\n" + "".join(f"{p},{NEG}\n" for p in prompts))
-    return path
-
-
-def max_pixel_difference(ours, theirs) -> int:
-    return max(int(np.abs(ours[i] - theirs[i]).max()) for i in range(len(theirs)))
-
-
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
 def test_a_non_square_size_equals_the_pipeline(folders, tmp_path, decoded, family):
     """Two prompts with a negative prompt and CFG, 4 steps, at a non-square size: the
@@ -111,7 +101,7 @@ def test_a_non_square_size_equals_the_pipeline(folders, tmp_path, decoded, famil
     height, width = SIZE
     out = tmp_path / "out"
     result = dtk("generate", "--model", folders[family], "--prompts-file",
-                 prompts_file(tmp_path, CAT, DOG), *SAMPLERS[family], "--steps", 4,
+                 prompts_file(tmp_path, CAT, DOG, negative=NEG), *SAMPLERS[family], "--steps", 4,
                  "--seed", 3, "--width", width, "--height", height, "--out", out,
                  "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
