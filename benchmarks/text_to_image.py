@@ -445,14 +445,18 @@ def cfg_forwards(name: str, model: pathlib.Path, args: argparse.Namespace, dtype
     """Time of one network forward of ``2B`` (how guidance runs CFG's two branches) over
     two of ``B``, ``--steps`` times each, at a middle noise level; None for a family
     without an unconditional branch (LCM, the unconditional pixel models)."""
-    from toolkit.models import load_model
+    from toolkit.models import open_model
     from toolkit.registry.protocols import SampleRequest
 
     if name in NO_CFG:
         return None
     device = torch.device(args.device)
-    loaded = load_model(model, device=device, dtype=getattr(torch, dtype))
     request = FAMILIES[name].ours(args.size)
+    # the folder as the plan leaves it: the model's options and the request's size
+    folder = open_model(model)
+    folder.model_options = folder.check_model_options({}, from_strings=False)
+    folder.image_size = folder.check_size(request.get("height"), request.get("width"))
+    loaded = folder.load(device=device, dtype=getattr(torch, dtype))
     batch = [SampleRequest(index=i, seed=i, conditions=request.get("conditions", {}),
                            prompt=request.get("prompt")) for i in range(args.batch)]  # fmt: skip
     steps = args.steps or FAMILIES[name].steps
