@@ -209,6 +209,80 @@ def test_resolution_binning_keeps_a_published_folders_default_size(sample_size, 
     assert binned == (size, size)
 
 
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A PixArt-α folder at a published size: sample_size 32 and a scale-8 VAE (256 px, the
+    square entry of ASPECT_RATIO_256_BIN), so the pipeline's resolution binning applies."""
+    from diffusers import AutoencoderKL
+
+    path = tmp_path_factory.mktemp("pixart-published") / "alpha256"
+    save_pixart_pipeline(path, "alpha", sample_size=32)
+    torch.manual_seed(3)
+    AutoencoderKL(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
+                  layers_per_block=1, norm_num_groups=32,
+                  sample_size=256).save_pretrained(path / "vae")  # fmt: skip
+    return path
+
+
+#: a non-square size of no table entry: binned to ASPECT_RATIO_256_BIN's 208x304 (ratio 0.68)
+BINNED = (208, 320)
+
+
+@pytest.mark.parametrize("binning", [True, False])
+def test_resolution_binning_is_the_pipelines(published, tmp_path, binning):
+    """--height/--width off the table: with binning (the default) sampled at the nearest
+    entry of the pipeline's aspect-ratio table and resized back, as PixArtAlphaPipeline does
+    by default; with resolution_binning=false sampled at the size asked. Both equal the
+    pipeline called with one generator per sample."""
+    height, width = BINNED
+    out = tmp_path / "out"
+    options = {} if binning else {"model_options": {"resolution_binning": False}}
+    toolkit.generate(published, out=out, prompt=[CAT, DOG], n=2, seed=4, steps=3,
+                     height=height, width=width, progress=False, **TWIN,
+                     **options)  # fmt: skip
+    pipe = PIPELINES["alpha"].from_pretrained(published)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(4 + i) for i in range(2)]
+    theirs = pipe([CAT, DOG], height=height, width=width, num_inference_steps=3,
+                  generator=generators, use_resolution_binning=binning,
+                  output_type="np").images  # fmt: skip
+    images = pixels(out)
+    assert images[0].shape == (height, width, 3)
+    assert max_pixel_difference(images, np.round(theirs * 255).astype(np.int16)) <= 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["model_options"] == {"resolution_binning": binning}
+    assert run["size"] == {"height": height, "width": width}
+    sampled = [4, 26, 38] if binning else [4, 26, 40]  # 208x304 or 208x320 px, a scale-8 VAE
+    assert run["model_info"]["sample_shape"] == sampled
+    if binning:  # the other setting is another image: the comparison has teeth
+        other = pipe([CAT, DOG], height=height, width=width, num_inference_steps=3,
+                     generator=[torch.Generator("cpu").manual_seed(4 + i) for i in range(2)],
+                     use_resolution_binning=False, output_type="np").images  # fmt: skip
+        assert max_pixel_difference(images, np.round(other * 255).astype(np.int16)) > 8
+
+
+def test_a_size_on_the_table_and_the_default_are_not_resized(published):
+    folder = open_model(published)
+    folder.model_options = folder.check_model_options({})
+    assert folder.model_options == {"resolution_binning": True}
+    for size in (None, (208, 304)):  # the default (256x256) and an entry of the table
+        folder.image_size = size
+        assert folder.binned_size is None
+    folder.image_size = BINNED
+    assert folder.binned_size == (208, 304) and folder.image_shape == (3, *BINNED)
+
+
+def test_binning_is_refused_where_the_tables_do_not_apply(folders, tmp_path):
+    """A folder whose default size is no table's square entry samples at the size asked;
+    the option would do nothing there, so it is refused in one line."""
+    result = dtk("generate", "--model", folders["alpha"], "--prompt", CAT, "--model-option",
+                 "resolution_binning=true", "--out", tmp_path / "out")  # fmt: skip
+    assert result.exit_code == 2
+    assert "is not an entry of the pipelines' aspect-ratio tables" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_detection_and_the_folders_configs(folders):
     assert detect_family(folders["alpha"]) == detect_family(folders["sigma"]) == PIXART
     alpha, sigma = open_model(folders["alpha"]), open_model(folders["sigma"])

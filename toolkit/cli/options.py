@@ -67,7 +67,8 @@ def generation_options(
         click.option("--model-option", multiple=True, metavar="KEY=VALUE",
                      help="An option of the model itself; repeatable. Flux: guidance "
                      "(dev: the embedded guidance scale, default 3.5), max_sequence_length; "
-                     "LCM: guidance (default 8.5)."),
+                     "LCM: guidance (default 8.5); PixArt: resolution_binning (default "
+                     "true)."),
         click.option("--width", type=int, default=None,
                      help="Image width in pixels (SD, SDXL, SD 3, Flux, PixArt). Default: the "
                      "model's."),

@@ -19,18 +19,24 @@ pipeline hands them.
 
 Size: samples are drawn at the transformer's ``sample_size`` (the image is that times the
 VAE's scale factor), or at the request's ``--height``/``--width`` (multiples of the VAE's
-factor times the patch size), with the resolution conditions of that size. The pipelines'
-resolution binning (``use_resolution_binning``) maps a requested size to the nearest size of
-the model's aspect-ratio table, samples there and resizes back; at the default size of a
-published folder (``sample_size`` 32, 64, 128, 256 with a scale-8 VAE: 256 to 2048 px,
-square) the table's size is the default itself, so binning changes nothing. dtk samples at
-the size asked for, as the pipelines do with ``use_resolution_binning=False``: ask for a
-size of the table (``ASPECT_RATIO_1024_BIN`` and its kin) for the sizes the model was
-trained at.
+factor times the patch size), with the resolution conditions of the size sampled. The
+pipelines' resolution binning (``use_resolution_binning``, on by default) is the model
+option ``resolution_binning`` (default on): a requested size is mapped to the entry of
+diffusers' aspect-ratio table (``ASPECT_RATIO_1024_BIN`` and its kin, the one the pipeline
+picks by ``sample_size``) nearest its aspect ratio, sampled there, and the decoded image is
+resized and center-cropped to the size asked, as the pipeline does. The tables hold the
+pixel sizes of the published folders (a scale-8 VAE): a folder whose default size is not
+its table's square entry is sampled at the size asked (the pipeline's
+``use_resolution_binning=False``), and takes no ``resolution_binning`` option.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import functools
+import importlib
+import importlib.util
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -59,6 +65,7 @@ from toolkit.models.stable_diffusion import (
     vae_dtype,
     warn_truncated,
 )
+from toolkit.registry.options import validate_options
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +87,48 @@ PIPELINES = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 #: the pipelines' guidance scale and steps
 CFG_SCALE = 4.5
 STEPS = 20
+#: the pipelines' resolution binning: the transformer's sample_size -> the diffusers
+#: aspect-ratio table (its module in diffusers.pipelines.pixart_alpha, and its name) that
+#: the pipeline bins a requested size with
+_ALPHA = "pipeline_pixart_alpha"
+BIN_TABLES = {
+    "PixArtAlphaPipeline": {128: (_ALPHA, "ASPECT_RATIO_1024_BIN"),
+                            64: (_ALPHA, "ASPECT_RATIO_512_BIN"),
+                            32: (_ALPHA, "ASPECT_RATIO_256_BIN")},
+    "PixArtSigmaPipeline": {256: ("pipeline_pixart_sigma", "ASPECT_RATIO_2048_BIN"),
+                            128: (_ALPHA, "ASPECT_RATIO_1024_BIN"),
+                            64: (_ALPHA, "ASPECT_RATIO_512_BIN"),
+                            32: (_ALPHA, "ASPECT_RATIO_256_BIN")},
+}  # fmt: skip
+
+
+class PixArtOptions:
+    """A PixArt folder's model options (``--model-option KEY=VALUE``):
+    ``resolution_binning`` (default true), the pipelines' ``use_resolution_binning``, for a
+    folder whose default size is its aspect-ratio table's square entry."""
+
+    def __init__(self, resolution_binning: bool | None = None) -> None:
+        pass
+
+
+@functools.cache
+def aspect_ratio_table(module: str, name: str) -> dict[str, tuple[int, int]]:
+    """diffusers' aspect-ratio table `name` (ratio -> (height, width) in pixels, in its
+    order), read from the source of ``diffusers.pipelines.pixart_alpha.<module>`` without
+    importing it (the plan imports no torch); imported where the source cannot be read."""
+    spec = importlib.util.find_spec("diffusers")
+    if spec is not None and spec.submodule_search_locations:
+        source = pathlib.Path(next(iter(spec.submodule_search_locations)), "pipelines",
+                              "pixart_alpha", f"{module}.py")  # fmt: skip
+        with contextlib.suppress(OSError, SyntaxError, ValueError):
+            for node in ast.parse(source.read_text(encoding="utf-8")).body:
+                if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                        and isinstance(node.targets[0], ast.Name)
+                        and node.targets[0].id == name):  # fmt: skip
+                    table = ast.literal_eval(node.value)
+                    return {str(k): (int(v[0]), int(v[1])) for k, v in table.items()}
+    loaded = getattr(importlib.import_module(f"diffusers.pipelines.pixart_alpha.{module}"), name)
+    return {str(k): (int(v[0]), int(v[1])) for k, v in loaded.items()}
 
 
 class PixArtFolder(TextFolder):
@@ -139,8 +188,10 @@ class PixArtFolder(TextFolder):
         return self.default_sample_shape[1] == 128 if use is None else bool(use)
 
     def describe(self) -> dict[str, Any]:
+        binned = self.binned_size
         return {
             **super().describe(),
+            **({"binned_image_shape": [self.image_shape[0], *binned]} if binned else {}),
             "class": self.transformer_config.get("_class_name"),
             "pipeline": self.pipeline,
             "text_encoder": "T5EncoderModel",
@@ -157,6 +208,66 @@ class PixArtFolder(TextFolder):
         if options.get("attention_slicing"):
             raise DtkError(f"{self.path}: the PixArt transformer has no sliced attention; drop "
                            "--attention-slicing (a smaller --batch-size saves memory)")  # fmt: skip
+
+    # -- size: the pipelines' resolution binning -----------------------------------------
+
+    @property
+    def bin_table(self) -> dict[str, tuple[int, int]] | None:
+        """The aspect-ratio table the pipeline bins a size with, where it is this folder's:
+        the table of its ``sample_size`` whose square entry is the folder's default size
+        (every published folder's); None for any other folder."""
+        where = BIN_TABLES[self.pipeline].get(self.default_sample_shape[1])
+        if where is None:
+            return None
+        table = aspect_ratio_table(*where)
+        side = self.default_sample_shape[1] * self.vae_scale_factor
+        return table if table.get("1.0") == (side, side) else None
+
+    def check_model_options(self, options: Mapping[str, Any], from_strings: bool = False
+                            ) -> dict[str, Any]:  # fmt: skip
+        given = validate_options(PixArtOptions, options, kind="model", name=self.family,
+                                 from_strings=from_strings)  # fmt: skip
+        binning = given.get("resolution_binning")
+        if self.bin_table is None:
+            if binning is not None:
+                side = self.default_sample_shape[1] * self.vae_scale_factor
+                raise DtkError(f"{self.path}: this PixArt folder's default size ({side} px) is "
+                               "not an entry of the pipelines' aspect-ratio tables, so it "
+                               "samples at the size asked; drop --model-option "
+                               "resolution_binning")  # fmt: skip
+            return {}
+        return {"resolution_binning": True if binning is None else bool(binning)}
+
+    @property
+    def binned_size(self) -> tuple[int, int] | None:
+        """``(height, width)`` in pixels that a requested size is sampled at when binning
+        moves it: the table's entry nearest its aspect ratio (the first of equally near
+        ones, as diffusers' ``classify_height_width_bin``); None when the size asked is
+        the size sampled."""
+        table = self.bin_table
+        if self.image_size is None or table is None:
+            return None
+        if not self.model_options.get("resolution_binning", True):
+            return None
+        height, width = self.image_size
+        nearest = min(table, key=lambda ratio: abs(float(ratio) - height / width))
+        return None if table[nearest] == (height, width) else table[nearest]
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        binned = self.binned_size
+        if binned is None:
+            return super().sample_shape
+        factor = self.vae_scale_factor
+        return (self.default_sample_shape[0], binned[0] // factor, binned[1] // factor)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """The image written: the size asked (binning resizes the sampled image to it)."""
+        channels, height, width = super().image_shape
+        if self.binned_size is not None and self.image_size is not None:
+            height, width = self.image_size
+        return (channels, height, width)
 
     def default_sampling(self) -> tuple[str, str, int]:
         """The pipeline's 20 steps with its ``DPMSolverMultistepScheduler``'s twin,
@@ -213,7 +324,9 @@ class PixArt(TextModel, VPModel):
         for a transformer that takes them (PixArt-α 1024 px), as the α pipeline makes them."""
         if not self.folder.size_conditions:
             return {"resolution": None, "aspect_ratio": None}
-        _, height, width = self.folder.image_shape
+        # the size sampled (a binned request's table entry), as the pipeline hands it
+        _, height, width = self.folder.sample_shape
+        height, width = height * self.folder.vae_scale_factor, width * self.folder.vae_scale_factor
         batch, dtype = x_in.shape[0], self.dtype
         resolution = torch.tensor([height, width], dtype=dtype, device=x_in.device)
         aspect = torch.tensor([float(height / width)], dtype=dtype, device=x_in.device)
@@ -243,8 +356,16 @@ class PixArt(TextModel, VPModel):
                 "encoder_attention_mask": mask}  # fmt: skip
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1]: ``vae.decode(latents / scaling_factor)``."""
-        return decode_latents(self.vae, latents)
+        """Latents -> images in [-1, 1]: ``vae.decode(latents / scaling_factor)``; a binned
+        request's images resized and center-cropped to the size asked, with the pipeline's
+        own resizing (``PixArtImageProcessor.resize_and_crop_tensor``)."""
+        images = decode_latents(self.vae, latents)
+        if self.folder.binned_size is None or self.folder.image_size is None:
+            return images
+        from diffusers.image_processor import PixArtImageProcessor
+
+        height, width = self.folder.image_size
+        return PixArtImageProcessor.resize_and_crop_tensor(images, width, height)
 
 
 def preprocess(pipeline: str, prompts: Sequence[str]) -> list[str]:
