@@ -299,3 +299,18 @@ def test_bad_input_is_one_clear_line_and_no_files(models, tmp_path, case):
     assert "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()
+
+
+def test_windows_do_not_change_what_a_run_writes(tmp_path, monkeypatch):
+    """Sampling window by window (`toolkit.generation.run`) keeps every batch whole within a
+    window and every sample its own: the same images with windows of 3 samples as with one."""
+    from toolkit.generation import run as run_module
+
+    settings = dict(conditions={"digit": "3"}, n=7, batch_size=2, steps=3, progress=False)
+    toolkit.generate(out=tmp_path / "one", **settings)
+    monkeypatch.setattr(run_module, "WINDOW_SAMPLES", 3)
+    toolkit.generate(out=tmp_path / "windows", **settings)
+    one, windows = (pandas.read_csv(tmp_path / name / "metadata.csv")
+                    for name in ("one", "windows"))  # fmt: skip
+    assert len(windows) == 7
+    assert list(one.sort_values("index")["sha256"]) == list(windows.sort_values("index")["sha256"])

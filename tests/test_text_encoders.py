@@ -157,3 +157,45 @@ def test_on_the_cpu_the_encoders_stay(folder, monkeypatch):
     sample_images(model, toolkit.sampler("euler"), toolkit.guidance("none"), sigmas,
                   [SampleRequest(index=0, seed=0, conditions={}, prompt=CAT)])  # fmt: skip
     assert len(calls) == loaded and not model.prompts.released
+
+
+def test_windows_bound_what_is_encoded_ahead(folder, tmp_path, events, monkeypatch):
+    """A run is sampled window by window (at most WINDOW_PROMPTS distinct prompts encoded
+    ahead): the encoders come back for a window's new prompts only, and leave before its
+    first transformer call."""
+    from toolkit.generation import run as run_module
+
+    monkeypatch.setattr(run_module, "WINDOW_PROMPTS", 2)
+    toolkit.generate(folder, out=tmp_path / "out", prompt=[CAT, DOG, RED_DOG, CAT], n=4,
+                     batch_size=1, steps=1, guidance="none", progress=False)  # fmt: skip
+    clips = ["CLIPTextModelWithProjection"] * 2 + ["T5EncoderModel"]
+    first_encode = next(i for i, e in enumerate(events) if e[0] == "encode")
+    run_events = events[first_encode:]
+    # window 1: CAT and DOG, window 2: RED_DOG (CAT is kept): the encoders leave twice and
+    # come back once, each of the three prompts through T5 once (batch_size 1 at a time)
+    assert moves(run_events, "cpu") == clips * 2 and moves(run_events, ACCELERATOR.type) == clips
+    assert [e[1] for e in run_events if e[0] == "encode"].count("T5EncoderModel") == 3
+    returned = next(i for i, e in enumerate(run_events) if e[0] == "to" and e[1] == "cuda")
+    second = run_events[returned:]
+    assert second.index(("denoise",)) > max(i for i, e in enumerate(second) if e[0] == "to")
+    assert len([e for e in run_events if e == ("denoise",)]) == 4
+
+
+def test_kept_embeddings_are_bounded(monkeypatch):
+    """The most recently used `capacity` prompts are kept; an evicted one is encoded again."""
+    calls: list[list[str]] = []
+
+    def encode(prompts):
+        calls.append(list(prompts))
+        return {"hidden": torch.stack([torch.full((2,), float(len(p))) for p in prompts])}
+
+    monkeypatch.setattr(PromptEmbeddings, "capacity", 2)
+    embeddings = PromptEmbeddings(encode)
+    embeddings(["a", "bb"])
+    embeddings(["a"])  # "a" is now the most recently used
+    rows = embeddings(["ccc"])  # evicts "bb"
+    assert rows["hidden"].tolist() == [[3.0, 3.0]]
+    embeddings(["a", "bb"])
+    assert calls == [["a", "bb"], ["ccc"], ["bb"]] and embeddings.encoded == 4
+    # a call needing more prompts than the capacity keeps them all until it returns
+    assert embeddings(["a", "bb", "ccc"])["hidden"].shape == (3, 2)

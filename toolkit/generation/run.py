@@ -1,11 +1,11 @@
 """Run a `Plan`: load the weights, hold the output folder, generate what is missing, merge.
 
 The steps, in order (each a function below): pick the device and shard; load the model and
-make the plugins; hold the shard's lock and claim the folder; on a text model, encode every
-distinct prompt still to generate and let the text encoders leave the accelerator; then,
-batch after batch, let request filters refuse samples, sample the rest, judge the images
-with the image filters, write images and records; merge the part logs; warn about failed
-samples; draw the grid.
+make the plugins; hold the shard's lock and claim the folder; then, window after window of
+batches (a few thousand samples), on a text model encode the window's distinct prompts and
+let the text encoders leave the accelerator, and batch after batch let request filters
+refuse samples, sample the rest, judge the images with the image filters, write images and
+records; merge the part logs; warn about failed samples; draw the grid.
 """
 
 from __future__ import annotations
@@ -90,10 +90,11 @@ def run(plan: Plan) -> pandas.DataFrame:
         progress = _progress(total, plan.request.progress and runner.shard.is_main,
                              runner.shard)  # fmt: skip
         with folder.part_writer(runner.shard.name) as writer, torch.inference_mode():
-            _encode_prompts(runner, plan.pending(done, runner.shard))
-            for batch in _batches(plan.pending(done, runner.shard), plan.settings.batch_size):
-                _run_batch(runner, [plan.samples[i] for i in batch], writer)
-                progress.update(len(batch))
+            for window in _windows(runner, plan.pending(done, runner.shard)):
+                _encode_prompts(runner, window)
+                for batch in window:
+                    _run_batch(runner, [plan.samples[i] for i in batch], writer)
+                    progress.update(len(batch))
         progress.close()
         barrier(runner.shard)
         main = runner.shard.is_main or not runner.shard.distributed
@@ -139,19 +140,44 @@ def _batches(indices: Iterable[int], size: int) -> Iterator[list[int]]:
         yield batch
 
 
-def _encode_prompts(runner: Runner, pending: Iterable[int]) -> None:
-    """A text model: the distinct prompts of the `pending` samples (with their negative
-    prompts and the guidance's own) through the text encoders, `batch_size` distinct
-    samples at a time, then the encoders leave the accelerator for the whole of sampling
-    (`toolkit.sampling.engine`). A prompt is still encoded once per model: the batches then
-    find every one encoded."""
+#: a window of the run: at most this many samples, or (a text model) this many distinct
+#: prompts, whose embeddings are computed together and wait on the CPU until their batches
+#: are sampled (T5-XXL's are about 4 MB each in half precision: 256 take about 1 GB)
+WINDOW_SAMPLES, WINDOW_PROMPTS = 4096, 256
+
+
+def _windows(runner: Runner, pending: Iterable[int]) -> Iterator[list[list[int]]]:
+    """The `pending` indices in batches, the batches in windows (lazily: memory stays flat in
+    n): a window closes after the batch that brings it to `WINDOW_SAMPLES` samples or, on a
+    text model, to `WINDOW_PROMPTS` distinct (prompt, negative prompt) pairs."""
+    samples, window, prompts, count = runner.plan.samples, [], set(), 0
+    text = hasattr(runner.model, "release_text_encoders")
+    for batch in _batches(pending, runner.plan.settings.batch_size):
+        window.append(batch)
+        count += len(batch)
+        if text:
+            prompts.update((samples[i].prompt, samples[i].negative_prompt) for i in batch)
+        if count >= WINDOW_SAMPLES or len(prompts) >= WINDOW_PROMPTS:
+            yield window
+            window, prompts, count = [], set(), 0
+    if window:
+        yield window
+
+
+def _encode_prompts(runner: Runner, window: list[list[int]]) -> None:
+    """A text model: the distinct prompts of a window's samples (with their negative prompts
+    and the guidance's own) through the text encoders, `batch_size` distinct samples at a
+    time, then the encoders leave the accelerator while the window's batches are sampled
+    (`toolkit.sampling.engine`; they come back for the next window's new prompts). A prompt
+    is encoded once per model while its embedding is kept (`PromptEmbeddings`)."""
     model = runner.model
     if not hasattr(model, "release_text_encoders"):
         return
     distinct: dict[tuple[str | None, str | None], SampleRequest] = {}
-    for i in pending:
-        sample = runner.plan.samples[i]
-        distinct.setdefault((sample.prompt, sample.negative_prompt), sample)
+    for batch in window:
+        for i in batch:
+            sample = runner.plan.samples[i]
+            distinct.setdefault((sample.prompt, sample.negative_prompt), sample)
     text_branches = optional("guidance", runner.guidance, "text_branches")
     cpu = torch.device("cpu")  # computed, not moved: the batches move their own
     for chunk in _batches(iter(distinct.values()), runner.plan.settings.batch_size):

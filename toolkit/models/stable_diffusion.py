@@ -18,6 +18,7 @@ guidance), loading a pipeline's components (`load_part`; a UNet and its VAE:
 from __future__ import annotations
 
 import abc
+import collections
 import functools
 import logging
 import pathlib
@@ -391,11 +392,13 @@ def warn_truncated(tokenizer: Any, prompts: Sequence[str], max_length: int) -> N
 
 
 class PromptEmbeddings:
-    """A text model's network inputs per prompt, each distinct prompt encoded once per model:
-    ``encode(prompts) -> {input name: [len(prompts), ...]}`` is called on the prompts not
-    seen yet, in one batched call, and its rows are kept, on the CPU (a run's distinct
-    prompts do not accumulate on the accelerator; a batch's rows go there once, in
-    `TextConditioning`).
+    """A text model's network inputs per prompt, each distinct prompt encoded once per model
+    while it is kept: ``encode(prompts) -> {input name: [len(prompts), ...]}`` is called on
+    the prompts not kept, in one batched call, and its rows are kept on the CPU (a batch's
+    rows go to the accelerator once, in `TextConditioning`), the `capacity` most recently
+    used ones: a run of a million distinct prompts does not hold a million embeddings
+    (the run encodes a window of at most `toolkit.generation.run.WINDOW_PROMPTS` at a
+    time; a prompt every batch uses, such as the empty one, stays).
 
     The text encoders (`encoders`) run where they were loaded, the model's device (`home`).
     `release` moves them to the CPU when that is an accelerator, once the prompts are encoded
@@ -403,9 +406,13 @@ class PromptEmbeddings:
     docs/models.md, "Text encoders and memory"); a prompt not seen yet brings them back first.
     """
 
+    #: how many prompts' rows are kept (twice a run's window, and room for a guidance's own)
+    capacity = 1024
+
     def __init__(self, encode: Any, encoders: Sequence[Any] = ()) -> None:
         self._encode = encode
-        self._rows: dict[str, dict[str, torch.Tensor]] = {}
+        self._rows: collections.OrderedDict[str, dict[str, torch.Tensor]] = (
+            collections.OrderedDict())  # fmt: skip
         #: how many prompts went through the encoders
         self.encoded = 0
         self.encoders = [encoder for encoder in encoders if encoder is not None]
@@ -416,15 +423,21 @@ class PromptEmbeddings:
 
     def __call__(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``{input name: [len(prompts), ...]}`` for `prompts`, in order (on the CPU)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._rows]
+        wanted = list(dict.fromkeys(prompts))
+        missing = [p for p in wanted if p not in self._rows]
         if missing:
             self._fetch()
             encoded = {name: rows.to("cpu") for name, rows in self._encode(missing).items()}
             self.encoded += len(missing)
             for i, prompt in enumerate(missing):
                 self._rows[prompt] = {name: rows[i] for name, rows in encoded.items()}
+        for prompt in wanted:  # most recently used last
+            self._rows.move_to_end(prompt)
         names = self._rows[prompts[0]].keys()
-        return {name: torch.stack([self._rows[p][name] for p in prompts]) for name in names}
+        stacked = {name: torch.stack([self._rows[p][name] for p in prompts]) for name in names}
+        while len(self._rows) > max(self.capacity, len(wanted)):
+            self._rows.popitem(last=False)
+        return stacked
 
     def release(self) -> None:
         """Move the encoders to the CPU if they run on an accelerator (no-op on the CPU)."""
