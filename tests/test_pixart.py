@@ -21,7 +21,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 from folders import max_pixel_difference, pixels
 from invoke import dtk
-from tiny_pixart import PIPELINES, save_pixart_pipeline
+from tiny_pixart import PIPELINES, save_pixart_pipeline, spy_size_conditions
 from transformers import T5EncoderModel
 
 import toolkit
@@ -175,14 +175,7 @@ def test_pixart_alpha_at_1024_px_takes_its_size_conditions(tmp_path, decoded, mo
     them (its binning off: this VAE's default size is not in the 1024 px table)."""
     folder = save_pixart_pipeline(tmp_path / "alpha128", "alpha", sample_size=128)
     assert open_model(folder).size_conditions
-    seen = []
-    forward = PixArtTransformer2DModel.forward
-
-    def spy(self, hidden_states, *args, added_cond_kwargs=None, **kwargs):
-        seen.append(added_cond_kwargs)
-        return forward(self, hidden_states, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
-
-    monkeypatch.setattr(PixArtTransformer2DModel, "forward", spy)
+    seen = spy_size_conditions(monkeypatch)
     toolkit.generate(folder, out=tmp_path / "out", prompt=CAT, n=1, seed=1, steps=2,
                      progress=False, **TWIN)  # fmt: skip
     ours_conditions = seen[0]

@@ -17,7 +17,6 @@ import pytest
 import torch
 from diffusers import (
     PixArtAlphaPipeline,
-    PixArtTransformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -26,7 +25,7 @@ from folders import max_pixel_difference, pixels, prompts_file
 from invoke import dtk
 from tiny_dit import save_dit_pipeline
 from tiny_models import save_pipeline, save_ve_pipeline
-from tiny_pixart import save_pixart_pipeline
+from tiny_pixart import save_pixart_pipeline, spy_size_conditions
 from tiny_sd import save_sd_pipeline
 from tiny_sd3 import save_sd3_pipeline
 from tiny_sdxl import save_sdxl_pipeline
@@ -155,14 +154,7 @@ def test_pixart_alpha_conditions_on_the_requested_size(tmp_path, decoded, monkey
     (resolution binning off) hands them; the latents are the pipeline's."""
     folder = save_pixart_pipeline(tmp_path / "alpha128", "alpha", sample_size=128)
     height, width = SIZE
-    seen = []
-    forward = PixArtTransformer2DModel.forward
-
-    def spy(self, hidden_states, *args, added_cond_kwargs=None, **kwargs):
-        seen.append(added_cond_kwargs)
-        return forward(self, hidden_states, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
-
-    monkeypatch.setattr(PixArtTransformer2DModel, "forward", spy)
+    seen = spy_size_conditions(monkeypatch)
     toolkit.generate(folder, out=tmp_path / "out", prompt=CAT, n=2, seed=1, steps=2,
                      height=height, width=width, sampler="dpmpp_2m", schedule="linspace",
                      schedule_options={"variant": "dpmsolver"}, progress=False)  # fmt: skip

@@ -60,3 +60,17 @@ def save_pixart_pipeline(path: pathlib.Path, variant: str = "alpha",
         scheduler=DPMSolverMultistepScheduler(beta_schedule="linear"),
     ).save_pretrained(path)  # fmt: skip
     return path
+
+
+def spy_size_conditions(monkeypatch) -> list:
+    """The ``added_cond_kwargs`` (resolution and aspect ratio) of each transformer call, in
+    order, while `monkeypatch` holds."""
+    seen: list = []
+    forward = PixArtTransformer2DModel.forward
+
+    def spy(self, hidden_states, *args, added_cond_kwargs=None, **kwargs):
+        seen.append(added_cond_kwargs)
+        return forward(self, hidden_states, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(PixArtTransformer2DModel, "forward", spy)
+    return seen
