@@ -93,7 +93,7 @@ class ModelTable:
 
     def finish(self, name: str, levels: list[float] | np.ndarray) -> torch.Tensor:
         """ComfyUI's levels (without their final 0) as our sigmas ending in 0."""
-        levels = np.array(levels, dtype=np.float64)  # a copy: reversed views have negative strides
+        levels = np.asarray(levels, dtype=np.float64)
         if self.flow:
             with np.errstate(divide="ignore"):
                 levels = np.where(levels >= 1, math.inf, levels / (1 - levels))

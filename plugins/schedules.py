@@ -5,7 +5,9 @@
 ``linspace variant=dpmsolver`` those of ``DPMSolverMultistepScheduler`` and ``UniPC``;
 ``karras``, ``exponential``, ``polyexponential`` and ``vp`` follow k-diffusion;
 ``beta`` is Lee et al. 2024 as diffusers' ``use_beta_sigmas``; ``flow`` is a rectified-flow
-model's own and ``lcm`` a latent consistency model's (``LCMScheduler``'s timesteps).
+model's own and ``lcm`` a latent consistency model's (``LCMScheduler``'s timesteps);
+``laplace`` is k-diffusion's and ``align_your_steps`` NVIDIA's published tables. ComfyUI's
+own schedulers are in ``plugins/comfy_schedules.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def _check_steps(name: str, steps: int) -> None:
 def _finish(name: str, sigmas: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Append the final 0 and check the contract: strictly decreasing, positive, finite but
     for a flow model's start at ``t = 1`` (``sigma = inf``, the first sigma only)."""
+    if isinstance(sigmas, np.ndarray):  # a reversed view has negative strides torch refuses
+        sigmas = np.ascontiguousarray(sigmas)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
     if not bool(torch.isfinite(sigmas[1:]).all()) or not bool((sigmas[:-1] > 0).all()):
@@ -324,8 +328,69 @@ class LCM:
         return _finish(self.name, sigmas[origin[chosen]])
 
 
+class Laplace:
+    """Hang et al. 2024 ("Improved noise schedule for diffusion training"), as k-diffusion's
+    and ComfyUI's ``get_sigmas_laplace``: ``log sigma`` at the quantiles of a Laplace(mu,
+    beta) distribution of `steps` evenly spaced probabilities (``1e-5`` from the ends),
+    clamped to ``[sigma_min, sigma_max]``. Concentrates the steps around ``sigma = e^mu``."""
+
+    name = "laplace"
+
+    def __init__(self, mu: float = 0.0, beta: float = 0.5, sigma_min: float | None = None,
+                 sigma_max: float | None = None) -> None:  # fmt: skip
+        if beta <= 0:
+            raise DtkError("laplace: beta must be positive")
+        self.mu, self.beta = mu, beta
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        low, high = _range(noise, self.sigma_min, self.sigma_max)
+        x = np.linspace(0, 1, steps)
+        log_sigma = self.mu - self.beta * np.sign(0.5 - x) * np.log(1 - 2 * np.abs(0.5 - x)
+                                                                     + 1e-5)  # fmt: skip
+        return _finish(self.name, np.clip(np.exp(log_sigma), low, high))
+
+
+#: Align Your Steps (Sabour et al. 2024): the optimized 10-step noise levels NVIDIA
+#: published for each model (research.nvidia.com/labs/toronto-ai/AlignYourSteps), the last
+#: being the model's smallest training level (diffusers' `AysSchedules` hold the same values
+#: with that last level replaced by 0)
+AYS_LEVELS = {
+    "sd1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+    "svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
+}
+
+
+class AlignYourSteps:
+    """Align Your Steps (Sabour et al. 2024): the published 10-step levels of `model`
+    (``sd1``: SD 1.x/2.x-style VP models, ``sdxl``, ``svd``), for another step count
+    interpolated linearly in ``log sigma`` over an even grid (the paper's ``loglinear_interp``,
+    as ComfyUI's ``AlignYourStepsScheduler``), the last level then replaced by 0."""
+
+    name = "align_your_steps"
+
+    def __init__(self, model: Literal["sd1", "sdxl", "svd"] = "sd1") -> None:
+        if model not in AYS_LEVELS:
+            raise DtkError(f"align_your_steps: model must be one of {', '.join(AYS_LEVELS)}, "
+                           f"got {model!r}")  # fmt: skip
+        self.model = model
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        if getattr(noise, "is_flow", False):
+            raise DtkError("schedule 'align_your_steps' holds levels of VP models (SD 1.x, "
+                           "SDXL, SVD); this is a rectified-flow model: use --schedule "
+                           "flow")  # fmt: skip
+        published = np.log(np.asarray(AYS_LEVELS[self.model], dtype=np.float64)[::-1])
+        grid = np.linspace(0, 1, len(published))
+        levels = np.exp(np.interp(np.linspace(0, 1, steps + 1), grid, published))[::-1]
+        return _finish(self.name, levels[:-1])
+
+
 SCHEDULES = (Leading, Trailing, Linspace, Karras, Exponential, Polyexponential, Beta, VP, Flow,
-             LCM)  # fmt: skip
+             LCM, Laplace, AlignYourSteps)  # fmt: skip
 
 
 @toolkit.hookimpl
