@@ -147,6 +147,8 @@ def test_the_first_step_from_infinity_is_its_exact_limit(net):
 #: the one probability-flow ODE, through the same change of variables
 ODE_SAMPLERS = {
     "ddim": {}, "euler": {}, "heun": {}, "dpm_2": {}, "lms": {}, "dpmpp_2m": {}, "unipc": {},
+    # ipndm_v at order 3: ComfyUI's order-4 weights are not fourth order (docs/samplers.md)
+    "ipndm": {}, "ipndm_v": {"order": 3},
     "euler_ancestral": {"eta": 0.0}, "dpm_2_ancestral": {"eta": 0.0},
     "dpmpp_2s_ancestral": {"eta": 0.0}, "dpmpp_sde": {"eta": 0.0},
     "dpmpp_2m_sde": {"eta": 0.0}, "dpmpp_3m_sde": {"eta": 0.0},

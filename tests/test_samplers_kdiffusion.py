@@ -529,14 +529,17 @@ def test_dpm_2_ancestral_with_eta_above_1_keeps_its_noise(denoise: Any) -> None:
 
 
 def test_every_builtin_sampler_has_a_reference() -> None:
-    """A new built-in sampler needs a reference here. ``unipc``, ``score_sde_ve`` and ``lcm``
+    """A new built-in sampler needs a reference here, or in tests/test_samplers_comfyui.py
+    (ComfyUI's ``ipndm`` and ``ipndm_v``). ``unipc``, ``score_sde_ve`` and ``lcm``
     have no k-diffusion version (``score_sde_ve`` is checked against ``ScoreSdeVePipeline``
     in tests/test_ve.py, ``lcm`` against ``LCMScheduler`` in tests/test_samplers_diffusers.py)
     and ``diffusers`` runs a diffusers scheduler itself."""
+    from test_samplers_comfyui import REFERENCES as COMFYUI
+
     from plugins.samplers import SAMPLERS
 
     builtin = {cls.name for cls in SAMPLERS} - {"unipc", "diffusers", "score_sde_ve", "lcm"}
-    assert {case.sampler for case in CASES} == builtin
+    assert {case.sampler for case in CASES} | set(COMFYUI) == builtin
 
 
 # -- properties of every built-in sampler ----------------------------------------------------
@@ -562,6 +565,8 @@ SAMPLERS = [
     ("dpmpp_3m_sde", "dpmpp_3m_sde", {}, True),
     ("unipc", "unipc", {}, False),
     ("unipc-bh1-order3", "unipc", {"variant": "bh1", "order": 3}, False),
+    ("ipndm", "ipndm", {}, False),
+    ("ipndm_v", "ipndm_v", {}, False),
 ]
 SAMPLER_PARAMS = [pytest.param(name, opts, sto, id=id_) for id_, name, opts, sto in SAMPLERS]
 

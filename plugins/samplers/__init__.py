@@ -1,5 +1,6 @@
 """The built-in samplers. Each computes the update rule of its namesake in k-diffusion
-(``ddim``, ``ddpm``, ``unipc`` and ``lcm``: in diffusers); shared math is in `updates`."""
+(``ddim``, ``ddpm``, ``unipc`` and ``lcm``: in diffusers; ``ipndm`` and ``ipndm_v``: in
+ComfyUI); shared math is in `updates`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from plugins.samplers.ddim import DDIM, DDPM
 from plugins.samplers.diffusers_adapter import DiffusersScheduler
 from plugins.samplers.dpmpp import DPMPP2M, DPMPP2MSDE, DPMPP3MSDE, DPMPPSDE, DPMPP2SAncestral
 from plugins.samplers.euler import DPM2, DPM2Ancestral, Euler, EulerAncestral, Heun
+from plugins.samplers.ipndm import IPNDM, IPNDMV
 from plugins.samplers.lcm import LCM
 from plugins.samplers.lms import LMS
 from plugins.samplers.score_sde import ScoreSdeVe
@@ -28,6 +30,8 @@ SAMPLERS = (
     DPMPP2MSDE,
     DPMPP3MSDE,
     UniPC,
+    IPNDM,
+    IPNDMV,
     ScoreSdeVe,
     LCM,
     DiffusersScheduler,

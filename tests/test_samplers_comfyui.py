@@ -1,0 +1,155 @@
+"""Samplers whose reference is ComfyUI's ``comfy/k_diffusion/sampling.py`` (which took them
+from zju-pi's ``diff-sampler``): ``ipndm`` and ``ipndm_v``.
+
+The references restate ComfyUI's loops as it writes them (torch arithmetic, its history
+buffer, its order ramp), without the progress bar, callback or ``extra_args``. They run on
+the exact denoiser of Gaussian data plus a small nonlinearity, in float64, as
+tests/test_samplers_kdiffusion.py does for k-diffusion's samplers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sampling_helpers import SAMPLE_SHAPE, gaussian_denoiser, rel_err
+
+import toolkit
+
+TOL = 1e-4
+DATA_STD = 0.5
+
+
+def comfy_ipndm(model, x, sigmas, max_order=4):
+    x_next, buffer = x, []
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next, x_cur = sigmas[i], sigmas[i + 1], x_next
+        denoised = model(x_cur, t_cur)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        elif order == 2:
+            x_next = x_cur + (t_next - t_cur) * (3 * d_cur - buffer[-1]) / 2
+        elif order == 3:
+            x_next = x_cur + (t_next - t_cur) * (23 * d_cur - 16 * buffer[-1]
+                                                 + 5 * buffer[-2]) / 12  # fmt: skip
+        else:
+            x_next = x_cur + (t_next - t_cur) * (55 * d_cur - 59 * buffer[-1] + 37 * buffer[-2]
+                                                 - 9 * buffer[-3]) / 24  # fmt: skip
+        if len(buffer) == max_order - 1:
+            buffer = [*buffer[1:], d_cur] if max_order > 1 else buffer
+        else:
+            buffer.append(d_cur)
+    return x_next
+
+
+def comfy_ipndm_v(model, x, sigmas, max_order=4):
+    x_next, t, buffer = x, sigmas, []
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next, x_cur = sigmas[i], sigmas[i + 1], x_next
+        denoised = model(x_cur, t_cur)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        h_n = t_next - t_cur
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x_cur + h_n * d_cur
+        elif order == 2:
+            h_n_1 = t_cur - t[i - 1]
+            c1, c2 = (2 + h_n / h_n_1) / 2, -(h_n / h_n_1) / 2
+            x_next = x_cur + h_n * (c1 * d_cur + c2 * buffer[-1])
+        elif order == 3:
+            h_n_1, h_n_2 = t_cur - t[i - 1], t[i - 1] - t[i - 2]
+            temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1))
+                    / (h_n_1 * (h_n_1 + h_n_2))) / 2  # fmt: skip
+            c1 = (2 + h_n / h_n_1) / 2 + temp
+            c2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp
+            c3 = temp * h_n_1 / h_n_2
+            x_next = x_cur + h_n * (c1 * d_cur + c2 * buffer[-1] + c3 * buffer[-2])
+        else:
+            h_n_1, h_n_2, h_n_3 = t_cur - t[i - 1], t[i - 1] - t[i - 2], t[i - 2] - t[i - 3]
+            temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1))
+                     / (h_n_1 * (h_n_1 + h_n_2))) / 2  # fmt: skip
+            temp2 = (((1 - h_n / (3 * (h_n + h_n_1))) / 2
+                      + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2)))
+                     * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2))
+                     / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3)))  # fmt: skip
+            q = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
+            c1 = (2 + h_n / h_n_1) / 2 + temp1 + temp2
+            c2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 - (1 + h_n_1 / h_n_2 + q) * temp2
+            c3 = temp1 * h_n_1 / h_n_2 + (h_n_1 / h_n_2 + q * (1 + h_n_2 / h_n_3)) * temp2
+            c4 = -temp2 * q * h_n_1 / h_n_2
+            x_next = x_cur + h_n * (c1 * d_cur + c2 * buffer[-1] + c3 * buffer[-2]
+                                    + c4 * buffer[-3])  # fmt: skip
+        if len(buffer) == max_order - 1:
+            buffer = [*buffer[1:], d_cur] if max_order > 1 else buffer
+        else:
+            buffer.append(d_cur)
+    return x_next
+
+
+REFERENCES = {"ipndm": comfy_ipndm, "ipndm_v": comfy_ipndm_v}
+
+
+def schedule(name: str, steps: int) -> torch.Tensor:
+    levels = toolkit.NoiseLevels.continuous(0.002, 80.0)
+    if name == "karras":
+        return toolkit.schedule("karras")(steps, levels)
+    return toolkit.schedule("exponential")(steps, levels)
+
+
+@pytest.fixture(scope="module")
+def denoise():
+    mu = torch.randn(SAMPLE_SHAPE, generator=torch.Generator().manual_seed(100),
+                     dtype=torch.float64) * DATA_STD  # fmt: skip
+    return gaussian_denoiser(mu, DATA_STD, wiggle=0.3)
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("grid", ["karras", "exponential"])
+def test_equal_to_comfyui(denoise, name, order, grid):
+    sigmas = schedule(grid, 12)
+    x = torch.randn(SAMPLE_SHAPE, generator=torch.Generator().manual_seed(101),
+                    dtype=torch.float64) * sigmas[0]  # fmt: skip
+    theirs = REFERENCES[name](denoise, x, sigmas, max_order=order)
+
+    def no_noise(sigma, sigma_next):
+        raise AssertionError("a deterministic sampler asked for noise")
+
+    ours = toolkit.sampler(name, order=order)(denoise, x, sigmas, noise=no_noise)
+    assert rel_err(ours, theirs) <= TOL
+
+
+def test_ipndm_v_differs_from_ipndm_on_uneven_steps(denoise):
+    """The variable-step coefficients are not the equal-step ones on a Karras grid (their
+    comparisons with ComfyUI above would pass for either otherwise)."""
+    sigmas = schedule("karras", 12)
+    x = torch.randn(SAMPLE_SHAPE, generator=torch.Generator().manual_seed(101),
+                    dtype=torch.float64) * sigmas[0]  # fmt: skip
+    fixed = toolkit.sampler("ipndm")(denoise, x, sigmas, noise=None)
+    variable = toolkit.sampler("ipndm_v")(denoise, x, sigmas, noise=None)
+    assert rel_err(fixed, variable) > 1e-3
+
+
+def test_order_is_checked():
+    with pytest.raises(toolkit.OptionError, match="order must be between 1 and 4"):
+        toolkit.sampler("ipndm", order=5)
+
+
+def test_on_equal_steps_the_variable_weights_are_adams_bashforths_up_to_third_order():
+    """ipndm_v's weights reduce to ipndm's on equal steps at orders 2 and 3. At order 4
+    ComfyUI's (diff-sampler's) weights do not: (2.375, -2.708, 1.792, -0.458) against
+    Adams-Bashforth's (55, -59, 37, -9) / 24. They still sum to 1 (a consistent step), and
+    we keep them, so that ipndm_v gives ComfyUI's images; order=3 is the accurate choice."""
+    from plugins.samplers.ipndm import FIXED, variable_weights
+
+    sigmas = [10.0, 9.0, 8.0, 7.0, 6.0, 5.0]
+    for order in (2, 3):
+        assert variable_weights(sigmas, 3, order) == pytest.approx(FIXED[order], rel=1e-12)
+    comfy = variable_weights(sigmas, 3, 4)
+    assert comfy == pytest.approx((57 / 24, -65 / 24, 43 / 24, -11 / 24), rel=1e-12)
+    assert sum(comfy) == pytest.approx(1.0)
