@@ -37,7 +37,7 @@ def _finish(name: str, sigmas: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Append the final 0 and check the contract: strictly decreasing, positive, finite but
     for a flow model's start at ``t = 1`` (``sigma = inf``, the first sigma only)."""
     if isinstance(sigmas, np.ndarray):  # a reversed view has negative strides torch refuses
-        sigmas = np.ascontiguousarray(sigmas)
+        sigmas = np.array(sigmas, dtype=np.float64)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
     if not bool(torch.isfinite(sigmas[1:]).all()) or not bool((sigmas[:-1] > 0).all()):
