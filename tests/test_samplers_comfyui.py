@@ -1,5 +1,6 @@
-"""Samplers whose reference is ComfyUI's ``comfy/k_diffusion/sampling.py`` (which took them
-from zju-pi's ``diff-sampler``): ``ipndm`` and ``ipndm_v``.
+"""Samplers whose reference is ComfyUI's ``comfy/k_diffusion/sampling.py``: ``ipndm`` and
+``ipndm_v`` (which it took from zju-pi's ``diff-sampler``), ``res_multistep`` (with its
+ancestral form) and ``gradient_estimation``.
 
 The references restate ComfyUI's loops as it writes them (torch arithmetic, its history
 buffer, its order ramp), without the progress bar, callback or ``extra_args``. They run on
@@ -91,7 +92,61 @@ def comfy_ipndm_v(model, x, sigmas, max_order=4):
     return x_next
 
 
-REFERENCES = {"ipndm": comfy_ipndm, "ipndm_v": comfy_ipndm_v}
+def ancestral(sigma_from, sigma_to, eta):
+    if not eta:
+        return sigma_to, torch.zeros(())
+    up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2)
+                                        / sigma_from**2) ** 0.5)  # fmt: skip
+    return (sigma_to**2 - up**2) ** 0.5, up
+
+
+def comfy_res_multistep(model, x, sigmas, eta=0.0, s_noise=1.0, noise_sampler=None):
+    def phi1(t):
+        return torch.expm1(t) / t
+
+    def phi2(t):
+        return (phi1(t) - 1.0) / t
+
+    old_sigma_down = old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        sigma_down, sigma_up = ancestral(sigmas[i], sigmas[i + 1], eta)
+        if sigma_down == 0 or old_denoised is None:
+            x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
+        else:
+            t, t_old = sigmas[i].log().neg(), old_sigma_down.log().neg()
+            t_next, t_prev = sigma_down.log().neg(), sigmas[i - 1].log().neg()
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            b1 = torch.nan_to_num(phi1(-h) - phi2(-h) / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2(-h) / c2, nan=0.0)
+            x = (-h).exp() * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigma_up > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised, old_sigma_down = denoised, sigma_down
+    return x
+
+
+def comfy_gradient_estimation(model, x, sigmas, ge_gamma=2.0):
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = x + d * dt
+            if i >= 1:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x
+
+
+REFERENCES = {"ipndm": comfy_ipndm, "ipndm_v": comfy_ipndm_v,
+              "res_multistep": comfy_res_multistep,
+              "res_multistep_ancestral": comfy_res_multistep,
+              "gradient_estimation": comfy_gradient_estimation}  # fmt: skip
 
 
 def schedule(name: str, steps: int) -> torch.Tensor:
@@ -108,7 +163,7 @@ def denoise():
     return gaussian_denoiser(mu, DATA_STD, wiggle=0.3)
 
 
-@pytest.mark.parametrize("name", list(REFERENCES))
+@pytest.mark.parametrize("name", ["ipndm", "ipndm_v"])
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 @pytest.mark.parametrize("grid", ["karras", "exponential"])
 def test_equal_to_comfyui(denoise, name, order, grid):
@@ -153,3 +208,34 @@ def test_on_equal_steps_the_variable_weights_are_adams_bashforths_up_to_third_or
     comfy = variable_weights(sigmas, 3, 4)
     assert comfy == pytest.approx((57 / 24, -65 / 24, 43 / 24, -11 / 24), rel=1e-12)
     assert sum(comfy) == pytest.approx(1.0)
+
+
+#: (our sampler, its options, the reference's keyword arguments)
+RES_CASES = [
+    ("res_multistep", {}, {}),
+    ("res_multistep_ancestral", {}, {"eta": 1.0}),
+    ("res_multistep_ancestral", {"eta": 0.5, "s_noise": 0.9}, {"eta": 0.5, "s_noise": 0.9}),
+    ("gradient_estimation", {}, {}),
+    ("gradient_estimation", {"gamma": 1.5}, {"ge_gamma": 1.5}),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "reference"), RES_CASES)
+@pytest.mark.parametrize("grid", ["karras", "exponential"])
+def test_res_and_gradient_estimation_equal_comfyui(denoise, name, options, reference, grid):
+    """The same fresh noise on both sides, asked for with the same (sigma, sigma_next)."""
+    from sampling_helpers import NoiseStream
+
+    sigmas = schedule(grid, 12)
+    x = torch.randn(SAMPLE_SHAPE, generator=torch.Generator().manual_seed(101),
+                    dtype=torch.float64) * sigmas[0]  # fmt: skip
+    theirs_noise = NoiseStream(7, dtype=torch.float64)
+    ours_noise = NoiseStream(7, dtype=torch.float64)
+    extra = {"noise_sampler": theirs_noise} if name.startswith("res") else {}
+    theirs = REFERENCES[name](denoise, x, sigmas, **reference, **extra)
+    ours = toolkit.sampler(name, **options)(denoise, x, sigmas, noise=ours_noise)
+    assert rel_err(ours, theirs) <= TOL
+    flat = [s for call in ours_noise.calls for s in call]
+    assert flat == pytest.approx([s for call in theirs_noise.calls for s in call], rel=1e-12)
+    if name == "res_multistep_ancestral":
+        assert len(ours_noise.calls) == 11  # every step but the last to sigma 0

@@ -530,10 +530,11 @@ def test_dpm_2_ancestral_with_eta_above_1_keeps_its_noise(denoise: Any) -> None:
 
 def test_every_builtin_sampler_has_a_reference() -> None:
     """A new built-in sampler needs a reference here, or in tests/test_samplers_comfyui.py
-    (ComfyUI's ``ipndm`` and ``ipndm_v``). ``unipc``, ``score_sde_ve`` and ``lcm``
-    have no k-diffusion version (``score_sde_ve`` is checked against ``ScoreSdeVePipeline``
-    in tests/test_ve.py, ``lcm`` against ``LCMScheduler`` in tests/test_samplers_diffusers.py)
-    and ``diffusers`` runs a diffusers scheduler itself."""
+    (ComfyUI's ``ipndm``, ``ipndm_v``, ``res_multistep`` and ``gradient_estimation``).
+    ``unipc``, ``score_sde_ve`` and ``lcm`` have no k-diffusion version (``score_sde_ve`` is
+    checked against ``ScoreSdeVePipeline`` in tests/test_ve.py, ``lcm`` against
+    ``LCMScheduler`` in tests/test_samplers_diffusers.py) and ``diffusers`` runs a diffusers
+    scheduler itself."""
     from test_samplers_comfyui import REFERENCES as COMFYUI
 
     from plugins.samplers import SAMPLERS
@@ -567,6 +568,9 @@ SAMPLERS = [
     ("unipc-bh1-order3", "unipc", {"variant": "bh1", "order": 3}, False),
     ("ipndm", "ipndm", {}, False),
     ("ipndm_v", "ipndm_v", {}, False),
+    ("res_multistep", "res_multistep", {}, False),
+    ("res_multistep_ancestral", "res_multistep_ancestral", {}, True),
+    ("gradient_estimation", "gradient_estimation", {}, False),
 ]
 SAMPLER_PARAMS = [pytest.param(name, opts, sto, id=id_) for id_, name, opts, sto in SAMPLERS]
 

@@ -1,6 +1,6 @@
 """The built-in samplers. Each computes the update rule of its namesake in k-diffusion
-(``ddim``, ``ddpm``, ``unipc`` and ``lcm``: in diffusers; ``ipndm`` and ``ipndm_v``: in
-ComfyUI); shared math is in `updates`."""
+(``ddim``, ``ddpm``, ``unipc`` and ``lcm``: in diffusers; ``ipndm``, ``ipndm_v``,
+``res_multistep`` and ``gradient_estimation``: in ComfyUI); shared math is in `updates`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from plugins.samplers.euler import DPM2, DPM2Ancestral, Euler, EulerAncestral, H
 from plugins.samplers.ipndm import IPNDM, IPNDMV
 from plugins.samplers.lcm import LCM
 from plugins.samplers.lms import LMS
+from plugins.samplers.res import GradientEstimation, ResMultistep, ResMultistepAncestral
 from plugins.samplers.score_sde import ScoreSdeVe
 from plugins.samplers.unipc import UniPC
 
@@ -32,6 +33,9 @@ SAMPLERS = (
     UniPC,
     IPNDM,
     IPNDMV,
+    ResMultistep,
+    ResMultistepAncestral,
+    GradientEstimation,
     ScoreSdeVe,
     LCM,
     DiffusersScheduler,
