@@ -1,6 +1,6 @@
 """Samplers whose reference is ComfyUI's ``comfy/k_diffusion/sampling.py``: ``ipndm`` and
 ``ipndm_v`` (which it took from zju-pi's ``diff-sampler``), ``res_multistep`` (with its
-ancestral form) and ``gradient_estimation``.
+ancestral form), ``gradient_estimation`` and ``heunpp2``.
 
 The references restate ComfyUI's loops as it writes them (torch arithmetic, its history
 buffer, its order ramp), without the progress bar, callback or ``extra_args``. They run on
@@ -143,7 +143,31 @@ def comfy_gradient_estimation(model, x, sigmas, ge_gamma=2.0):
     return x
 
 
-REFERENCES = {"ipndm": comfy_ipndm, "ipndm_v": comfy_ipndm_v,
+def comfy_heunpp2(model, x, sigmas):
+    """Without churn (ComfyUI draws its churn noise with torch.randn_like: no shared stream)."""
+    s_end = sigmas[-1]
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == s_end:
+            x = x + d * dt
+        elif sigmas[i + 2] == s_end:
+            x_2 = x + d * dt
+            d_2 = (x_2 - model(x_2, sigmas[i + 1])) / sigmas[i + 1]
+            w2 = sigmas[i + 1] / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - model(x_2, sigmas[i + 1])) / sigmas[i + 1]
+            x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+            d_3 = (x_3 - model(x_3, sigmas[i + 2])) / sigmas[i + 2]
+            w2, w3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+            x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
+REFERENCES = {"ipndm": comfy_ipndm, "ipndm_v": comfy_ipndm_v, "heunpp2": comfy_heunpp2,
               "res_multistep": comfy_res_multistep,
               "res_multistep_ancestral": comfy_res_multistep,
               "gradient_estimation": comfy_gradient_estimation}  # fmt: skip
@@ -217,6 +241,7 @@ RES_CASES = [
     ("res_multistep_ancestral", {"eta": 0.5, "s_noise": 0.9}, {"eta": 0.5, "s_noise": 0.9}),
     ("gradient_estimation", {}, {}),
     ("gradient_estimation", {"gamma": 1.5}, {"ge_gamma": 1.5}),
+    ("heunpp2", {}, {}),
 ]
 
 

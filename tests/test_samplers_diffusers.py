@@ -186,7 +186,7 @@ def test_sampler_matches_its_diffusers_twin(case: Twin, unet: Any, noise0: torch
 
 def test_every_sampler_with_a_diffusers_twin_is_compared() -> None:
     """k-diffusion's dpmpp_2s_ancestral and dpmpp_sde have no diffusers scheduler, nor do
-    ComfyUI's ipndm, ipndm_v, res_multistep and gradient_estimation (diffusers'
+    ComfyUI's heunpp2, ipndm, ipndm_v, res_multistep and gradient_estimation (diffusers'
     ``IPNDMScheduler`` steps another quantity on its own time grid;
     tests/test_samplers_comfyui.py holds ComfyUI's loops); the
     ``diffusers`` sampler runs diffusers' schedulers itself; ``score_sde_ve`` is compared
@@ -198,7 +198,7 @@ def test_every_sampler_with_a_diffusers_twin_is_compared() -> None:
     tested = {c.sampler for c in [*TWINS, *variants]}
     untwinned = {"dpmpp_2s_ancestral", "dpmpp_sde", "diffusers", "score_sde_ve", "ipndm",
                  "ipndm_v", "res_multistep", "res_multistep_ancestral",
-                 "gradient_estimation"}  # fmt: skip
+                 "gradient_estimation", "heunpp2"}  # fmt: skip
     assert tested == {cls.name for cls in SAMPLERS} - untwinned
 
 

@@ -530,7 +530,8 @@ def test_dpm_2_ancestral_with_eta_above_1_keeps_its_noise(denoise: Any) -> None:
 
 def test_every_builtin_sampler_has_a_reference() -> None:
     """A new built-in sampler needs a reference here, or in tests/test_samplers_comfyui.py
-    (ComfyUI's ``ipndm``, ``ipndm_v``, ``res_multistep`` and ``gradient_estimation``).
+    (ComfyUI's ``heunpp2``, ``ipndm``, ``ipndm_v``, ``res_multistep`` and
+    ``gradient_estimation``).
     ``unipc``, ``score_sde_ve`` and ``lcm`` have no k-diffusion version (``score_sde_ve`` is
     checked against ``ScoreSdeVePipeline`` in tests/test_ve.py, ``lcm`` against
     ``LCMScheduler`` in tests/test_samplers_diffusers.py) and ``diffusers`` runs a diffusers
@@ -571,6 +572,8 @@ SAMPLERS = [
     ("res_multistep", "res_multistep", {}, False),
     ("res_multistep_ancestral", "res_multistep_ancestral", {}, True),
     ("gradient_estimation", "gradient_estimation", {}, False),
+    ("heunpp2", "heunpp2", {}, False),
+    ("heunpp2-churn", "heunpp2", {"s_churn": 1.0}, True),
 ]
 SAMPLER_PARAMS = [pytest.param(name, opts, sto, id=id_) for id_, name, opts, sto in SAMPLERS]
 

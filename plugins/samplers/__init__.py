@@ -1,6 +1,7 @@
 """The built-in samplers. Each computes the update rule of its namesake in k-diffusion
-(``ddim``, ``ddpm``, ``unipc`` and ``lcm``: in diffusers; ``ipndm``, ``ipndm_v``,
-``res_multistep`` and ``gradient_estimation``: in ComfyUI); shared math is in `updates`."""
+(``ddim``, ``ddpm``, ``unipc`` and ``lcm``: in diffusers; ``heunpp2``, ``ipndm``,
+``ipndm_v``, ``res_multistep`` and ``gradient_estimation``: in ComfyUI); shared math is
+in `updates`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import toolkit
 from plugins.samplers.ddim import DDIM, DDPM
 from plugins.samplers.diffusers_adapter import DiffusersScheduler
 from plugins.samplers.dpmpp import DPMPP2M, DPMPP2MSDE, DPMPP3MSDE, DPMPPSDE, DPMPP2SAncestral
-from plugins.samplers.euler import DPM2, DPM2Ancestral, Euler, EulerAncestral, Heun
+from plugins.samplers.euler import DPM2, DPM2Ancestral, Euler, EulerAncestral, Heun, HeunPP2
 from plugins.samplers.ipndm import IPNDM, IPNDMV
 from plugins.samplers.lcm import LCM
 from plugins.samplers.lms import LMS
@@ -22,6 +23,7 @@ SAMPLERS = (
     Euler,
     EulerAncestral,
     Heun,
+    HeunPP2,
     DPM2,
     DPM2Ancestral,
     LMS,

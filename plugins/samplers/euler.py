@@ -82,6 +82,47 @@ class Heun(Churn):
         return x
 
 
+class HeunPP2(Churn):
+    """ComfyUI's Heun++ (``heunpp2``, from Carzit's sd-webui-samplers-scheduler): a third
+    evaluation one step further, the three derivatives blended with weights proportional to
+    their sigmas over ``3 sigma_0`` (over ``2 sigma_0`` with two, on the step before the
+    last); Euler on the last step. Churn options as ``heun``."""
+
+    name = "heunpp2"
+
+    def __call__(
+        self,
+        denoise: Denoiser,
+        x: torch.Tensor,
+        sigmas: Any,
+        *,
+        noise: NoiseSource,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        sigmas = sigma_list(sigmas)
+        steps = len(sigmas) - 1
+        for i in range(steps):
+            x, sigma_hat = churn(x, sigmas[i], self.gamma(sigmas[i], steps), noise, self.s_noise)
+            denoised = denoise(x, sigma_hat)
+            d = to_d(x, sigma_hat, denoised)
+            dt = sigmas[i + 1] - sigma_hat
+            if i + 1 == steps:
+                x = x + d * dt
+            else:
+                x_2 = x + d * dt
+                d_2 = to_d(x_2, sigmas[i + 1], denoise(x_2, sigmas[i + 1]))
+                if i + 2 == steps:
+                    w2 = sigmas[i + 1] / (2 * sigmas[0])
+                    x = x + (d * (1 - w2) + d_2 * w2) * dt
+                else:
+                    x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+                    d_3 = to_d(x_3, sigmas[i + 2], denoise(x_3, sigmas[i + 2]))
+                    w2, w3 = (sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0]))
+                    x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+            report(callback, i, x, sigmas[i], sigma_hat, denoised)
+        return x
+
+
 class DPM2(Churn):
     """DPM-Solver-2 as in k-diffusion: the derivative taken at the log-sigma midpoint."""
 
