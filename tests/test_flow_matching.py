@@ -149,7 +149,7 @@ ODE_SAMPLERS = {
     "ddim": {}, "euler": {}, "heun": {}, "dpm_2": {}, "lms": {}, "dpmpp_2m": {}, "unipc": {},
     # ipndm_v at order 3: ComfyUI's order-4 weights are not fourth order (docs/samplers.md)
     "ipndm": {}, "ipndm_v": {"order": 3}, "res_multistep": {}, "gradient_estimation": {},
-    "res_multistep_ancestral": {"eta": 0.0}, "heunpp2": {},
+    "res_multistep_ancestral": {"eta": 0.0}, "heunpp2": {}, "dpmpp_2m_sde_heun": {"eta": 0.0},
     "euler_ancestral": {"eta": 0.0}, "dpm_2_ancestral": {"eta": 0.0},
     "dpmpp_2s_ancestral": {"eta": 0.0}, "dpmpp_sde": {"eta": 0.0},
     "dpmpp_2m_sde": {"eta": 0.0}, "dpmpp_3m_sde": {"eta": 0.0},

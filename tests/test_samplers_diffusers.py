@@ -95,6 +95,9 @@ TWINS = [
          vp=True, final_extra_draw=1),
     Twin("dpmpp_2m_sde-heun", "DPMSolverMultistepScheduler", {**SDE, "solver_type": "heun"},
          "dpmpp_2m_sde", {"solver_type": "heun"}, vp=True, final_extra_draw=1),
+    # ComfyUI's name for the same sampler
+    Twin("dpmpp_2m_sde_heun", "DPMSolverMultistepScheduler", {**SDE, "solver_type": "heun"},
+         "dpmpp_2m_sde_heun", {}, vp=True, final_extra_draw=1),
     Twin("unipc", "UniPCMultistepScheduler", {"solver_type": "bh2"}, "unipc", vp=True),
     Twin("unipc-order1", "UniPCMultistepScheduler", {"solver_order": 1}, "unipc",
          {"order": 1}, vp=True),

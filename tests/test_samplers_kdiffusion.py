@@ -447,6 +447,9 @@ CASES = [
         {"solver_type": "heun"},
     ),
     Case(
+        "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun", {}, sample_dpmpp_2m_sde, {"solver_type": "heun"}
+    ),
+    Case(
         "dpmpp_2m_sde-eta0.5",
         "dpmpp_2m_sde",
         {"eta": 0.5, "s_noise": 0.9},
@@ -564,6 +567,7 @@ SAMPLERS = [
     ("dpmpp_2m", "dpmpp_2m", {}, False),
     ("dpmpp_2m_sde-midpoint", "dpmpp_2m_sde", {}, True),
     ("dpmpp_2m_sde-heun", "dpmpp_2m_sde", {"solver_type": "heun"}, True),
+    ("dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun", {}, True),
     ("dpmpp_3m_sde", "dpmpp_3m_sde", {}, True),
     ("unipc", "unipc", {}, False),
     ("unipc-bh1-order3", "unipc", {"variant": "bh1", "order": 3}, False),

@@ -8,7 +8,14 @@ from __future__ import annotations
 import toolkit
 from plugins.samplers.ddim import DDIM, DDPM
 from plugins.samplers.diffusers_adapter import DiffusersScheduler
-from plugins.samplers.dpmpp import DPMPP2M, DPMPP2MSDE, DPMPP3MSDE, DPMPPSDE, DPMPP2SAncestral
+from plugins.samplers.dpmpp import (
+    DPMPP2M,
+    DPMPP2MSDE,
+    DPMPP3MSDE,
+    DPMPPSDE,
+    DPMPP2MSDEHeun,
+    DPMPP2SAncestral,
+)
 from plugins.samplers.euler import DPM2, DPM2Ancestral, Euler, EulerAncestral, Heun, HeunPP2
 from plugins.samplers.ipndm import IPNDM, IPNDMV
 from plugins.samplers.lcm import LCM
@@ -31,6 +38,7 @@ SAMPLERS = (
     DPMPPSDE,
     DPMPP2M,
     DPMPP2MSDE,
+    DPMPP2MSDEHeun,
     DPMPP3MSDE,
     UniPC,
     IPNDM,

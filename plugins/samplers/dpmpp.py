@@ -199,6 +199,15 @@ class DPMPP2MSDE:
         return x
 
 
+class DPMPP2MSDEHeun(DPMPP2MSDE):
+    """ComfyUI's ``dpmpp_2m_sde_heun``: ``dpmpp_2m_sde`` with ``solver_type=heun``."""
+
+    name = "dpmpp_2m_sde_heun"
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0) -> None:
+        super().__init__(eta, s_noise, solver_type="heun")
+
+
 class DPMPP3MSDE:
     """DPM-Solver++(3M) SDE: third order from the two previous estimates."""
 
