@@ -1,9 +1,11 @@
-"""Dataset folders in tests: reading generated images back, comparing them, copying part of
-a folder, writing a prompts file."""
+"""Folders in tests: reading generated images back, comparing them, copying part of a
+folder, writing a prompts file, damaging a model folder's config and checking the refusal."""
 
 from __future__ import annotations
 
+import json
 import pathlib
+import shutil
 
 import numpy as np
 import pandas
@@ -48,3 +50,26 @@ def prompts_file(directory: pathlib.Path, *prompts: str, negative: str | None = 
     path = directory / "prompts.csv"
     path.write_text("\n".join([header, *rows]) + "\n")
     return path
+
+
+def edit_json(path: pathlib.Path, **changes: object) -> None:
+    """Change keys of the JSON file at `path` (a model folder's config)."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def assert_damaged_copy_refused(source: pathlib.Path, tmp_path: pathlib.Path, damage, message: str,
+                                *request: object) -> None:  # fmt: skip
+    """A copy of model folder `source` damaged by ``damage(folder)``: ``dtk generate`` with
+    `request` (its conditions or prompt) ends in exit 2 and one line holding `message`,
+    before any weights load, and writes no output folder."""
+    from invoke import dtk
+
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder)
+    damage(folder)
+    out = tmp_path / "out"
+    result = dtk("generate", "--model", folder, *request, "-n", 1, "--out", out)
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert message in line, line
+    assert not out.exists()

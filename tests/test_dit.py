@@ -17,7 +17,7 @@ from diffusers import (
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
 )
-from folders import max_pixel_difference, pixels
+from folders import assert_damaged_copy_refused, edit_json, max_pixel_difference, pixels
 from invoke import dtk
 from tiny_dit import LATENT, NUM_CLASSES, save_dit_pipeline
 
@@ -235,8 +235,8 @@ def test_a_legacy_transformer2dmodel_folder_is_dit(folders, tmp_path, decoded):
     ada_norm_zero), which diffusers loads as DiTTransformer2DModel."""
     folder = tmp_path / "legacy"
     shutil.copytree(folders["ddim"], folder)
-    _edit(folder / "transformer" / "config.json", _class_name="Transformer2DModel")
-    _edit(folder / "model_index.json", transformer=["diffusers", "Transformer2DModel"])
+    edit_json(folder / "transformer" / "config.json", _class_name="Transformer2DModel")
+    edit_json(folder / "model_index.json", transformer=["diffusers", "Transformer2DModel"])
     assert detect_family(folder) == DIT
     result = dtk("generate", "--model", folder, "--condition", "class=goldfish", "-n", 1,
                  "--steps", 3, "--out", tmp_path / "out", "-q")  # fmt: skip
@@ -259,39 +259,26 @@ def test_a_folder_without_id2label_takes_class_numbers(folders, tmp_path):
 
 BROKEN = {
     "no vae": (lambda f: shutil.rmtree(f / "vae"), "needs vae/config.json"),
-    "latent channels": (lambda f: _edit(f / "vae" / "config.json", latent_channels=8),
+    "latent channels": (lambda f: edit_json(f / "vae" / "config.json", latent_channels=8),
                         "the transformer takes 4 latent channels but the VAE gives 8"),
-    "a PixArt transformer": (lambda f: _edit(f / "transformer" / "config.json",
+    "a PixArt transformer": (lambda f: edit_json(f / "transformer" / "config.json",
                                              _class_name="Transformer2DModel",
                                              norm_type="ada_norm_single"),
                              "Transformer2DModel with norm_type 'ada_norm_single'; a DiT "
                              "folder needs DiTTransformer2DModel"),
-    "id2label out of range": (lambda f: _edit(f / "model_index.json",
+    "id2label out of range": (lambda f: edit_json(f / "model_index.json",
                                               id2label={"1000": "ghost"}),
                               "id2label names class '1000', but the model's classes are "
                               "0..999"),
-    "a flow scheduler": (lambda f: _edit(f / "scheduler" / "scheduler_config.json",
+    "a flow scheduler": (lambda f: edit_json(f / "scheduler" / "scheduler_config.json",
                                          _class_name="FlowMatchEulerDiscreteScheduler"),
                          "rectified-flow"),
 }  # fmt: skip
 
 
-def _edit(path, **changes):
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_a_broken_folder_is_one_line_before_any_weights(folders, tmp_path, case):
-    folder = tmp_path / "model"
-    shutil.copytree(folders["ddim"], folder)
-    damage, message = BROKEN[case]
-    damage(folder)
-    out = tmp_path / "out"
-    result = dtk("generate", "--model", folder, "--condition", "class=1", "-n", 1, "--out", out)
-    assert result.exit_code == 2, result.output
-    [line] = result.stderr.splitlines()
-    assert message in line, line
-    assert not out.exists()
+    assert_damaged_copy_refused(folders["ddim"], tmp_path, *BROKEN[case], "--condition", "class=1")
 
 
 def test_detection_and_the_folders_configs(folders):

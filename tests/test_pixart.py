@@ -19,7 +19,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
     ASPECT_RATIO_1024_BIN,
 )
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
-from folders import max_pixel_difference, pixels
+from folders import assert_damaged_copy_refused, edit_json, max_pixel_difference, pixels
 from invoke import dtk
 from tiny_pixart import PIPELINES, save_pixart_pipeline, spy_size_conditions
 from transformers import T5EncoderModel
@@ -292,8 +292,8 @@ def test_a_legacy_transformer2dmodel_folder_is_pixart(folders, tmp_path, decoded
     ada_norm_single), which diffusers loads as PixArtTransformer2DModel."""
     folder = tmp_path / "legacy"
     shutil.copytree(folders["alpha"], folder)
-    _edit(folder / "transformer" / "config.json", _class_name="Transformer2DModel")
-    _edit(folder / "model_index.json", transformer=["diffusers", "Transformer2DModel"])
+    edit_json(folder / "transformer" / "config.json", _class_name="Transformer2DModel")
+    edit_json(folder / "model_index.json", transformer=["diffusers", "Transformer2DModel"])
     toolkit.generate(folder, out=tmp_path / "out", prompt=DOG, n=1, seed=2, steps=3,
                      progress=False, **TWIN)  # fmt: skip
     [ours] = decoded
@@ -303,33 +303,20 @@ def test_a_legacy_transformer2dmodel_folder_is_pixart(folders, tmp_path, decoded
 
 BROKEN = {
     "no T5": (lambda f: shutil.rmtree(f / "text_encoder"), "needs text_encoder/config.json"),
-    "T5 width": (lambda f: _edit(f / "text_encoder" / "config.json", d_model=48),
+    "T5 width": (lambda f: edit_json(f / "text_encoder" / "config.json", d_model=48),
                  "T5 gives 48 features; the transformer's caption_channels is 32"),
-    "a DiT transformer": (lambda f: _edit(f / "transformer" / "config.json",
+    "a DiT transformer": (lambda f: edit_json(f / "transformer" / "config.json",
                                           _class_name="DiTTransformer2DModel"),
                           "the transformer is a DiTTransformer2DModel; a PixArt folder needs "
                           "PixArtTransformer2DModel"),
-    "latent channels": (lambda f: _edit(f / "vae" / "config.json", latent_channels=16),
+    "latent channels": (lambda f: edit_json(f / "vae" / "config.json", latent_channels=16),
                         "the transformer takes 4 latent channels but the VAE gives 16"),
 }  # fmt: skip
 
 
-def _edit(path, **changes):
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_a_broken_folder_is_one_line_before_any_weights(folders, tmp_path, case):
-    folder = tmp_path / "model"
-    shutil.copytree(folders["sigma"], folder)
-    damage, message = BROKEN[case]
-    damage(folder)
-    out = tmp_path / "out"
-    result = dtk("generate", "--model", folder, "--prompt", DOG, "-n", 1, "--out", out)
-    assert result.exit_code == 2, result.output
-    [line] = result.stderr.splitlines()
-    assert message in line, line
-    assert not out.exists()
+    assert_damaged_copy_refused(folders["sigma"], tmp_path, *BROKEN[case], "--prompt", DOG)
 
 
 @pytest.mark.parametrize(

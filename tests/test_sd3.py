@@ -14,7 +14,13 @@ import pandas
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-from folders import max_pixel_difference, pixels, prompts_file
+from folders import (
+    assert_damaged_copy_refused,
+    edit_json,
+    max_pixel_difference,
+    pixels,
+    prompts_file,
+)
 from invoke import dtk
 from tiny_sd3 import LATENT, SHIFT, save_sd3_pipeline
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
@@ -208,31 +214,18 @@ BROKEN = {
                                "needs text_encoder_2/config.json"),
     "T5 named but missing": (lambda f: shutil.rmtree(f / "text_encoder_3"),
                              "needs text_encoder_3/config.json"),
-    "a VP scheduler": (lambda f: _edit(f / "scheduler" / "scheduler_config.json",
+    "a VP scheduler": (lambda f: edit_json(f / "scheduler" / "scheduler_config.json",
                                        _class_name="DDIMScheduler"),
                        "samples with FlowMatchEulerDiscreteScheduler"),
-    "pooled width": (lambda f: _edit(f / "transformer" / "config.json",
+    "pooled width": (lambda f: edit_json(f / "transformer" / "config.json",
                                      pooled_projection_dim=8),
                      "pooled features; the transformer takes 8"),
 }  # fmt: skip
 
 
-def _edit(path, **changes):
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_a_broken_folder_is_one_line_before_any_weights(folders, tmp_path, case):
-    folder = tmp_path / "model"
-    shutil.copytree(folders["t5"], folder)
-    damage, message = BROKEN[case]
-    damage(folder)
-    out = tmp_path / "out"
-    result = dtk("generate", "--model", folder, "--prompt", CAT, "-n", 1, "--out", out)
-    assert result.exit_code == 2, result.output
-    [line] = result.stderr.splitlines()
-    assert message in line, line
-    assert not out.exists()
+    assert_damaged_copy_refused(folders["t5"], tmp_path, *BROKEN[case], "--prompt", CAT)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,13 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from folders import max_pixel_difference, pixels, prompts_file
+from folders import (
+    assert_damaged_copy_refused,
+    edit_json,
+    max_pixel_difference,
+    pixels,
+    prompts_file,
+)
 from invoke import dtk
 from tiny_sdxl import LATENT, PROJECTION, save_sdxl_pipeline, save_sdxl_refiner
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -44,7 +50,7 @@ def folders(tmp_path_factory):
     base = save_sdxl_pipeline(root / "base")
     no_zeros = root / "no-zeros"  # the same weights, force_zeros_for_empty_prompt false
     shutil.copytree(base, no_zeros)
-    _edit(no_zeros / "model_index.json", force_zeros_for_empty_prompt=False)
+    edit_json(no_zeros / "model_index.json", force_zeros_for_empty_prompt=False)
     return {"base": base, "no_zeros": no_zeros, "refiner": save_sdxl_refiner(root / "refiner")}
 
 
@@ -56,10 +62,6 @@ def decoded(monkeypatch):
     monkeypatch.setattr(StableDiffusionXL, "decode",
                         lambda model, x: latents.append(x.clone()) or decode(model, x))  # fmt: skip
     return latents
-
-
-def _edit(path, **changes):
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 def start(seed: int, n: int) -> torch.Tensor:
@@ -166,7 +168,7 @@ def test_a_vae_with_latents_mean_and_std_decodes_as_the_pipeline(folders, tmp_pa
     """A VAE config with latents_mean and latents_std: ``latents * std / scaling + mean``."""
     folder = tmp_path / "model"
     shutil.copytree(folders["base"], folder)
-    _edit(folder / "vae" / "config.json", latents_mean=[0.1, -0.2, 0.3, 0.0],
+    edit_json(folder / "vae" / "config.json", latents_mean=[0.1, -0.2, 0.3, 0.0],
           latents_std=[1.5, 0.5, 1.0, 2.0])  # fmt: skip
     out = tmp_path / "out"
     toolkit.generate(folder, out=out, prompt=[CAT, DOG], n=2, seed=2, steps=4, progress=False,
@@ -302,7 +304,7 @@ def test_the_default_sampling_follows_the_scheduler(folders, tmp_path, scheduler
     sampling for a scheduler without a twin here."""
     folder = tmp_path / "model"
     shutil.copytree(folders["base"], folder)
-    _edit(folder / "scheduler" / "scheduler_config.json", **scheduler)
+    edit_json(folder / "scheduler" / "scheduler_config.json", **scheduler)
     model = open_model(folder)
     assert model.default_sampling() == sampling
     assert model.default_schedule_options() == options
@@ -312,24 +314,24 @@ BROKEN = {
     "no second text encoder": (lambda f: shutil.rmtree(f / "text_encoder_2"),
                                "needs text_encoder_2/config.json"),
     "no first tokenizer": (lambda f: shutil.rmtree(f / "tokenizer"), "needs tokenizer/"),
-    "an SD UNet": (lambda f: _edit(f / "unet" / "config.json", addition_embed_type=None),
+    "an SD UNet": (lambda f: edit_json(f / "unet" / "config.json", addition_embed_type=None),
                    "the UNet takes no pooled text and size conditioning"),
-    "an inpainting UNet": (lambda f: _edit(f / "unet" / "config.json", in_channels=9),
+    "an inpainting UNet": (lambda f: edit_json(f / "unet" / "config.json", in_channels=9),
                            "the UNet takes 9 input channels but the VAE gives 4"),
-    "text width": (lambda f: _edit(f / "unet" / "config.json", cross_attention_dim=48),
+    "text width": (lambda f: edit_json(f / "unet" / "config.json", cross_attention_dim=48),
                    "attends to 48-wide text features but the text encoders give 80"),
-    "aesthetic score flag": (lambda f: _edit(f / "model_index.json",
+    "aesthetic score flag": (lambda f: edit_json(f / "model_index.json",
                                              requires_aesthetics_score=True),
                              "requires_aesthetics_score is true"),
-    "no projection": (lambda f: _edit(f / "model_index.json",
+    "no projection": (lambda f: edit_json(f / "model_index.json",
                                       text_encoder_2=["transformers", "CLIPTextModel"]),
                       "second encoder is a CLIPTextModelWithProjection"),
-    "an LCM scheduler": (lambda f: _edit(f / "scheduler" / "scheduler_config.json",
+    "an LCM scheduler": (lambda f: edit_json(f / "scheduler" / "scheduler_config.json",
                                          _class_name="LCMScheduler"),
                          "Latent Consistency Model (LCM)"),
-    "an LCM UNet": (lambda f: _edit(f / "unet" / "config.json", time_cond_proj_dim=256),
+    "an LCM UNet": (lambda f: edit_json(f / "unet" / "config.json", time_cond_proj_dim=256),
                     "Latent Consistency Model"),
-    "an inpainting pipeline": (lambda f: _edit(f / "model_index.json",
+    "an inpainting pipeline": (lambda f: edit_json(f / "model_index.json",
                                                _class_name="StableDiffusionXLInpaintPipeline"),
                                "Stable Diffusion XL pipeline (StableDiffusionXLInpaintPipeline)"),
 }  # fmt: skip
@@ -337,13 +339,4 @@ BROKEN = {
 
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_a_broken_folder_is_one_line_before_any_weights(folders, tmp_path, case):
-    folder = tmp_path / "model"
-    shutil.copytree(folders["base"], folder)
-    damage, message = BROKEN[case]
-    damage(folder)
-    out = tmp_path / "out"
-    result = dtk("generate", "--model", folder, "--prompt", CAT, "-n", 1, "--out", out)
-    assert result.exit_code == 2, result.output
-    [line] = result.stderr.splitlines()
-    assert message in line, line
-    assert not out.exists()
+    assert_damaged_copy_refused(folders["base"], tmp_path, *BROKEN[case], "--prompt", CAT)
