@@ -215,6 +215,21 @@ def check_latents(path: pathlib.Path, transformer: Mapping[str, Any],
                        "channels: neither the epsilon alone nor with a learned sigma")  # fmt: skip
 
 
+def transformer_shape(transformer: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(channels, height, width) of the latents a DiT-style transformer was trained at."""
+    size = int(transformer["sample_size"])
+    return (int(transformer.get("in_channels", 4)), size, size)
+
+
+def learned_sigma(transformer: Mapping[str, Any], scheduler: Mapping[str, Any]
+                  ) -> tuple[bool, bool]:  # fmt: skip
+    """Whether a DiT-style transformer outputs a learned sigma after the epsilon (twice the
+    latent channels; the sigma is dropped), and whether the scheduler config says to sample
+    with it (``ddpm``: `toolkit.models.family.Model.variance`)."""
+    sigma = transformer.get("out_channels") == 2 * transformer_shape(transformer)[0]
+    return sigma, sigma and scheduler.get("variance_type") in LEARNED_VARIANCE
+
+
 class DiTFolder(ModelFolder):
     """A ``DiTPipeline`` folder, read from its configs."""
 
@@ -237,13 +252,9 @@ class DiTFolder(ModelFolder):
         if id2label is not None and not isinstance(id2label, dict):
             raise DtkError(f"{path / 'model_index.json'}: id2label is not a JSON object")
         self._labels = ClassNames.of(num_classes, id2label)
-        channels = self.sample_shape[0]
-        #: whether the transformer outputs a learned sigma after the epsilon (dropped)
-        self.learned_sigma = self.transformer_config.get("out_channels") == 2 * channels
-        #: ... and whether the scheduler config says to sample with it (``ddpm``)
-        self.learned_variance = self.learned_sigma and (
-            self._scheduler_config.get("variance_type") in LEARNED_VARIANCE
-        )
+        #: whether the transformer outputs a learned sigma (dropped), and samples with it
+        self.learned_sigma, self.learned_variance = learned_sigma(
+            self.transformer_config, self._scheduler_config)  # fmt: skip
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
@@ -251,8 +262,7 @@ class DiTFolder(ModelFolder):
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        size = int(self.transformer_config["sample_size"])
-        return (int(self.transformer_config.get("in_channels", 4)), size, size)
+        return transformer_shape(self.transformer_config)
 
     @property
     def labels(self) -> ClassNames:

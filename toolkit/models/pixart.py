@@ -43,11 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
-from toolkit.models.detect import LEARNED_VARIANCE
 from toolkit.models.dit import (
     check_latents,
+    learned_sigma,
     sampling_twin,
     transformer_config,
+    transformer_shape,
     twin_schedule_options,
 )
 from toolkit.models.family import VPModel
@@ -154,13 +155,9 @@ class PixArtFolder(TextFolder):
         if self.text_config.get("d_model") != width:
             raise DtkError(f"{path}: T5 gives {self.text_config.get('d_model')} features; the "
                            f"transformer's caption_channels is {width}")  # fmt: skip
-        channels = self.sample_shape[0]
-        #: whether the transformer outputs a learned sigma after the epsilon (dropped)
-        self.learned_sigma = self.transformer_config.get("out_channels") == 2 * channels
-        #: ... and whether the scheduler config says to sample with it (``ddpm``)
-        self.learned_variance = self.learned_sigma and (
-            self._scheduler_config.get("variance_type") in LEARNED_VARIANCE
-        )
+        #: whether the transformer outputs a learned sigma (dropped), and samples with it
+        self.learned_sigma, self.learned_variance = learned_sigma(
+            self.transformer_config, self._scheduler_config)  # fmt: skip
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
@@ -168,8 +165,7 @@ class PixArtFolder(TextFolder):
 
     @property
     def default_sample_shape(self) -> tuple[int, int, int]:
-        size = int(self.transformer_config["sample_size"])
-        return (int(self.transformer_config.get("in_channels", 4)), size, size)
+        return transformer_shape(self.transformer_config)
 
     @property
     def latent_patch(self) -> int:
