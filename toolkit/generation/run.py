@@ -92,7 +92,7 @@ def run(plan: Plan) -> pandas.DataFrame:
         with folder.part_writer(runner.shard.name) as writer, torch.inference_mode():
             for window in _windows(runner, plan.pending(done, runner.shard)):
                 _encode_prompts(runner, window)
-                for batch in window:
+                for batch in window.batches:
                     _run_batch(runner, [plan.samples[i] for i in batch], writer)
                     progress.update(len(batch))
         progress.close()
@@ -146,41 +146,49 @@ def _batches(indices: Iterable[int], size: int) -> Iterator[list[int]]:
 WINDOW_SAMPLES, WINDOW_PROMPTS = 4096, 256
 
 
-def _windows(runner: Runner, pending: Iterable[int]) -> Iterator[list[list[int]]]:
+@dataclasses.dataclass
+class Window:
+    """Batches of pending indices sampled after one encoding of their prompts."""
+
+    batches: list[list[int]] = dataclasses.field(default_factory=list)
+    #: a text model's distinct (prompt, negative prompt) pairs, each with its first sample
+    prompts: dict[tuple[str | None, str | None], SampleRequest] = dataclasses.field(
+        default_factory=dict)  # fmt: skip
+    count: int = 0
+
+
+def _windows(runner: Runner, pending: Iterable[int]) -> Iterator[Window]:
     """The `pending` indices in batches, the batches in windows (lazily: memory stays flat in
     n): a window closes after the batch that brings it to `WINDOW_SAMPLES` samples or, on a
     text model, to `WINDOW_PROMPTS` distinct (prompt, negative prompt) pairs."""
-    samples, window, prompts, count = runner.plan.samples, [], set(), 0
     text = hasattr(runner.model, "release_text_encoders")
+    window = Window()
     for batch in _batches(pending, runner.plan.settings.batch_size):
-        window.append(batch)
-        count += len(batch)
+        window.batches.append(batch)
+        window.count += len(batch)
         if text:
-            prompts.update((samples[i].prompt, samples[i].negative_prompt) for i in batch)
-        if count >= WINDOW_SAMPLES or len(prompts) >= WINDOW_PROMPTS:
+            for i in batch:
+                sample = runner.plan.samples[i]
+                window.prompts.setdefault((sample.prompt, sample.negative_prompt), sample)
+        if window.count >= WINDOW_SAMPLES or len(window.prompts) >= WINDOW_PROMPTS:
             yield window
-            window, prompts, count = [], set(), 0
-    if window:
+            window = Window()
+    if window.batches:
         yield window
 
 
-def _encode_prompts(runner: Runner, window: list[list[int]]) -> None:
-    """A text model: the distinct prompts of a window's samples (with their negative prompts
-    and the guidance's own) through the text encoders, `batch_size` distinct samples at a
-    time, then the encoders leave the accelerator while the window's batches are sampled
+def _encode_prompts(runner: Runner, window: Window) -> None:
+    """A text model: a window's distinct prompts (with their negative prompts and the
+    guidance's own) through the text encoders, `batch_size` distinct samples at a time, then
+    the encoders leave the accelerator while the window's batches are sampled
     (`toolkit.sampling.engine`; they come back for the next window's new prompts). A prompt
     is encoded once per model while its embedding is kept (`PromptEmbeddings`)."""
-    model = runner.model
-    if not hasattr(model, "release_text_encoders"):
+    if not window.prompts:  # not a text model
         return
-    distinct: dict[tuple[str | None, str | None], SampleRequest] = {}
-    for batch in window:
-        for i in batch:
-            sample = runner.plan.samples[i]
-            distinct.setdefault((sample.prompt, sample.negative_prompt), sample)
+    model = runner.model
     text_branches = optional("guidance", runner.guidance, "text_branches")
     cpu = torch.device("cpu")  # computed, not moved: the batches move their own
-    for chunk in _batches(iter(distinct.values()), runner.plan.settings.batch_size):
+    for chunk in _batches(iter(window.prompts.values()), runner.plan.settings.batch_size):
         encode_batch(model, runner.guidance, chunk, text_branches, cpu)
     release_text_encoders(model)
 
