@@ -22,6 +22,7 @@ steps, which is ComfyUI's (one more than asked for when ``T`` is not a multiple 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,11 @@ class ModelTable:
                            "exponential or polyexponential")  # fmt: skip
         return cls(noise.sigmas.double().numpy(), False)
 
+    @functools.cached_property
+    def log_levels(self) -> np.ndarray:
+        """The levels' logarithms, which every ``level`` and ``timestep`` of a VP table reads."""
+        return np.log(self.levels)
+
     @property
     def count(self) -> int:
         return len(self.levels)
@@ -82,14 +88,14 @@ class ModelTable:
         t = min(max(float(timestep), 0.0), self.count - 1.0)
         low, high = math.floor(t), math.ceil(t)
         weight = t - low
-        log = np.log(self.levels)
+        log = self.log_levels
         return float(np.exp((1 - weight) * log[low] + weight * log[high]))
 
     def timestep(self, level: float) -> float:
         """The timestep of a noise `level` (ComfyUI's ``timestep(sigma)``)."""
         if self.flow:
             return level * self.count
-        return float(np.abs(math.log(level) - np.log(self.levels)).argmin())
+        return float(np.abs(math.log(level) - self.log_levels).argmin())
 
     def finish(self, name: str, levels: list[float] | np.ndarray) -> torch.Tensor:
         """ComfyUI's levels (without their final 0) as our sigmas ending in 0."""
