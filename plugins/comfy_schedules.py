@@ -1,6 +1,8 @@
 """ComfyUI's schedulers, by their ComfyUI names: ``simple``, ``sgm_uniform``, ``normal``,
 ``ddim_uniform``, ``linear_quadratic`` and ``kl_optimal`` (ComfyUI's ``comfy/samplers.py``;
-``karras``, ``exponential`` and ``beta`` are the toolkit's own, in ``plugins/schedules.py``).
+``karras``, ``exponential`` and ``beta`` are the toolkit's own, in ``plugins/schedules.py``),
+and the published tables of its ``GITSScheduler`` and ``OptimalStepsScheduler`` nodes as
+``gits`` and ``optimal_steps`` (the tables in ``plugins/schedule_tables.py``).
 
 ComfyUI defines them on its "model sampling": a table of the model's training noise levels
 in index order and two maps between a noise level and a (fractional) timestep. `ModelTable`
@@ -24,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import toolkit
-from plugins.schedules import _check_steps, _finish
-from toolkit import DtkError, lazy_import
+from plugins.schedule_tables import GITS_LEVELS, OPTIMAL_STEPS_LEVELS
+from plugins.schedules import _check_steps, _finish, loglinear_interp
+from toolkit import DtkError, OptionError, lazy_import
 
 if TYPE_CHECKING:
     import numpy as np
@@ -99,11 +102,17 @@ class ModelTable:
 
     def finish(self, name: str, levels: list[float] | np.ndarray) -> torch.Tensor:
         """ComfyUI's levels (without their final 0) as our sigmas ending in 0."""
-        levels = np.asarray(levels, dtype=np.float64)
         if self.flow:
-            with np.errstate(divide="ignore"):
-                levels = np.where(levels >= 1, math.inf, levels / (1 - levels))
-        return _finish(name, levels)
+            return _finish(name, flow_sigmas(levels))
+        return _finish(name, np.asarray(levels, dtype=np.float64))
+
+
+def flow_sigmas(times: list[float] | np.ndarray) -> np.ndarray:
+    """A flow model's times ``t`` (ComfyUI's "sigmas" of it) as our ``sigma = t / (1 - t)``,
+    ``t = 1`` being ``sigma = inf``."""
+    times = np.asarray(times, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(times >= 1, math.inf, times / (1 - times))
 
 
 class Simple:
@@ -217,7 +226,78 @@ class KLOptimal:
         return table.finish(self.name, np.tan(angles))
 
 
-COMFY_SCHEDULES = (Simple, Normal, SGMUniform, DDIMUniform, LinearQuadratic, KLOptimal)
+class GITS:
+    """GITS (Chen et al. 2024, "On the Trajectory Regularity of ODE-based Diffusion
+    Sampling"), as ComfyUI's ``GITSScheduler`` node (``comfy_extras/nodes_gits.py``): the
+    published levels for `coeff` (0.80 .. 1.50 by 0.05) and 2 .. 20 steps; for more steps
+    the 20-step levels interpolated in log sigma to ``steps + 1``; the last level (SD 1.5's
+    lowest, 0.0292) then replaced by 0. The levels are SD 1.5's sigmas, taken as they are
+    whatever the model, as the node does; a rectified-flow model is refused (ComfyUI's
+    "sigmas" of it are times in (0, 1]). The node's ``denoise`` (the last part of the
+    schedule) has no counterpart here."""
+
+    name = "gits"
+
+    def __init__(self, coeff: float = 1.20) -> None:
+        if round(coeff, 2) not in GITS_LEVELS:
+            raise OptionError(f"gits: coeff must be one of 0.80, 0.85, ..., 1.50 (the published "
+                              f"tables), got {coeff!r}")  # fmt: skip
+        self.coeff = coeff
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        if steps < 2:
+            raise DtkError("schedule 'gits' needs at least 2 steps (its tables start at 2)")
+        if getattr(noise, "is_flow", False):
+            raise DtkError("schedule 'gits' holds SD 1.5-style VP sigmas; this is a "
+                           "rectified-flow model: use optimal_steps or flow")  # fmt: skip
+        rows = GITS_LEVELS[round(self.coeff, 2)]
+        if steps - 2 < len(rows):
+            levels = np.asarray(rows[steps - 2], dtype=np.float64)
+        else:
+            levels = loglinear_interp(rows[-1], steps + 1)
+        return _finish(self.name, levels[:-1])
+
+
+class OptimalSteps:
+    """Optimal Stepsize for Diffusion Sampling (Pei et al. 2025), as ComfyUI's
+    ``OptimalStepsScheduler`` node (``comfy_extras/nodes_optimalsteps.py``): `model`'s
+    published times (``flux``: 10 steps, ``wan``: 20, ``chroma``: 40), interpolated in
+    ``log t`` to ``steps + 1`` when `steps` differs, the last (0.001) replaced by 0. The
+    node hands the times to ComfyUI as a flow model's "sigmas", which are times ``t``; they
+    become our ``sigma = t / (1 - t)`` (Wan's ``t = 1``: sigma = inf), as every flow schedule
+    of ComfyUI's here. Like the node it ignores the model's shift: the times are final.
+    Rectified-flow models only; the node's ``denoise`` has no counterpart here."""
+
+    name = "optimal_steps"
+
+    def __init__(self, model: Literal["flux", "wan", "chroma"] = "flux") -> None:
+        if model not in OPTIMAL_STEPS_LEVELS:
+            raise OptionError(f"optimal_steps: model must be one of "
+                              f"{', '.join(OPTIMAL_STEPS_LEVELS)}, got {model!r}")  # fmt: skip
+        self.model = model
+
+    def times(self, steps: int) -> np.ndarray:
+        """The node's ``steps + 1`` times, ending in 0."""
+        published = OPTIMAL_STEPS_LEVELS[self.model]
+        if steps + 1 == len(published):
+            times = np.asarray(published, dtype=np.float64)
+        else:
+            times = loglinear_interp(published, steps + 1)
+        times[-1] = 0.0
+        return times
+
+    def __call__(self, steps: int, noise: NoiseLevels) -> torch.Tensor:
+        _check_steps(self.name, steps)
+        if not getattr(noise, "is_flow", False):
+            raise DtkError("schedule 'optimal_steps' holds times of rectified-flow models "
+                           "(Flux, Wan, Chroma); this is not one: use gits or "
+                           "align_your_steps")  # fmt: skip
+        return _finish(self.name, flow_sigmas(self.times(steps)[:-1]))
+
+
+COMFY_SCHEDULES = (Simple, Normal, SGMUniform, DDIMUniform, LinearQuadratic, KLOptimal, GITS,
+                   OptimalSteps)  # fmt: skip
 
 
 @toolkit.hookimpl

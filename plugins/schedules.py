@@ -13,7 +13,7 @@ own schedulers are in ``plugins/comfy_schedules.py``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import toolkit
 from toolkit import DtkError, lazy_import
@@ -383,10 +383,16 @@ class AlignYourSteps:
             raise DtkError("schedule 'align_your_steps' holds levels of VP models (SD 1.x, "
                            "SDXL, SVD); this is a rectified-flow model: use --schedule "
                            "flow")  # fmt: skip
-        published = np.log(np.asarray(AYS_LEVELS[self.model], dtype=np.float64)[::-1])
-        grid = np.linspace(0, 1, len(published))
-        levels = np.exp(np.interp(np.linspace(0, 1, steps + 1), grid, published))[::-1]
-        return _finish(self.name, levels[:-1])
+        return _finish(self.name, loglinear_interp(AYS_LEVELS[self.model], steps + 1)[:-1])
+
+
+def loglinear_interp(levels: Any, count: int) -> np.ndarray:
+    """`count` levels from the decreasing `levels`, interpolated linearly in ``log level``
+    over an even grid, the ends kept (the ``loglinear_interp`` of Align Your Steps' code,
+    which ComfyUI's AYS, GITS and OptimalSteps nodes copy)."""
+    logs = np.log(np.asarray(levels, dtype=np.float64)[::-1])
+    grid = np.linspace(0, 1, len(logs))
+    return np.exp(np.interp(np.linspace(0, 1, count), grid, logs))[::-1].copy()
 
 
 SCHEDULES = (Leading, Trailing, Linspace, Karras, Exponential, Polyexponential, Beta, VP, Flow,

@@ -153,11 +153,17 @@ ODE_SAMPLERS = {
     "euler_ancestral": {"eta": 0.0}, "dpm_2_ancestral": {"eta": 0.0},
     "dpmpp_2s_ancestral": {"eta": 0.0}, "dpmpp_sde": {"eta": 0.0},
     "dpmpp_2m_sde": {"eta": 0.0}, "dpmpp_3m_sde": {"eta": 0.0},
+    # without guidance the CFG++ samplers are their plain namesakes (ComfyUI's 2S form is
+    # not: docs/samplers.md, "CFG++")
+    "euler_cfg_pp": {}, "euler_ancestral_cfg_pp": {"eta": 0.0}, "dpmpp_2m_cfg_pp": {},
+    "dpmpp_2s_ancestral_cfg_pp": {"eta": 0.0, "stage2_uncond": "first"},
+    "res_multistep_cfg_pp": {}, "res_multistep_ancestral_cfg_pp": {"eta": 0.0},
+    "gradient_estimation_cfg_pp": {},
 }  # fmt: skip
 #: how much closer 100 steps must come than 10 (8: better than first order's 10 less the
 #: noise of a float32 network); gradient_estimation, a first-order step plus a heuristic
 #: correction, gains less on this field (measured: 2.6e-2 at 10 steps, 6.6e-3 at 100)
-RATE = {"gradient_estimation": 3}
+RATE = {"gradient_estimation": 3, "gradient_estimation_cfg_pp": 3}
 #: built-in samplers documented as not applicable to a rectified-flow model (docs/samplers.md)
 NOT_FOR_FLOW = {"lcm": "needs a discrete-time VP model"}
 #: the diffusers sampler runs the model's own FlowMatchEulerDiscreteScheduler on its times

@@ -189,19 +189,22 @@ def test_sampler_matches_its_diffusers_twin(case: Twin, unet: Any, noise0: torch
 
 def test_every_sampler_with_a_diffusers_twin_is_compared() -> None:
     """k-diffusion's dpmpp_2s_ancestral and dpmpp_sde have no diffusers scheduler, nor do
-    ComfyUI's heunpp2, ipndm, ipndm_v, res_multistep and gradient_estimation (diffusers'
-    ``IPNDMScheduler`` steps another quantity on its own time grid;
-    tests/test_samplers_comfyui.py holds ComfyUI's loops); the
+    ComfyUI's heunpp2, ipndm, ipndm_v, res_multistep, gradient_estimation and CFG++ samplers
+    (diffusers' ``IPNDMScheduler`` steps another quantity on its own time grid;
+    tests/test_samplers_comfyui.py and tests/test_samplers_cfg_pp.py hold ComfyUI's
+    loops); the
     ``diffusers`` sampler runs diffusers' schedulers itself; ``score_sde_ve`` is compared
     with ``ScoreSdeVePipeline`` as a whole (tests/test_ve.py), its scheduler having no
     standard loop."""
+    from test_samplers_cfg_pp import REFERENCES as CFG_PP
+
     from plugins.samplers import SAMPLERS
 
     variants = [*UNIPC_BH1, EULER_CHURN, DPMPP_3M_SDE, DPMPP_2M_KARRAS, *DPMPP_2M_TRUNCATED]
     tested = {c.sampler for c in [*TWINS, *variants]}
     untwinned = {"dpmpp_2s_ancestral", "dpmpp_sde", "diffusers", "score_sde_ve", "ipndm",
                  "ipndm_v", "res_multistep", "res_multistep_ancestral",
-                 "gradient_estimation", "heunpp2"}  # fmt: skip
+                 "gradient_estimation", "heunpp2", *CFG_PP}  # fmt: skip
     assert tested == {cls.name for cls in SAMPLERS} - untwinned
 
 

@@ -534,17 +534,18 @@ def test_dpm_2_ancestral_with_eta_above_1_keeps_its_noise(denoise: Any) -> None:
 def test_every_builtin_sampler_has_a_reference() -> None:
     """A new built-in sampler needs a reference here, or in tests/test_samplers_comfyui.py
     (ComfyUI's ``heunpp2``, ``ipndm``, ``ipndm_v``, ``res_multistep`` and
-    ``gradient_estimation``).
+    ``gradient_estimation``) or tests/test_samplers_cfg_pp.py (ComfyUI's CFG++ samplers).
     ``unipc``, ``score_sde_ve`` and ``lcm`` have no k-diffusion version (``score_sde_ve`` is
     checked against ``ScoreSdeVePipeline`` in tests/test_ve.py, ``lcm`` against
     ``LCMScheduler`` in tests/test_samplers_diffusers.py) and ``diffusers`` runs a diffusers
     scheduler itself."""
+    from test_samplers_cfg_pp import REFERENCES as CFG_PP
     from test_samplers_comfyui import REFERENCES as COMFYUI
 
     from plugins.samplers import SAMPLERS
 
     builtin = {cls.name for cls in SAMPLERS} - {"unipc", "diffusers", "score_sde_ve", "lcm"}
-    assert {case.sampler for case in CASES} | set(COMFYUI) == builtin
+    assert {case.sampler for case in CASES} | set(COMFYUI) | set(CFG_PP) == builtin
 
 
 # -- properties of every built-in sampler ----------------------------------------------------
@@ -578,6 +579,13 @@ SAMPLERS = [
     ("gradient_estimation", "gradient_estimation", {}, False),
     ("heunpp2", "heunpp2", {}, False),
     ("heunpp2-churn", "heunpp2", {"s_churn": 1.0}, True),
+    ("euler_cfg_pp", "euler_cfg_pp", {}, False),
+    ("euler_ancestral_cfg_pp", "euler_ancestral_cfg_pp", {}, True),
+    ("dpmpp_2s_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", {}, True),
+    ("dpmpp_2m_cfg_pp", "dpmpp_2m_cfg_pp", {}, False),
+    ("res_multistep_cfg_pp", "res_multistep_cfg_pp", {}, False),
+    ("res_multistep_ancestral_cfg_pp", "res_multistep_ancestral_cfg_pp", {}, True),
+    ("gradient_estimation_cfg_pp", "gradient_estimation_cfg_pp", {}, False),
 ]
 SAMPLER_PARAMS = [pytest.param(name, opts, sto, id=id_) for id_, name, opts, sto in SAMPLERS]
 

@@ -51,6 +51,7 @@ from toolkit.registry.protocols import (
     Schedule,
     StepCallback,
     Verdict,
+    with_unconditional,
 )
 from toolkit.registry.protocols import optional as optional_member
 
@@ -202,6 +203,7 @@ __all__ = [
     "to_pixels",
     "value_words",
     "versions",
+    "with_unconditional",
     "write_colored_digits",
 ]
 

@@ -1,11 +1,17 @@
 """The built-in samplers. Each computes the update rule of its namesake in k-diffusion
 (``ddim``, ``ddpm``, ``unipc`` and ``lcm``: in diffusers; ``heunpp2``, ``ipndm``,
-``ipndm_v``, ``res_multistep`` and ``gradient_estimation``: in ComfyUI); shared math is
-in `updates`."""
+``ipndm_v``, ``res_multistep``, ``gradient_estimation`` and the CFG++ samplers
+(``*_cfg_pp``): in ComfyUI); shared math is in `updates`."""
 
 from __future__ import annotations
 
 import toolkit
+from plugins.samplers.cfg_pp import (
+    DPMPP2MCFGPP,
+    DPMPP2SAncestralCFGPP,
+    EulerAncestralCFGPP,
+    EulerCFGPP,
+)
 from plugins.samplers.ddim import DDIM, DDPM
 from plugins.samplers.diffusers_adapter import DiffusersScheduler
 from plugins.samplers.dpmpp import (
@@ -20,7 +26,14 @@ from plugins.samplers.euler import DPM2, DPM2Ancestral, Euler, EulerAncestral, H
 from plugins.samplers.ipndm import IPNDM, IPNDMV
 from plugins.samplers.lcm import LCM
 from plugins.samplers.lms import LMS
-from plugins.samplers.res import GradientEstimation, ResMultistep, ResMultistepAncestral
+from plugins.samplers.res import (
+    GradientEstimation,
+    GradientEstimationCFGPP,
+    ResMultistep,
+    ResMultistepAncestral,
+    ResMultistepAncestralCFGPP,
+    ResMultistepCFGPP,
+)
 from plugins.samplers.score_sde import ScoreSdeVe
 from plugins.samplers.unipc import UniPC
 
@@ -46,6 +59,13 @@ SAMPLERS = (
     ResMultistep,
     ResMultistepAncestral,
     GradientEstimation,
+    EulerCFGPP,
+    EulerAncestralCFGPP,
+    DPMPP2SAncestralCFGPP,
+    DPMPP2MCFGPP,
+    ResMultistepCFGPP,
+    ResMultistepAncestralCFGPP,
+    GradientEstimationCFGPP,
     ScoreSdeVe,
     LCM,
     DiffusersScheduler,

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
     from toolkit.models.noise import NoiseLevels
 
-#: ``denoise(x, sigma)`` -> the model's clean-image estimate at noise level sigma
+#: ``denoise(x, sigma)`` -> the model's clean-image estimate at noise level sigma (with
+#: guidance applied); see `with_unconditional` for the one extra a sampler may ask of it
 Denoiser = Callable[["torch.Tensor", Any], "torch.Tensor"]
 #: ``noise(sigma, sigma_next)`` -> fresh standard normal noise shaped like the sample
 NoiseSource = Callable[[float, float], "torch.Tensor"]
@@ -168,6 +169,25 @@ CONTRACT: dict[str, tuple[type, type | None, dict[str, Any]]] = {
     "safety_filter": (SafetyFilter, SafetyFilterOptions, {"stage": "image"}),
     "attribute_classifier": (AttributeClassifier, None, {}),
 }
+
+
+def with_unconditional(denoise: Denoiser, x: torch.Tensor, sigma: Any
+                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(guided, unconditional)``: `denoise`'s estimate at `sigma` and, from the same
+    network call, the unconditional branch's estimate before guidance.
+
+    CFG++ (Chung et al. 2024) takes the step's direction from the unconditional estimate
+    and its landing point from the guided one, so its samplers need both. The toolkit's
+    denoiser answers with its ``with_unconditional(x, sigma)`` method; a guidance that ran
+    no ``uncond`` branch at this sigma, and any plain ``denoise`` callable (a test's
+    stand-in, another library's model), give the guided estimate for both, which turns a
+    CFG++ sampler into its plain namesake. Samplers that never ask are unaffected.
+    """
+    both = getattr(denoise, "with_unconditional", None)
+    if both is not None:
+        return both(x, sigma)
+    denoised = denoise(x, sigma)
+    return denoised, denoised
 
 
 def optional(kind: str, plugin: Any, member: str) -> Any:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
-from toolkit.models.family import COND
+from toolkit.models.family import COND, UNCOND
 from toolkit.registry.protocols import optional
 
 if TYPE_CHECKING:
@@ -60,6 +60,13 @@ class GuidedDenoiser:
             ) from None
 
     def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
+        return self.with_unconditional(x, sigma)[0]
+
+    def with_unconditional(self, x: torch.Tensor, sigma: Any
+                           ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The guided estimate and the ``uncond`` branch's from the same forward pass (the
+        guided one again where no ``uncond`` branch ran): what CFG++ samplers ask for,
+        through `toolkit.with_unconditional`."""
         branches = active_branches(self.guidance, sigma_scalar(sigma))
         batch = x.shape[0]
         xs = x if len(branches) == 1 else torch.cat([x] * len(branches))
@@ -75,4 +82,5 @@ class GuidedDenoiser:
         if variance is not None:
             variance = variance.split(batch)[branches.index(COND) if COND in branches else 0]
         self.variance = variance
-        return self.guidance(preds, sigma_scalar(sigma))
+        guided = self.guidance(preds, sigma_scalar(sigma))
+        return guided, preds.get(UNCOND, guided)
