@@ -189,7 +189,8 @@ def test_sampler_matches_its_diffusers_twin(case: Twin, unet: Any, noise0: torch
 
 def test_every_sampler_with_a_diffusers_twin_is_compared() -> None:
     """k-diffusion's dpmpp_2s_ancestral and dpmpp_sde have no diffusers scheduler, nor do
-    ComfyUI's heunpp2, ipndm, ipndm_v, res_multistep, gradient_estimation and CFG++ samplers
+    ComfyUI's heunpp2, ipndm, ipndm_v, res_multistep, gradient_estimation, CFG++, SEEDS and
+    ER-SDE samplers, nor k-diffusion's dpm_fast and dpm_adaptive
     (diffusers' ``IPNDMScheduler`` steps another quantity on its own time grid;
     tests/test_samplers_comfyui.py and tests/test_samplers_cfg_pp.py hold ComfyUI's
     loops); the
@@ -204,7 +205,8 @@ def test_every_sampler_with_a_diffusers_twin_is_compared() -> None:
     tested = {c.sampler for c in [*TWINS, *variants]}
     untwinned = {"dpmpp_2s_ancestral", "dpmpp_sde", "diffusers", "score_sde_ve", "ipndm",
                  "ipndm_v", "res_multistep", "res_multistep_ancestral",
-                 "gradient_estimation", "heunpp2", *CFG_PP}  # fmt: skip
+                 "gradient_estimation", "heunpp2", *CFG_PP, "dpm_fast", "dpm_adaptive",
+                 "seeds_2", "seeds_3", "exp_heun_2_x0", "exp_heun_2_x0_sde", "er_sde"}  # fmt: skip
     assert tested == {cls.name for cls in SAMPLERS} - untwinned
 
 

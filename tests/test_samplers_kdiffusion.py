@@ -534,18 +534,21 @@ def test_dpm_2_ancestral_with_eta_above_1_keeps_its_noise(denoise: Any) -> None:
 def test_every_builtin_sampler_has_a_reference() -> None:
     """A new built-in sampler needs a reference here, or in tests/test_samplers_comfyui.py
     (ComfyUI's ``heunpp2``, ``ipndm``, ``ipndm_v``, ``res_multistep`` and
-    ``gradient_estimation``) or tests/test_samplers_cfg_pp.py (ComfyUI's CFG++ samplers).
+    ``gradient_estimation``), tests/test_samplers_cfg_pp.py (ComfyUI's CFG++ samplers) or
+    tests/test_samplers_comfyui_sde.py (``dpm_fast``, ``dpm_adaptive``, SEEDS, ER-SDE).
     ``unipc``, ``score_sde_ve`` and ``lcm`` have no k-diffusion version (``score_sde_ve`` is
     checked against ``ScoreSdeVePipeline`` in tests/test_ve.py, ``lcm`` against
     ``LCMScheduler`` in tests/test_samplers_diffusers.py) and ``diffusers`` runs a diffusers
     scheduler itself."""
     from test_samplers_cfg_pp import REFERENCES as CFG_PP
     from test_samplers_comfyui import REFERENCES as COMFYUI
+    from test_samplers_comfyui_sde import CASES as SDE_CASES
 
     from plugins.samplers import SAMPLERS
 
     builtin = {cls.name for cls in SAMPLERS} - {"unipc", "diffusers", "score_sde_ve", "lcm"}
-    assert {case.sampler for case in CASES} | set(COMFYUI) | set(CFG_PP) == builtin
+    sde = {case[1].name for case in SDE_CASES}
+    assert {case.sampler for case in CASES} | set(COMFYUI) | set(CFG_PP) | sde == builtin
 
 
 # -- properties of every built-in sampler ----------------------------------------------------
@@ -586,6 +589,12 @@ SAMPLERS = [
     ("res_multistep_cfg_pp", "res_multistep_cfg_pp", {}, False),
     ("res_multistep_ancestral_cfg_pp", "res_multistep_ancestral_cfg_pp", {}, True),
     ("gradient_estimation_cfg_pp", "gradient_estimation_cfg_pp", {}, False),
+    # dpm_fast and dpm_adaptive report their own steps (tests/test_samplers_comfyui_sde.py)
+    ("seeds_2", "seeds_2", {}, True),
+    ("seeds_3", "seeds_3", {}, True),
+    ("exp_heun_2_x0", "exp_heun_2_x0", {}, False),
+    ("exp_heun_2_x0_sde", "exp_heun_2_x0_sde", {}, True),
+    ("er_sde", "er_sde", {}, True),
 ]
 SAMPLER_PARAMS = [pytest.param(name, opts, sto, id=id_) for id_, name, opts, sto in SAMPLERS]
 

@@ -1,7 +1,9 @@
 """The built-in samplers. Each computes the update rule of its namesake in k-diffusion
 (``ddim``, ``ddpm``, ``unipc`` and ``lcm``: in diffusers; ``heunpp2``, ``ipndm``,
-``ipndm_v``, ``res_multistep``, ``gradient_estimation`` and the CFG++ samplers
-(``*_cfg_pp``): in ComfyUI); shared math is in `updates`."""
+``ipndm_v``, ``res_multistep``, ``gradient_estimation``, the CFG++ samplers
+(``*_cfg_pp``), SEEDS (``seeds_2``, ``seeds_3``, ``exp_heun_2_x0``) and ``er_sde``: in
+ComfyUI; ``dpm_fast`` and ``dpm_adaptive``: k-diffusion's ``DPMSolver`` as ComfyUI calls
+it); shared math is in `updates`."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from plugins.samplers.cfg_pp import (
 )
 from plugins.samplers.ddim import DDIM, DDPM
 from plugins.samplers.diffusers_adapter import DiffusersScheduler
+from plugins.samplers.dpm_solver import DPMAdaptive, DPMFast
 from plugins.samplers.dpmpp import (
     DPMPP2M,
     DPMPP2MSDE,
@@ -22,6 +25,7 @@ from plugins.samplers.dpmpp import (
     DPMPP2MSDEHeun,
     DPMPP2SAncestral,
 )
+from plugins.samplers.er_sde import ERSDE
 from plugins.samplers.euler import DPM2, DPM2Ancestral, Euler, EulerAncestral, Heun, HeunPP2
 from plugins.samplers.ipndm import IPNDM, IPNDMV
 from plugins.samplers.lcm import LCM
@@ -35,6 +39,7 @@ from plugins.samplers.res import (
     ResMultistepCFGPP,
 )
 from plugins.samplers.score_sde import ScoreSdeVe
+from plugins.samplers.seeds import ExpHeun2X0, ExpHeun2X0SDE, Seeds2, Seeds3
 from plugins.samplers.unipc import UniPC
 
 SAMPLERS = (
@@ -66,6 +71,13 @@ SAMPLERS = (
     ResMultistepCFGPP,
     ResMultistepAncestralCFGPP,
     GradientEstimationCFGPP,
+    DPMFast,
+    DPMAdaptive,
+    ExpHeun2X0,
+    ExpHeun2X0SDE,
+    ERSDE,
+    Seeds2,
+    Seeds3,
     ScoreSdeVe,
     LCM,
     DiffusersScheduler,
