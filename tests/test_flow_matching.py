@@ -161,13 +161,15 @@ ODE_SAMPLERS = {
     "gradient_estimation_cfg_pp": {},
     "seeds_2": {"eta": 0.0}, "seeds_3": {"eta": 0.0}, "exp_heun_2_x0": {},
     "exp_heun_2_x0_sde": {"eta": 0.0},
+    "deis": {}, "sa_solver": {"eta": 0.0}, "sa_solver_pece": {"eta": 0.0},
+    "restart": {"restart_times": 0},
 }  # fmt: skip
 #: how much closer 100 steps must come than 10 (8: better than first order's 10 less the
 #: noise of a float32 network); gradient_estimation, a first-order step plus a heuristic
 #: correction, gains less on this field (measured: 2.6e-2 at 10 steps, 6.6e-3 at 100)
 RATE = {"gradient_estimation": 3, "gradient_estimation_cfg_pp": 3}
 #: built-in samplers documented as not applicable to a rectified-flow model (docs/samplers.md)
-NOT_FOR_FLOW = {"lcm": "needs a discrete-time VP model"}
+NOT_FOR_FLOW = {"lcm": "needs a discrete-time VP model", "tcd": "needs a discrete-time VP model"}
 #: the diffusers sampler runs the model's own FlowMatchEulerDiscreteScheduler on its times
 OWN_TIMES_ONLY = {"diffusers"}
 #: k-diffusion's DPM-Solver samplers end at the last non-zero sigma, as ComfyUI runs them,

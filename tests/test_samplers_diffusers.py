@@ -206,7 +206,10 @@ def test_every_sampler_with_a_diffusers_twin_is_compared() -> None:
     untwinned = {"dpmpp_2s_ancestral", "dpmpp_sde", "diffusers", "score_sde_ve", "ipndm",
                  "ipndm_v", "res_multistep", "res_multistep_ancestral",
                  "gradient_estimation", "heunpp2", *CFG_PP, "dpm_fast", "dpm_adaptive",
-                 "seeds_2", "seeds_3", "exp_heun_2_x0", "exp_heun_2_x0_sde", "er_sde"}  # fmt: skip
+                 "seeds_2", "seeds_3", "exp_heun_2_x0", "exp_heun_2_x0_sde", "er_sde",
+                 # compared with their diffusers schedulers in their own files:
+                 # tests/test_samplers_deis_sa_tcd.py (and tests/test_restart.py)
+                 "deis", "sa_solver", "sa_solver_pece", "tcd", "restart"}  # fmt: skip
     assert tested == {cls.name for cls in SAMPLERS} - untwinned
 
 

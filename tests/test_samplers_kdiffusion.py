@@ -531,6 +531,16 @@ def test_dpm_2_ancestral_with_eta_above_1_keeps_its_noise(denoise: Any) -> None:
     assert kdiff_noise.calls == []
 
 
+#: samplers compared with diffusers' schedulers and other tools' loops in their own files
+OTHER_REFERENCES = {
+    "deis": "DEISMultistepScheduler and ComfyUI's tab mode: tests/test_samplers_deis_sa_tcd.py",
+    "sa_solver": "ComfyUI and SASolverScheduler: tests/test_samplers_deis_sa_tcd.py",
+    "sa_solver_pece": "ComfyUI: tests/test_samplers_deis_sa_tcd.py",
+    "tcd": "TCDScheduler: tests/test_samplers_deis_sa_tcd.py",
+    "restart": "AUTOMATIC1111's restart_sampler: tests/test_restart.py",
+}
+
+
 def test_every_builtin_sampler_has_a_reference() -> None:
     """A new built-in sampler needs a reference here, or in tests/test_samplers_comfyui.py
     (ComfyUI's ``heunpp2``, ``ipndm``, ``ipndm_v``, ``res_multistep`` and
@@ -546,7 +556,8 @@ def test_every_builtin_sampler_has_a_reference() -> None:
 
     from plugins.samplers import SAMPLERS
 
-    builtin = {cls.name for cls in SAMPLERS} - {"unipc", "diffusers", "score_sde_ve", "lcm"}
+    elsewhere = {"unipc", "diffusers", "score_sde_ve", "lcm", *OTHER_REFERENCES}
+    builtin = {cls.name for cls in SAMPLERS} - elsewhere
     sde = {case[1].name for case in SDE_CASES}
     assert {case.sampler for case in CASES} | set(COMFYUI) | set(CFG_PP) | sde == builtin
 
@@ -595,7 +606,16 @@ SAMPLERS = [
     ("exp_heun_2_x0", "exp_heun_2_x0", {}, False),
     ("exp_heun_2_x0_sde", "exp_heun_2_x0_sde", {}, True),
     ("er_sde", "er_sde", {}, True),
+    ("deis", "deis", {}, False),
+    ("deis-tab", "deis", {"mode": "tab"}, False),
+    ("sa_solver", "sa_solver", {"sde_start_percent": 0.0, "sde_end_percent": 1.0}, True),
+    ("sa_solver_pece", "sa_solver_pece", {"sde_start_percent": 0.0, "sde_end_percent": 1.0}, True),
+    # below 20 steps: Heun; with restarts it reports its extra Heun steps too (and draws
+    # only from the noise source: tests/test_restart.py compares its draws)
+    ("restart", "restart", {}, False),
 ]
+#: PECE reports the estimate at the corrected sample, not at the previous report's `x`
+CORRECTED_ESTIMATE = {"sa_solver_pece"}
 SAMPLER_PARAMS = [pytest.param(name, opts, sto, id=id_) for id_, name, opts, sto in SAMPLERS]
 
 
@@ -704,4 +724,5 @@ def test_callback_reports_each_step(
             assert sigma_hat == sigma
             # the model's estimate at this step's input, which the previous report holds
             previous = x if i == 0 else records[i - 1]["x"]
-            assert torch.equal(r["denoised"], denoise(previous, sigma))
+            if name not in CORRECTED_ESTIMATE or i == 0:
+                assert torch.equal(r["denoised"], denoise(previous, sigma))

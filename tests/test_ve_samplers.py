@@ -16,7 +16,8 @@ from toolkit.models import load_model
 from toolkit.sampling.engine import sample_images
 
 #: built-in samplers documented as not applicable to a VE model, and why
-NOT_FOR_VE = {"lcm": "needs a discrete-time VP model", "diffusers": "variance-exploding"}
+NOT_FOR_VE = {"lcm": "needs a discrete-time VP model", "tcd": "needs a discrete-time VP model",
+              "diffusers": "variance-exploding"}  # fmt: skip
 
 
 def builtin_samplers() -> list[str]:

@@ -3,7 +3,9 @@
 ``ipndm_v``, ``res_multistep``, ``gradient_estimation``, the CFG++ samplers
 (``*_cfg_pp``), SEEDS (``seeds_2``, ``seeds_3``, ``exp_heun_2_x0``) and ``er_sde``: in
 ComfyUI; ``dpm_fast`` and ``dpm_adaptive``: k-diffusion's ``DPMSolver`` as ComfyUI calls
-it); shared math is in `updates`."""
+it; ``deis`` (diffusers' ``DEISMultistepScheduler``, or ComfyUI's with ``mode=tab``),
+``sa_solver`` and ``sa_solver_pece`` (ComfyUI), ``tcd`` (diffusers' ``TCDScheduler``) and
+``restart`` (AUTOMATIC1111's, by the paper's authors)); shared math is in `updates`."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from plugins.samplers.cfg_pp import (
     EulerCFGPP,
 )
 from plugins.samplers.ddim import DDIM, DDPM
+from plugins.samplers.deis import DEIS
 from plugins.samplers.diffusers_adapter import DiffusersScheduler
 from plugins.samplers.dpm_solver import DPMAdaptive, DPMFast
 from plugins.samplers.dpmpp import (
@@ -38,8 +41,11 @@ from plugins.samplers.res import (
     ResMultistepAncestralCFGPP,
     ResMultistepCFGPP,
 )
+from plugins.samplers.restart import Restart
+from plugins.samplers.sa_solver import SASolver, SASolverPECE
 from plugins.samplers.score_sde import ScoreSdeVe
 from plugins.samplers.seeds import ExpHeun2X0, ExpHeun2X0SDE, Seeds2, Seeds3
+from plugins.samplers.tcd import TCD
 from plugins.samplers.unipc import UniPC
 
 SAMPLERS = (
@@ -78,8 +84,13 @@ SAMPLERS = (
     ERSDE,
     Seeds2,
     Seeds3,
+    DEIS,
+    SASolver,
+    SASolverPECE,
+    Restart,
     ScoreSdeVe,
     LCM,
+    TCD,
     DiffusersScheduler,
 )
 

@@ -7,6 +7,7 @@ exact and free of device synchronisation.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit import OptionError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from toolkit import NoiseSource, StepCallback
@@ -106,6 +108,39 @@ def lms_coefficient(order: int, sigmas: Sequence[float], i: int, j: int) -> floa
             basis = basis * Polynomial([-node, 1.0]) / (nodes[j] - node)
     antiderivative = basis.integ()
     return float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i]))
+
+
+#: enough Gauss-Legendre points for the entire (or, for ``tab``, analytic in a wide strip)
+#: integrands here to reach rounding error over any step a schedule takes
+QUADRATURE_POINTS = 32
+
+
+@functools.cache
+def _gauss_legendre(points: int) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
+    return np.polynomial.legendre.leggauss(points)
+
+
+def quadrature(a: float, b: float, points: int = QUADRATURE_POINTS) -> tuple[Any, Any]:
+    """Gauss-Legendre nodes and weights for ``int_a^b`` (`a` > `b` integrates backwards)."""
+    nodes, weights = _gauss_legendre(points)
+    half = (b - a) / 2
+    return half * nodes + (a + b) / 2, half * weights
+
+
+def lagrange_integrals(nodes: Sequence[float], at: Any, weights: Any) -> list[float]:
+    """``sum_k weights_k L_j(at_k)`` for each Lagrange basis polynomial ``L_j`` through
+    `nodes` (``L_j(nodes_j) = 1``): with `at` and `weights` from `quadrature`, the integral
+    of ``L_j`` against the weight folded into `weights`."""
+    coefficients = []
+    for j, node in enumerate(nodes):
+        basis = weights
+        for k, other in enumerate(nodes):
+            if k != j:
+                basis = basis * (at - other) / (node - other)
+        coefficients.append(float(basis.sum()))
+    return coefficients
 
 
 def report(
