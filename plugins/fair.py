@@ -20,11 +20,12 @@ from __future__ import annotations
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import toolkit
 from plugins.guidance import CFG
 from plugins.momentum import WarmedMomentum
+from plugins.stacking import Stacked, base_options, make_base
 from toolkit import (
     DtkError,
     OptionError,
@@ -46,7 +47,7 @@ LABEL_SCALE, TEXT_SCALE = 2.0, 7.5
 EDIT = "edit:"
 
 
-class FairGuidance(CFG):
+class FairGuidance(Stacked, CFG):
     """Fair Diffusion: each sample's value of `attribute` is drawn from `target`, then
     generation is guided towards it (classifier-free guidance at `scale`).
 
@@ -64,6 +65,10 @@ class FairGuidance(CFG):
     others', keeping per channel only the elements above the `threshold` quantile, with
     momentum (`momentum_scale`, `momentum_beta`), applied after `warmup_steps` network
     evaluations (the momentum gathers during the warmup). `scale` defaults to 7.5.
+
+    The guidance the edit goes on top of is `base` (default ``cfg``; any guider: ``apg``,
+    ``pag``, ``cfg_zero_star``, ...), with its options as ``base.KEY=VALUE`` and `scale` as
+    its scale unless ``base.scale`` is given (`plugins.stacking`).
     """
 
     name = "fair"
@@ -81,6 +86,8 @@ class FairGuidance(CFG):
         threshold: float = 0.95,
         momentum_scale: float = 0.5,
         momentum_beta: float = 0.6,
+        base: str = "cfg",
+        **base_settings: Any,
     ) -> None:
         if not attribute:
             raise OptionError("fair: attribute must name the attribute to balance")
@@ -104,7 +111,12 @@ class FairGuidance(CFG):
             self.text_branches = {
                 EDIT + value: _edit_prompt(edit_prompt, text) for value, text in said.items()
             }
-            self.branches = ("cond", "uncond", *self.text_branches)
+        self.base = make_base(self.name, base, self.scale, base_options(self.name, base_settings))
+        if "uncond" not in self.base.branches:
+            raise OptionError(f"fair: base {base!r} has no unconditional branch to guide from")
+        #: the edit's own branches: the unconditional estimate and the edit prompts
+        self._own = ("uncond", *self.text_branches) if self.text else ()
+        self.branches = self.stack_branches(self._own)
         self._shares: dict[str, float] | None = None
         self._direction: torch.Tensor | None = None
         self._momentum = WarmedMomentum(momentum_scale, momentum_beta, warmup_steps)
@@ -149,6 +161,7 @@ class FairGuidance(CFG):
     def start_batch(self, conditions: Sequence[Mapping[str, str]]) -> None:
         """Before each batch: its samples' drawn values fix each edit prompt's direction
         (+1 towards, -1 away), and the momentum and the warmup count start afresh."""
+        self.start_base(conditions)
         if not self.text:
             return
         drawn = [c[self.attribute] for c in conditions]
@@ -157,8 +170,11 @@ class FairGuidance(CFG):
         )
         self._momentum.reset()
 
+    def active(self, sigma: float) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self.base_active(sigma), *self._own]))
+
     def __call__(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:
-        guided = super().__call__(preds, sigma)
+        guided = self.base_estimate(preds, sigma)
         if not self.text or sigma <= 0:
             return guided
         if self._direction is None:

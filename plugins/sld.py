@@ -13,12 +13,13 @@ so the same scheduler, seeds, prompt and settings give the same images.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import toolkit
 from plugins.guidance import CFG
 from plugins.momentum import WarmedMomentum
+from plugins.stacking import Stacked, base_options, make_base
 from toolkit import OptionError, lazy_import
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ PRESETS: dict[str, dict[str, float]] = {
 SAFETY = "safety"
 
 
-class SafeLatentDiffusion(CFG):
+class SafeLatentDiffusion(Stacked, CFG):
     """Safe Latent Diffusion: ``cfg`` at `scale`, steered away from `concept`.
 
     `preset` picks the paper's values for `guidance_scale` (the safety scale), `warmup_steps`
@@ -62,6 +63,11 @@ class SafeLatentDiffusion(CFG):
     do not, at the first call and whenever sigma increases or the batch shape changes:
     samplers walk sigma downwards, so a new batch starting from the largest sigma resets it.
     For a sampler with several network evaluations per step the warmup counts evaluations.
+
+    The guidance the safety term goes on top of is `base` (default ``cfg``; any guider:
+    ``apg``, ``pag``, ...), with its options as ``base.KEY=VALUE`` and `scale` as its scale
+    unless ``base.scale`` is given (`plugins.stacking`); `scale` also weighs the safety term,
+    as in the paper.
     """
 
     name = "sld"
@@ -77,6 +83,8 @@ class SafeLatentDiffusion(CFG):
         momentum_scale: float | None = None,
         momentum_beta: float | None = None,
         concept: str = DEFAULT_CONCEPT,
+        base: str = "cfg",
+        **base_settings: Any,
     ) -> None:
         given = {"guidance_scale": guidance_scale, "warmup_steps": warmup_steps,
                  "threshold": threshold, "momentum_scale": momentum_scale,
@@ -104,6 +112,10 @@ class SafeLatentDiffusion(CFG):
         self.momentum_beta = float(values["momentum_beta"])
         self.concept = concept
         self.text_branches = {SAFETY: concept}
+        self.base = make_base(self.name, base, self.scale, base_options(self.name, base_settings))
+        if "uncond" not in self.base.branches:
+            raise OptionError(f"sld: base {base!r} has no unconditional branch to guide from")
+        self.branches = self.stack_branches(("uncond", SAFETY))
         self._momentum = WarmedMomentum(self.momentum_scale, self.momentum_beta,
                                         self.warmup_steps)  # fmt: skip
         self._last_sigma = math.inf
@@ -114,15 +126,17 @@ class SafeLatentDiffusion(CFG):
         return self.guidance_scale > 1
 
     def active(self, sigma: float) -> tuple[str, ...]:
-        return self.branches if self.enabled else ("cond", "uncond")
+        own = ("uncond", SAFETY) if self.enabled else ()
+        return tuple(dict.fromkeys([*self.base_active(sigma), *own]))
 
-    def start_batch(self, conditions: object) -> None:
+    def start_batch(self, conditions: Sequence[Mapping[str, str]]) -> None:
         """A new batch: momentum and warmup start afresh (called by `toolkit.generate`)."""
+        self.start_base(conditions)
         self._momentum.reset()
 
     def __call__(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:
         cond, uncond = preds["cond"], preds["uncond"]
-        guided = super().__call__(preds, sigma)
+        guided = self.base_estimate(preds, sigma)
         if SAFETY not in preds or sigma <= 0:
             return guided
         if sigma > self._last_sigma:  # a new run, for callers without start_batch

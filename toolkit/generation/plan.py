@@ -358,7 +358,12 @@ def _guidance(registry: Registry, request: GenerationRequest, folder: ModelFolde
     if not folder.takes_prompts:
         conditional = conditional or bool(first)
     text_branches = dict(optional("guidance", instance, "text_branches"))
-    folder.check_guidance(set(instance.branches), text_branches, conditional, name)
+    # a perturbed branch asks for the inputs of the branch it names (its condition)
+    perturbations = dict(optional("guidance", instance, "perturbations"))
+    branches = {getattr(perturbations.get(b), "condition", b) for b in instance.branches}
+    folder.check_guidance(branches, text_branches, conditional, name)
+    if perturbations:
+        folder.check_perturbations(perturbations, name)
     return use
 
 

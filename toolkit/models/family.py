@@ -15,6 +15,7 @@ to `toolkit.models.FAMILIES`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import pathlib
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -150,6 +151,14 @@ class ModelFolder(abc.ABC):
         """Refuse guidance the model or request cannot serve: `branches` a guidance asks
         for, the prompts of its own `text_branches`, whether the request is conditional."""
 
+    def check_perturbations(self, perturbations: Mapping[str, Any], name: str) -> None:
+        """Refuse a guidance's perturbed branches (branch -> `toolkit.Perturbation`) the
+        network cannot run: each one's layers are resolved on the network built from its
+        config on the meta device, without weights (`toolkit.models.attention`)."""
+        from toolkit.models import attention
+
+        attention.check(attention.skeleton(self), perturbations, name)
+
     def validate(self, condition: Mapping[str, str]) -> dict[str, str]:
         """One sample's condition checked against the model (values as strings)."""
         return {str(k): str(v) for k, v in condition.items()}
@@ -219,6 +228,21 @@ class Model(abc.ABC):
         """Clean samples -> images in [-1, 1] (latents through the VAE; pixels as they are)."""
         return x0
 
+    def perturbed(self, rows: Mapping[range, Any]) -> contextlib.AbstractContextManager:
+        """A context in which `denoise` runs each `range` of batch rows in `rows` through
+        the network perturbed as its `toolkit.Perturbation` says (the other rows as
+        usual): a guidance's perturbed branches (`GuidedDenoiser`)."""
+        raise DtkError(f"a {self.folder.family} model cannot run perturbed guidance branches")
+
+    def output_space(self, x: torch.Tensor, sigma: Any
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """``(a, b)`` with ``denoise(x, sigma) = a + b * output`` for the network's raw
+        `output` at samples `x` and noise level `sigma` (both shaped like `x`; b is 0 only
+        where the output does not matter, at sigma 0), which a guidance combining raw outputs
+        needs (its ``space``, docs/plugins.md); None for a model that does not say, where
+        such a guidance is refused."""
+        return None
+
 
 def refuse_unknown_branches(name: str, branches: set[str], allowed: set[str]) -> None:
     unknown = branches - allowed
@@ -258,6 +282,23 @@ class NetworkModel(Model):
 
     def prior(self, eps: torch.Tensor, sigma: float) -> torch.Tensor:
         return self.parameterization.prior(eps, sigma)
+
+    def perturbed(self, rows: Mapping[range, Any]) -> contextlib.AbstractContextManager:
+        from toolkit.models.attention import perturbed
+
+        return perturbed(self.network, rows)
+
+    def output_space(self, x: torch.Tensor, sigma: Any
+                     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        # every parameterization's estimate is affine in the output, with a slope that
+        # depends on sigma alone (Karras et al.'s c_skip x + c_out F; a flow model at
+        # sigma = inf too: x - v), so probes of `denoised` give it without per-family code;
+        # the slope is probed at x = 0, where no rounding against x blurs it
+        zeros, ones = x.new_zeros(x.shape), x.new_ones(x.shape)
+        a = self.parameterization.denoised(x, sigma, zeros)
+        b = self.parameterization.denoised(zeros, sigma, ones)
+        b = b - self.parameterization.denoised(zeros, sigma, zeros)
+        return a, b
 
 
 class VPModel(NetworkModel):

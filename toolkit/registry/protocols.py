@@ -11,8 +11,11 @@ member, and a test fails when one is not.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from toolkit.errors import DtkError
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +59,57 @@ class SampleRequest:
         if self.prompt:
             parts.append(self.prompt)
         return " ".join(parts)
+
+
+#: what a `Perturbation` changes in the network, on its branch's rows only
+PERTURBATION_KINDS = ("identity_attention", "attention_scores", "blur_query",
+                      "skip_attention", "skip_ff", "skip_block")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Perturbation:
+    """A guidance branch evaluated by a perturbed network: the inputs of branch `condition`
+    through the network with `kind` applied to the selected `layers`, on that branch's rows
+    of the batched forward pass only (a guidance's `perturbations`; docs/plugins.md).
+
+    `layers`: a string selects the network's self-attention layers whose module name it
+    matches (a regular expression searched in the name, as diffusers' ``pag_applied_layers``:
+    ``"mid"``, ``"down_blocks.1"``, ``"up_blocks.0.attentions.1"``); a whole number ``i``
+    selects exactly block ``i`` of the block list `stack` (``"transformer_blocks"``: a DiT's or
+    SD 3's), as diffusers' ``LayerSkipConfig(indices, fqn)``. `kind`:
+
+    - ``"identity_attention"``: the attention map of the image tokens is the identity
+      (Ahn et al. 2024, PAG; diffusers' ``PAGIdentitySelfAttnProcessor2_0``, and for SD 3's
+      joint attention ``PAGJointAttnProcessor2_0``, whose image tokens still see the text);
+    - ``"attention_scores"``: the attention's output is its value projection, for every
+      token (diffusers' ``LayerSkipConfig(skip_attention_scores=True)``);
+    - ``"blur_query"``: the queries are blurred over the image grid by a Gaussian of
+      `blur_sigma` tokens, uniform when infinite (Hong 2024, SEG);
+    - ``"skip_attention"``, ``"skip_ff"``: the self-attention or feed-forward layers of the
+      blocks return their input (``LayerSkipConfig(skip_attention / skip_ff)``);
+    - ``"skip_block"``: the blocks return their input (SD 3's ``skip_guidance_layers``).
+    """
+
+    kind: Literal["identity_attention", "attention_scores", "blur_query", "skip_attention",
+                  "skip_ff", "skip_block"]  # fmt: skip
+    layers: tuple[str | int, ...]
+    condition: str = "cond"
+    blur_sigma: float = math.inf
+    stack: str = "transformer_blocks"
+
+    def __post_init__(self) -> None:
+        if self.kind not in PERTURBATION_KINDS:
+            raise DtkError(f"a perturbation's kind is one of {', '.join(PERTURBATION_KINDS)}; "
+                           f"got {self.kind!r}")  # fmt: skip
+        layers = (self.layers,) if isinstance(self.layers, (str, int)) else tuple(self.layers)
+        if not layers or not all(isinstance(x, (str, int)) and not isinstance(x, bool)
+                                 for x in layers):  # fmt: skip
+            raise DtkError("a perturbation's layers are one or more names or block indices")
+        if self.kind in ("skip_ff", "skip_block") and not all(isinstance(x, int) for x in layers):
+            raise DtkError(f"a {self.kind} perturbation selects blocks by index")
+        if not self.blur_sigma > 0:
+            raise DtkError("a perturbation's blur_sigma is positive (math.inf: uniform)")
+        object.__setattr__(self, "layers", layers)
 
 
 @runtime_checkable
@@ -103,6 +157,22 @@ class GuidanceOptions(Protocol):
     #: branch name -> prompt, for text-to-image models: extra prompt branches, encoded once
     #: and evaluated in the same batched pass. Default: none.
     text_branches: Mapping[str, str]
+    #: what `preds` and the result hold: ``"denoised"``, the clean-image estimates, or
+    #: ``"output"``, each branch's estimate as the network's raw output (epsilon, v, a flow
+    #: velocity or a score, as the model's family parameterizes it), for a combination that
+    #: is not affine (projections, norms) and so differs between the two. The toolkit
+    #: converts there and back (`toolkit.models.family.Model.output_space`). Default:
+    #: ``"denoised"``.
+    space: Literal["denoised", "output"]
+    #: branch name -> `Perturbation`: branches (listed in `branches`) that take another
+    #: branch's inputs (its ``condition``) through a perturbed network, in the same batched
+    #: pass (PAG, SEG, SLG). Default: none.
+    perturbations: Mapping[str, Perturbation]
+    #: a guidance this one edits (``fair`` and ``sld`` on top of ``apg``, ``pag``, ...): the
+    #: toolkit evaluates its branches in the same pass (list them in `branches` too),
+    #: combines them with it in its own `space`, and hands the result to this guidance as
+    #: the ``"base"`` entry of `preds`. Default: none.
+    base: Guidance | None
 
     def active(self, sigma: float) -> Sequence[str]:
         """The branches needed at `sigma` (fewer at some noise levels). Default: all of
@@ -164,7 +234,15 @@ CONTRACT: dict[str, tuple[type, type | None, dict[str, Any]]] = {
     "guidance": (
         Guidance,
         GuidanceOptions,
-        {"text_branches": {}, "active": None, "assign": None, "start_batch": None},
+        {
+            "text_branches": {},
+            "space": "denoised",
+            "perturbations": {},
+            "base": None,
+            "active": None,
+            "assign": None,
+            "start_batch": None,
+        },
     ),
     "safety_filter": (SafetyFilter, SafetyFilterOptions, {"stage": "image"}),
     "attribute_classifier": (AttributeClassifier, None, {}),

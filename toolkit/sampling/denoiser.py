@@ -6,10 +6,15 @@ by the model's family), then lets the guidance combine the estimates. It also ex
 model's `noise_levels` and `scheduler_config`, which some samplers read (the ``diffusers``
 adapter, ``ddim``'s clipping), and a learned-variance model's `variance` for the last call
 (``ddpm`` reads it; `toolkit.models.family.Model.variance`).
+
+A perturbed branch (a guidance's ``perturbations``: PAG, SEG, SLG) takes another branch's
+inputs, and the model runs its rows perturbed in the same pass
+(`toolkit.models.family.Model.perturbed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +44,31 @@ def active_branches(guidance: Any, sigma: float) -> tuple[str, ...]:
     return tuple(active(sigma)) if active is not None else tuple(guidance.branches)
 
 
+SPACES = ("denoised", "output")
+
+
+def guidance_space(guidance: Any, model: Any) -> str:
+    """The space `guidance` combines its branches in (its optional ``space``), checked
+    against what `model` can convert to."""
+    space = optional("guidance", guidance, "space")
+    if space not in SPACES:
+        raise DtkError(f"guidance {guidance.name!r} has space {space!r}; a guidance's space is "
+                       "'denoised' or 'output'")  # fmt: skip
+    if space == "output" and getattr(model, "output_space", None) is None:
+        raise DtkError(_no_output_space(guidance, model))
+    return space
+
+
+def _no_output_space(guidance: Any, model: Any) -> str:
+    return (f"guidance {guidance.name!r} combines the network's raw outputs (space 'output'), "
+            f"and {type(model).__name__} does not say how they relate to its estimates "
+            "(no output_space)")  # fmt: skip
+
+
+#: the entry of `preds` holding a guidance's base's combination (`GuidanceOptions.base`)
+BASE = "base"
+
+
 class GuidedDenoiser:
     """``D(x, sigma)`` with `guidance` applied over `conditioning`'s branches."""
 
@@ -50,6 +80,12 @@ class GuidedDenoiser:
         self.scheduler_config = model.scheduler_config
         self.forwards = 0  # number of network calls, for tests and benchmarks
         self.variance: torch.Tensor | None = None  # see `Model.variance`
+        self.space = guidance_space(guidance, model)
+        #: the guidance this one edits (its optional ``base``), combined first, in its space
+        self.base = optional("guidance", guidance, "base")
+        self.base_space = None if self.base is None else guidance_space(self.base, model)
+        #: perturbed branches: the inputs of another branch through a perturbed network
+        self.perturbations = dict(optional("guidance", guidance, "perturbations"))
 
     def _inputs_for(self, branch: str, batch: int, device: torch.device) -> dict[str, Any]:
         try:
@@ -58,6 +94,19 @@ class GuidedDenoiser:
             raise DtkError(
                 f"guidance {self.guidance.name!r} asked for unknown branch {branch!r}"
             ) from None
+
+    def _condition(self, branch: str) -> str:
+        """The branch whose inputs `branch` takes: its own, or a perturbed branch's
+        ``condition``."""
+        spec = self.perturbations.get(branch)
+        return branch if spec is None else spec.condition
+
+    def _perturbed(self, branches: tuple[str, ...], batch: int
+                   ) -> contextlib.AbstractContextManager:  # fmt: skip
+        """The model perturbed on the rows of each perturbed branch among `branches`."""
+        rows = {range(k * batch, (k + 1) * batch): self.perturbations[b]
+                for k, b in enumerate(branches) if b in self.perturbations}  # fmt: skip
+        return self.model.perturbed(rows) if rows else contextlib.nullcontext()
 
     def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
         return self.with_unconditional(x, sigma)[0]
@@ -70,17 +119,46 @@ class GuidedDenoiser:
         branches = active_branches(self.guidance, sigma_scalar(sigma))
         batch = x.shape[0]
         xs = x if len(branches) == 1 else torch.cat([x] * len(branches))
-        per_branch = [self._inputs_for(b, batch, x.device) for b in branches]
+        per_branch = [self._inputs_for(self._condition(b), batch, x.device) for b in branches]
         inputs = {k: torch.cat([p[k] for p in per_branch]) for k in per_branch[0]}
         if hasattr(sigma, "ndim") and sigma.ndim > 0:
             sigma = torch.cat([sigma] * len(branches))
         self.forwards += 1
-        denoised = self.model.denoise(xs, sigma, **inputs).split(batch)
+        with self._perturbed(branches, batch):
+            denoised = self.model.denoise(xs, sigma, **inputs).split(batch)
         preds: Mapping[str, torch.Tensor] = dict(zip(branches, denoised))
         # a learned-variance model's variance for this call: the cond branch's (`Model.variance`)
         variance = getattr(self.model, "variance", None)
         if variance is not None:
             variance = variance.split(batch)[branches.index(COND) if COND in branches else 0]
         self.variance = variance
-        guided = self.guidance(preds, sigma_scalar(sigma))
+        guided = self._guide(preds, x, sigma)
         return guided, preds.get(UNCOND, guided)
+
+    def _guide(self, preds: Mapping[str, torch.Tensor], x: torch.Tensor, sigma: Any
+               ) -> torch.Tensor:  # fmt: skip
+        """The guidance's combination of `preds` (clean-image estimates by branch at samples
+        `x`). A guidance with a ``base`` gets the base's combination of its own branches as
+        the ``base`` entry of `preds` (`fair` and `sld` add their edit to it)."""
+        if self.base is not None:
+            own = {b: preds[b] for b in active_branches(self.base, sigma_scalar(sigma))}
+            preds = {**preds, BASE: self._combine(self.base, self.base_space, own, x, sigma)}
+        return self._combine(self.guidance, self.space, preds, x, sigma)
+
+    def _combine(self, guidance: Any, space: str, preds: Mapping[str, torch.Tensor],
+                 x: torch.Tensor, sigma: Any) -> torch.Tensor:  # fmt: skip
+        """`guidance`'s combination of `preds`, made in its `space`: for ``"output"``, each
+        estimate as the network's output and the result back, through the model's
+        ``output_space``."""
+        if space == "denoised":
+            return guidance(preds, sigma_scalar(sigma))
+        if hasattr(sigma, "ndim") and sigma.ndim > 0:
+            sigma = sigma[: x.shape[0]]  # every branch's sigmas are the batch's
+        conversion = self.model.output_space(x, sigma)
+        if conversion is None:
+            raise DtkError(_no_output_space(guidance, self.model))
+        # one (a, b) serves every branch: they differ in inputs or network, never in x or sigma
+        a, b = conversion
+        # b = 0 (sigma 0): every estimate is a, whatever the output; divide by 1 to keep it
+        outputs = {k: (v - a) / torch.where(b == 0, 1.0, b) for k, v in preds.items()}
+        return a + b * guidance(outputs, sigma_scalar(sigma))
