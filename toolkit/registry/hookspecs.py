@@ -67,7 +67,8 @@ def register_samplers(register: Register) -> None:
     ``[B]`` tensor); ``x`` is already at ``sigmas[0]``; ``noise(sigma, sigma_next)`` returns
     fresh standard normal noise shaped like ``x`` and is the only source of randomness a
     sampler may use; ``callback``, if given, is called after every step with a dict holding
-    ``i``, ``x``, ``sigma``, ``sigma_hat`` and ``denoised``.
+    ``i``, ``x``, ``sigma``, ``sigma_hat`` and ``denoised``. A sampler that needs the
+    unconditional estimate too (CFG++) calls ``toolkit.with_unconditional(denoise, x, sigma)``.
     """
 
 
@@ -83,8 +84,11 @@ def register_guidance(register: Register) -> None:
 
     Optional members (docs/plugins.md): ``active(sigma)`` (fewer branches at some noise
     levels), ``text_branches`` (prompts of its own, as further branches, on text-to-image
-    models), ``assign(condition, seed, attributes)`` (complete each sample's condition) and
-    ``start_batch(conditions)`` (called before each batch with its samples' conditions).
+    models), ``assign(condition, seed, attributes)`` (complete each sample's condition),
+    ``start_batch(conditions)`` (called before each batch with its samples' conditions),
+    ``space`` (combine the network's raw outputs instead of clean-image estimates),
+    ``perturbations`` (branches through a perturbed network, in the same pass) and ``base``
+    (a guidance whose combination this one edits).
     """
 
 
