@@ -25,8 +25,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from plugins.samplers.ddim import _Clipping
-from plugins.samplers.updates import report, sigma_list
-from toolkit import DtkError, OptionError
+from plugins.samplers.updates import discrete_vp_levels, report, sigma_list
+from toolkit import OptionError
 
 if TYPE_CHECKING:
     import torch
@@ -85,10 +85,8 @@ class LCM(_Clipping):
         import torch
 
         sigmas = sigma_list(sigmas)
-        levels = getattr(denoise, "noise_levels", None)
-        if levels is None or getattr(levels, "is_flow", False) or not levels.is_discrete:
-            raise DtkError("the lcm sampler needs a discrete-time VP model: its boundary "
-                           "condition is taken at the model's training timesteps")  # fmt: skip
+        levels = discrete_vp_levels(denoise, self.name, "its boundary condition is taken at "
+                                    "the model's training timesteps")  # fmt: skip
         scaling, clip = self.scaling(denoise), self.clipping(denoise)
         for i in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]

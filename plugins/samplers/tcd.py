@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from plugins.samplers.updates import report, sigma_list
-from toolkit import DtkError, OptionError
+from plugins.samplers.updates import discrete_vp_levels, report, sigma_list
+from toolkit import OptionError
 
 if TYPE_CHECKING:
     import torch
@@ -65,10 +65,9 @@ class TCD:
         import torch
 
         sigmas = sigma_list(sigmas)
-        levels = getattr(denoise, "noise_levels", None)
-        if levels is None or getattr(levels, "is_flow", False) or not levels.is_discrete:
-            raise DtkError("the tcd sampler needs a discrete-time VP model: it steps through "
-                           "the model's training timesteps")  # fmt: skip
+        levels = discrete_vp_levels(
+            denoise, self.name, "it steps through the model's training timesteps"
+        )
         train = levels.sigmas.tolist()
         for i in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]

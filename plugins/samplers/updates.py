@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from toolkit import OptionError
+from toolkit import DtkError, OptionError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -141,6 +141,15 @@ def lagrange_integrals(nodes: Sequence[float], at: Any, weights: Any) -> list[fl
                 basis = basis * (at - other) / (node - other)
         coefficients.append(float(basis.sum()))
     return coefficients
+
+
+def discrete_vp_levels(denoise: Any, sampler: str, why: str) -> Any:
+    """The model's noise levels, refused in one line unless they are a discrete-time VP
+    model's (the consistency samplers step through its training timesteps)."""
+    levels = getattr(denoise, "noise_levels", None)
+    if levels is None or getattr(levels, "is_flow", False) or not levels.is_discrete:
+        raise DtkError(f"the {sampler} sampler needs a discrete-time VP model: {why}")
+    return levels
 
 
 def report(
