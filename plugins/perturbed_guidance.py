@@ -16,6 +16,13 @@ affine, so combining clean-image estimates is combining epsilons.
   feed-forward layers) are skipped; ``StableDiffusion3Pipeline(skip_guidance_layers=...)``
   and diffusers' ``SkipLayerGuidance`` guider.
 
+``autoguidance`` (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
+Itself") guides from a worse estimate rather than away from it beside CFG: ``g + scale (c -
+g)``, its ``"guide"`` branch ``g`` either the unconditional inputs through the network with
+layers skipped (diffusers' ``AutoGuidance`` guider) or the conditional inputs through a
+weaker model of the same family (`guide`: the paper's own form), which the toolkit loads
+beside the model and runs in a pass of its own (`toolkit.GuideModel`).
+
 Options keep diffusers' defaults, with ``scale`` for ``guidance_scale``; as in the pipelines,
 CFG is on for a scale above 1. `layers` names self-attention layers by diffusers' PAG rule (a
 pattern searched in the module names: ``mid``, ``down_blocks.1``, ``up_blocks.0.attentions.1``)
@@ -30,18 +37,21 @@ falling with the pipeline's timestep) is not supported: only its default, 0.
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import toolkit
-from toolkit import OptionError, Perturbation
+from plugins.guiders import SPACES, rescale_cfg
+from toolkit import DtkError, GuideModel, OptionError, Perturbation
 
 if TYPE_CHECKING:
     import torch
 
-COND, UNCOND, PERTURBED = "cond", "uncond", "perturbed"
+COND, UNCOND, PERTURBED, GUIDE = "cond", "uncond", "perturbed", "guide"
 #: slg's `skip` -> the perturbation's kind (diffusers' ``LayerSkipConfig`` flags)
 SKIPS = {"block": "skip_block", "attention": "skip_attention", "ff": "skip_ff",
          "attention_scores": "attention_scores"}  # fmt: skip
@@ -200,7 +210,170 @@ class SkipLayerGuidance(PerturbedGuidance):
         super().__init__(scale, slg_scale, spec, lo, hi)
 
 
+#: diffusers' ``LayerSkipConfig`` fields and their defaults (``indices`` has none)
+LAYER_SKIP = {"indices": None, "fqn": "auto", "skip_attention": True,
+              "skip_attention_scores": False, "skip_ff": True, "dropout": 1.0}  # fmt: skip
+
+
+def _check_dropout(name: str, dropout: Any) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not math.isclose(
+            dropout, 1.0):  # fmt: skip
+        raise OptionError(f"{name}: dropout must be 1.0 (the layers skipped outright); a "
+                          "dropout below 1 draws the process's random numbers in the forward "
+                          "pass, so a sample would depend on its batch")  # fmt: skip
+
+
+def layer_skips(name: str, config: Any, condition: str = UNCOND) -> tuple[Perturbation, ...]:
+    """diffusers' ``LayerSkipConfig``s (one, a list, as dicts or as JSON text from a command
+    line) as the perturbations of one branch taking the inputs of `condition`: the flags
+    ``skip_attention`` and ``skip_ff`` together skip the whole block (``skip_block``), each
+    alone its self-attention or feed-forward layers, ``skip_attention_scores`` makes the
+    attention return its value (``attention_scores``, with ``skip_ff`` too where set), as
+    ``_apply_layer_skip_hook``; ``fqn`` is the block list (``stack``)."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            raise OptionError(
+                f"{name}: auto_guidance_config is a LayerSkipConfig, a dict of "
+                "its fields or a list of them (JSON on the command line)"
+            ) from None
+    configs = list(config) if isinstance(config, (list, tuple)) else [config]
+    specs: list[Perturbation] = []
+    for given in configs:
+        fields = given.to_dict() if hasattr(given, "to_dict") else given
+        if not isinstance(fields, Mapping) or not configs:
+            raise OptionError(f"{name}: auto_guidance_config is a LayerSkipConfig, a dict of its "
+                              "fields or a list of them")  # fmt: skip
+        unknown = sorted(set(fields) - set(LAYER_SKIP))
+        if unknown:
+            raise OptionError(f"{name}: unknown LayerSkipConfig field {unknown[0]!r}; fields: "
+                              f"{', '.join(LAYER_SKIP)}")  # fmt: skip
+        c = {**LAYER_SKIP, **fields}
+        indices = [c["indices"]] if isinstance(c["indices"], int) else c["indices"]
+        whole = isinstance(indices, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)  # fmt: skip
+        if not whole or not indices:
+            raise OptionError(f"{name}: a LayerSkipConfig's indices are one or more block "
+                              "indices >= 0")  # fmt: skip
+        if not isinstance(c["fqn"], str) or not c["fqn"]:
+            raise OptionError(f"{name}: a LayerSkipConfig's fqn names a block list, or is 'auto'")
+        _check_dropout(name, c["dropout"])
+        flags = ("skip_attention", "skip_attention_scores", "skip_ff")
+        attention, scores, ff = (bool(c[k]) for k in flags)
+        if attention and scores:
+            raise OptionError(f"{name}: a LayerSkipConfig sets one of skip_attention and "
+                              "skip_attention_scores")  # fmt: skip
+        kinds = ["skip_attention"] * attention + ["attention_scores"] * scores
+        kinds = ["skip_block"] if attention and ff else [*kinds, *["skip_ff"] * ff]
+        if not kinds:
+            raise OptionError(f"{name}: a LayerSkipConfig that skips nothing (skip_attention, "
+                              "skip_attention_scores and skip_ff all false)")  # fmt: skip
+        for kind in kinds:
+            specs.append(Perturbation(kind, tuple(indices), condition=condition,
+                                      stack=c["fqn"]))  # fmt: skip
+    return tuple(specs)
+
+
+class AutoGuidance:
+    """Autoguidance (Karras et al. 2024): ``g + scale (c - g)`` (``c + scale (c - g)`` with
+    `use_original_formulation`), from the estimate ``g`` of a bad version of the model,
+    the ``"guide"`` branch; then diffusers' `guidance_rescale`. Two forms:
+
+    - diffusers' ``AutoGuidance`` guider (no `guide`): ``g`` is the *unconditional* inputs
+      through the network with the blocks `auto_guidance_layers` skipped (``LayerSkipConfig(i,
+      fqn="auto")``), or as `auto_guidance_config` (diffusers' ``LayerSkipConfig``s: one, a
+      list, dicts of their fields; JSON on the command line) says; only `dropout` 1.0, the
+      layers skipped outright, keeps a sample independent of its batch. A perturbed branch of
+      the one batched pass (`toolkit.Perturbation`, condition ``uncond``).
+    - the paper's (`guide`, a model folder): ``g`` is the *conditional* inputs through a
+      weaker model of the same family and conditioning (an earlier checkpoint, a smaller
+      network), loaded beside the model, one more forward pass per step
+      (`toolkit.GuideModel`); `scale` is the paper's ``w``.
+
+    Guidance is off (the conditional estimate alone, one branch) at a scale of 1 (0 with
+    `use_original_formulation`), as diffusers'. The combination is on the network's raw
+    outputs (`space` ``"output"``, as diffusers' guiders), which only `guidance_rescale` tells
+    apart from combining the clean-image estimates (``"denoised"``). diffusers' start/stop
+    fractions of the steps are not offered.
+    """
+
+    name = "autoguidance"
+
+    def __init__(
+        self,
+        scale: float = 7.5,
+        auto_guidance_layers: list[int] | None = None,
+        auto_guidance_config: Any = None,
+        dropout: float | None = None,
+        guidance_rescale: float = 0.0,
+        use_original_formulation: bool = False,
+        guide: pathlib.Path | None = None,
+        space: Literal["output", "denoised"] = "output",
+    ) -> None:
+        name = self.name
+        _finite(name, scale=scale, guidance_rescale=guidance_rescale)
+        if not 0 <= guidance_rescale <= 1:
+            raise OptionError(f"{name}: guidance_rescale must be in [0, 1]")
+        if space not in SPACES:
+            raise OptionError(f"{name}: space must be 'output' or 'denoised'")
+        skipping = auto_guidance_layers is not None or auto_guidance_config is not None
+        if guide is not None and (skipping or dropout is not None):
+            raise OptionError(f"{name}: guide (a weaker model) and skipped layers "
+                              "(auto_guidance_layers, auto_guidance_config, dropout) are its two "
+                              "forms; give one")  # fmt: skip
+        if guide is None and not skipping:
+            raise OptionError(f"{name}: give auto_guidance_layers (block indices to skip), "
+                              "auto_guidance_config (diffusers' LayerSkipConfig) or guide (a "
+                              "weaker model folder)")  # fmt: skip
+        if auto_guidance_layers is not None and auto_guidance_config is not None:
+            raise OptionError(f"{name}: give auto_guidance_layers or auto_guidance_config, not "
+                              "both")  # fmt: skip
+        self.scale, self.guidance_rescale = scale, guidance_rescale
+        self.use_original_formulation, self.space = use_original_formulation, space
+        self.guide = None if guide is None else pathlib.Path(guide)
+        self.perturbations: dict[str, tuple[Perturbation, ...]] = {}
+        self.guide_models: dict[str, GuideModel] = {}
+        if auto_guidance_layers is not None:
+            layers = list(auto_guidance_layers)
+            if not layers or any(i < 0 for i in layers):
+                raise OptionError(f"{name}: auto_guidance_layers are one or more block "
+                                  "indices >= 0")  # fmt: skip
+            _check_dropout(name, 1.0 if dropout is None else dropout)
+            auto_guidance_config = {"indices": layers}
+        elif auto_guidance_config is not None and dropout is not None:
+            _check_dropout(name, dropout)  # diffusers ignores it beside a config
+        self.auto_guidance_layers = auto_guidance_layers
+        self.auto_guidance_config = auto_guidance_config
+        # on at any scale but the one that gives the conditional estimate back
+        self.enabled = not math.isclose(scale, 0.0 if use_original_formulation else 1.0)
+        self.branches: tuple[str, ...] = (COND, GUIDE) if self.enabled else (COND,)
+        if self.guide is None:
+            try:
+                skips = layer_skips(name, auto_guidance_config)
+            except OptionError:
+                raise
+            except DtkError as exc:  # a Perturbation that refuses what a config asked
+                raise OptionError(f"{name}: {exc}") from None
+            if self.enabled:
+                self.perturbations = {GUIDE: skips}
+        elif self.enabled:
+            self.guide_models = {GUIDE: GuideModel(self.guide, condition=COND)}
+
+    def __call__(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:
+        cond = preds[COND]
+        bad = preds.get(GUIDE)
+        if bad is None:
+            return cond  # rescaling the conditional estimate to itself changes nothing
+        start = cond if self.use_original_formulation else bad
+        guided = start + self.scale * (cond - bad)
+        if self.guidance_rescale > 0:
+            guided = rescale_cfg(guided, cond, self.guidance_rescale)
+        return guided
+
+
 @toolkit.hookimpl
 def register_guidance(register: toolkit.Register) -> None:
-    for guidance in (PerturbedAttentionGuidance, SmoothedEnergyGuidance, SkipLayerGuidance):
+    for guidance in (PerturbedAttentionGuidance, SmoothedEnergyGuidance, SkipLayerGuidance,
+                     AutoGuidance):  # fmt: skip
         register(guidance)

@@ -27,9 +27,10 @@ from toolkit.generation.record import IDENTITY, run_record
 from toolkit.generation.request import GenerationRequest, GenerationSettings
 from toolkit.installed import versions
 from toolkit.models import ModelFolder, open_model
-from toolkit.models.lora import check_loras
+from toolkit.models.lora import check_loras, sha256
 from toolkit.registry.manager import Registry, get_registry
 from toolkit.registry.protocols import SampleRequest, optional
+from toolkit.sampling.denoiser import branch_conditions, guide_models
 from toolkit.sampling.safety import ON_FLAG
 
 
@@ -61,6 +62,20 @@ class PluginUse:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "options": self.options}
+
+
+@dataclasses.dataclass
+class Guide:
+    """A guide model a run loads beside the model (a guidance's ``guide_models``): its
+    folder, checked against the model's, and the sha256 of its network's files."""
+
+    folder: ModelFolder
+    sha256: str
+
+    def describe(self) -> dict[str, Any]:
+        """As run.json records it."""
+        return {"path": str(self.folder.path.resolve()), "family": self.folder.family,
+                "sha256": self.sha256}  # fmt: skip
 
 
 class Samples:
@@ -133,6 +148,9 @@ class Plan:
     grid: pathlib.Path | None
     attribute_order: list[str]
     record: dict[str, Any]
+    #: guide-model branch -> the guide model it runs through (`Guide`); the run loads each
+    #: once, beside the model
+    guides: dict[str, Guide] = dataclasses.field(default_factory=dict)
 
     @property
     def settings(self) -> Any:
@@ -177,6 +195,10 @@ class Plan:
             f"sampler   {_plugin_text(self.sampler)}, {settings.steps} steps, schedule "
             f"{_plugin_text(self.schedule)}",
             f"guidance  {_plugin_text(self.guidance)}",
+            *[
+                f"guide     {b}: {g.folder.path} ({g.folder.family}, sha256 {g.sha256[:12]})"
+                for b, g in self.guides.items()
+            ],
             f"filters   {', '.join(_plugin_text(f) for f in self.filters) or 'none'}"
             f" (flagged images: {settings.on_flag})",
             f"batches   {settings.batch_size} samples each, {settings.dtype} on "
@@ -209,9 +231,10 @@ def make_plan(request: GenerationRequest, registry: Registry | None = None) -> P
                          request.negative_prompt is not None,
                          _memory(request.settings))  # fmt: skip
     guidance = _guidance(registry, request, folder, samples, strings)
+    guides = _guides(folder, guidance)
     plan = Plan(request, folder, sampler, schedule, guidance, filters, samples, shard, out,
                 grid, folder.attribute_order([*samples.given(), samples.condition(0)]),
-                {})  # fmt: skip
+                {}, guides)  # fmt: skip
     plan.record = run_record(plan, versions())
     _check_folder_state(plan)
     return plan
@@ -358,13 +381,53 @@ def _guidance(registry: Registry, request: GenerationRequest, folder: ModelFolde
     if not folder.takes_prompts:
         conditional = conditional or bool(first)
     text_branches = dict(optional("guidance", instance, "text_branches"))
-    # a perturbed branch asks for the inputs of the branch it names (its condition)
+    # a perturbed or guide-model branch asks for the inputs of the branch it names (its
+    # condition)
     perturbations = dict(optional("guidance", instance, "perturbations"))
-    branches = {getattr(perturbations.get(b), "condition", b) for b in instance.branches}
+    branches = set(branch_conditions(instance).values())
     folder.check_guidance(branches, text_branches, conditional, name)
     if perturbations:
         folder.check_perturbations(perturbations, name)
     return use
+
+
+def _guides(folder: ModelFolder, use: PluginUse) -> dict[str, Guide]:
+    """The guidance's guide models (`toolkit.GuideModel`), each folder opened once, given the
+    model's options and size, checked against the model (`ModelFolder.check_guide`) and its
+    network's files hashed; no weights load."""
+    instance, name = use.instance, use.name
+    opened: dict[pathlib.Path, Guide] = {}
+    guides = {}
+    for branch, spec in guide_models(instance).items():
+        if branch not in instance.branches:
+            raise DtkError(f"guidance {name!r}: guide-model branch {branch!r} is not one of its "
+                           "branches")  # fmt: skip
+        key = spec.folder.resolve()
+        if key not in opened:
+            if not spec.folder.is_dir():
+                raise DtkError(f"guidance {name!r}: guide {spec.folder} is not a model folder "
+                               "(no such folder)")  # fmt: skip
+            try:
+                guide = open_model(spec.folder)
+                guide.model_options = guide.check_model_options(folder.model_options)
+                size = folder.image_size
+                guide.image_size = None if size is None else guide.check_size(*size)
+            except DtkError as exc:  # its own refusal, which names the folder
+                raise DtkError(f"guidance {name!r}: guide: {exc}") from None
+            folder.check_guide(guide, name)
+            opened[key] = Guide(guide, _network_sha256(guide))
+        guides[branch] = opened[key]
+    return guides
+
+
+def _network_sha256(folder: ModelFolder) -> str:
+    """One sha256 over the files of `folder`'s network (each file's name and sha256)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in folder.network_files():
+        digest.update(f"{path.name}\0{sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _check_folder_state(plan: Plan) -> None:

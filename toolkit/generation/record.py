@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 #: run.json keys that must agree for a rerun to resume an existing folder (``n`` may grow)
 IDENTITY = ("model", "model_options", "size", "loras", "conditions", "prompt",
-            "negative_prompt", "seed", "sampler", "schedule", "steps", "guidance", "filters",
-            "on_flag", "dtype")  # fmt: skip
+            "negative_prompt", "seed", "sampler", "schedule", "steps", "guidance", "guides",
+            "filters", "on_flag", "dtype")  # fmt: skip
 #: a sample's status: its image is written (`WRITTEN`), or it is listed in rejected.csv
 #: (``dropped``/``refused`` by a filter, ``failed``: its values were not finite)
 STATUSES = ("ok", "tagged", "blank", "dropped", "refused", "failed")
@@ -64,6 +64,8 @@ def run_record(plan: Plan, versions: Mapping[str, str]) -> dict[str, Any]:
         # image_shape give the size in every case), and only LoRAs given
         **_size(plan.folder.image_size),
         **({"loras": [lora.describe() for lora in plan.folder.loras]} if plan.folder.loras else {}),
+        # likewise only guide models a guidance loads (autoguidance's), hashed
+        **({"guides": {b: g.describe() for b, g in plan.guides.items()}} if plan.guides else {}),
     }
 
 

@@ -70,6 +70,8 @@ class Runner:
     request_filters: list[PluginUse]
     image_filters: list[PluginUse]
     failed: int = 0
+    #: guide-model branch -> its loaded guide model (`Plan.guides`)
+    guides: dict[str, Model] = dataclasses.field(default_factory=dict)
 
     @property
     def guidance(self) -> Any:
@@ -114,17 +116,31 @@ def _start(plan: Plan) -> Runner:
     settings = plan.settings
     device = resolve_device(settings.device)
     shard = resolve_shard(plan.shard if plan.shard.count > 1 else None, device.type)
-    model = plan.folder.load(
-        device=device, dtype=getattr(torch, settings.dtype), trust_pickle=settings.trust_pickle,
-        attention_slicing=settings.attention_slicing, vae_tiling=settings.vae_tiling,
-    )  # fmt: skip
+    load = dict(device=device, dtype=getattr(torch, settings.dtype),
+                trust_pickle=settings.trust_pickle, attention_slicing=settings.attention_slicing,
+                vae_tiling=settings.vae_tiling)  # fmt: skip
+    model = plan.folder.load(**load)
     for use in (plan.sampler, plan.schedule, *plan.filters):
         use.make()
     sigmas = plan.schedule.instance(settings.steps, model.noise_levels)
     request_filters = [f for f in plan.filters if is_request_stage(f.instance)]
     image_filters = [f for f in plan.filters if not is_request_stage(f.instance)]
     return Runner(plan, model, shard, plan.sampler.instance, sigmas, request_filters,
-                  image_filters)  # fmt: skip
+                  image_filters, guides=_load_guides(plan, load))  # fmt: skip
+
+
+def _load_guides(plan: Plan, load: dict[str, Any]) -> dict[str, Model]:
+    """Each guide model of the plan loaded once, as the model is (device, precision); a
+    text model's text encoders leave the accelerator at once (the guide is handed the
+    model's prompt embeddings: `toolkit.GuideModel`)."""
+    loaded: dict[int, Model] = {}
+    guides = {}
+    for branch, guide in plan.guides.items():
+        if id(guide) not in loaded:
+            loaded[id(guide)] = guide.folder.load(**load)
+            release_text_encoders(loaded[id(guide)])
+        guides[branch] = loaded[id(guide)]
+    return guides
 
 
 def _count_pending(plan: Plan, done: set[int], shard: Shard) -> int:
@@ -198,7 +214,7 @@ def _run_batch(runner: Runner, batch: list[SampleRequest], writer: PartWriter) -
     batch = _refuse(runner, batch, writer)
     if batch:
         images = sample_images(runner.model, runner.sampler, runner.guidance, runner.sigmas,
-                               batch)  # fmt: skip
+                               batch, guides=runner.guides)  # fmt: skip
         _write(runner, batch, images, writer)
     writer.flush()
 

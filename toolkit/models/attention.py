@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
-from toolkit.registry.protocols import Perturbation
+from toolkit.registry.protocols import Perturbation, perturbation_specs
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +62,11 @@ JOINT_ORDER = {"JointAttnProcessor2_0": True, "JointAttnProcessor": True,
                "FluxAttnProcessor": False, "FluxAttnProcessor2_0": False}  # fmt: skip
 #: inputs never indexed by batch row, whatever their first dimension
 UNBATCHED = frozenset({"image_rotary_emb"})
+#: the block lists a `Perturbation`'s ``stack="auto"`` looks for at the network's top level
+#: (diffusers' ``_ALL_TRANSFORMER_BLOCK_IDENTIFIERS``, which ``LayerSkipConfig(fqn="auto")``
+#: searches in the order of a set, so that a network with two (Flux) gets either)
+AUTO_STACKS = ("blocks", "transformer_blocks", "single_transformer_blocks", "layers",
+               "visual_transformer_blocks", "temporal_transformer_blocks")  # fmt: skip
 
 #: network -> {perturbation: its target modules}, so a run resolves each perturbation once
 _RESOLVED: weakref.WeakKeyDictionary[Any, dict[Perturbation, list[tuple[str, Any]]]] = (
@@ -90,15 +95,30 @@ def _pattern_matches(pattern: str, name: str) -> bool:
     return not (last.isnumeric() and name_last.isnumeric() and last != name_last)
 
 
+def _stack_name(network: Any, spec: Perturbation, guidance: str) -> str:
+    """`spec`'s block list: as named, or for ``"auto"`` the network's one top-level block
+    list among `AUTO_STACKS` (none or several: refused, naming them)."""
+    if spec.stack != "auto":
+        return spec.stack
+    found = [name for name in AUTO_STACKS
+             if isinstance(getattr(network, name, None), torch.nn.ModuleList)]  # fmt: skip
+    if len(found) != 1:
+        what = f"has {' and '.join(found)}" if found else "has no top-level block list"
+        raise DtkError(f"{guidance}: stack 'auto' finds one top-level block list, and this "
+                       f"network {what}; name the block list (fqn)")  # fmt: skip
+    return found[0]
+
+
 def _block(network: Any, spec: Perturbation, index: int, guidance: str) -> tuple[str, Any]:
-    stack = dict(network.named_modules()).get(spec.stack) if spec.stack else None
+    name = _stack_name(network, spec, guidance) if spec.stack else spec.stack
+    stack = dict(network.named_modules()).get(name) if name else None
     if not isinstance(stack, torch.nn.ModuleList):
         raise DtkError(f"{guidance}: this network has no block list {spec.stack!r} to select "
                        f"block {index} from; {_where_attention_is(network)}")  # fmt: skip
     if not 0 <= index < len(stack):
-        raise DtkError(f"{guidance}: block {index} is out of range; {spec.stack} holds "
+        raise DtkError(f"{guidance}: block {index} is out of range; {name} holds "
                        f"{len(stack)} blocks (0 to {len(stack) - 1})")  # fmt: skip
-    return f"{spec.stack}.{index}", stack[index]
+    return f"{name}.{index}", stack[index]
 
 
 def _where_attention_is(network: Any) -> str:
@@ -186,13 +206,12 @@ def _check_target(name: str, module: Any, spec: Perturbation, guidance: str) -> 
             )
 
 
-def check(network: Any, perturbations: Mapping[str, Perturbation], guidance: str) -> None:
-    """Resolve every perturbation of a guidance on `network` (a skeleton will do)."""
-    for spec in perturbations.values():
-        if not isinstance(spec, Perturbation):
-            raise DtkError(f"guidance {guidance!r}: perturbations map branches to "
-                           f"toolkit.Perturbation, not {type(spec).__name__}")  # fmt: skip
-        targets(network, spec, guidance)
+def check(network: Any, perturbations: Mapping[str, Any], guidance: str) -> None:
+    """Resolve every perturbation of a guidance on `network` (a skeleton will do); a branch
+    maps to a `Perturbation` or a tuple of them."""
+    for value in perturbations.values():
+        for spec in perturbation_specs(value, guidance):
+            targets(network, spec, guidance)
 
 
 def skeleton(folder: ModelFolder) -> Any:
@@ -219,15 +238,17 @@ def skeleton(folder: ModelFolder) -> Any:
 
 
 @contextlib.contextmanager
-def perturbed(network: Any, rows: Mapping[range, Perturbation]) -> Iterator[None]:
+def perturbed(network: Any, rows: Mapping[range, Any]) -> Iterator[None]:
     """While inside, each forward pass of `network` runs each `range` of batch rows in
-    `rows` with its `Perturbation` (the other rows as usual); the hooks go when it exits."""
+    `rows` with its `Perturbation` (or its tuple of them, all applied; the other rows as
+    usual); the hooks go when it exits."""
     handles = []
     try:
-        for span, spec in rows.items():
-            for _, module in targets(network, spec):
-                hook = _Splice(slice(span.start, span.stop), spec)
-                handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        for span, value in rows.items():
+            for spec in perturbation_specs(value):
+                for _, module in targets(network, spec):
+                    hook = _Splice(slice(span.start, span.stop), spec)
+                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield
     finally:
         for handle in reversed(handles):

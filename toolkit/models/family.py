@@ -32,6 +32,14 @@ if TYPE_CHECKING:
     from toolkit.registry.protocols import SampleRequest
 
 COND, UNCOND = "cond", "uncond"
+#: keys of a network's config that decide which inputs it takes besides the sample (its
+#: text width, class embeddings, added conditions): a guide model's must equal the model's
+INTERFACE = ("num_class_embeds", "class_embed_type", "num_embeds_ada_norm",
+             "cross_attention_dim", "encoder_hid_dim", "encoder_hid_dim_type",
+             "addition_embed_type", "addition_time_embed_dim",
+             "projection_class_embeddings_input_dim", "time_cond_proj_dim",
+             "joint_attention_dim", "pooled_projection_dim", "caption_channels",
+             "use_additional_conditions", "guidance_embeds")  # fmt: skip
 
 
 class Conditioning(abc.ABC):
@@ -158,6 +166,44 @@ class ModelFolder(abc.ABC):
         from toolkit.models import attention
 
         attention.check(attention.skeleton(self), perturbations, name)
+
+    @property
+    def network_config(self) -> dict[str, Any]:
+        """The denoising network's config (a UNet's or a transformer's; empty if none)."""
+        config = getattr(self, "unet_config", None) or getattr(self, "transformer_config", None)
+        return dict(config or {})
+
+    def network_files(self) -> list[pathlib.Path]:
+        """The files of the denoising network's folder (config and weights), which a guide
+        model's recorded sha256 covers."""
+        folder = getattr(self, "unet_dir", None)
+        if folder is None:
+            parts = [self.path / part for part in ("unet", "transformer")]
+            folder = next((part for part in parts if part.is_dir()), self.path)
+        return sorted(f for f in pathlib.Path(folder).iterdir() if f.is_file())
+
+    def check_guide(self, guide: ModelFolder, name: str) -> None:
+        """Refuse a guide model folder (a guidance's ``guide_models``) whose network cannot
+        stand in for this model's on a branch: another family, another sample shape, other
+        labels, or a network that takes other inputs (`INTERFACE`). `guide` has this
+        model's model options and image size already."""
+        where = f"guidance {name!r}: guide {guide.path}"
+        if type(guide) is not type(self):
+            raise DtkError(f"{where} is a {guide.family} model; a guide model is of the "
+                           f"model's family ({self.family})")  # fmt: skip
+        if guide.sample_shape != self.sample_shape:
+            shapes = ["x".join(map(str, f.sample_shape)) for f in (guide, self)]
+            raise DtkError(f"{where} samples {shapes[0]}; the model samples {shapes[1]}")
+        labels = [None if f.labels is None else f.labels.to_json() for f in (guide, self)]
+        if labels[0] != labels[1]:
+            raise DtkError(f"{where} is conditioned on other labels than the model (its "
+                           "toolkit.json or class count differ)")  # fmt: skip
+        theirs, mine = guide.network_config, self.network_config
+        for key in INTERFACE:
+            if theirs.get(key) != mine.get(key):
+                raise DtkError(f"{where}: its network's {key} is {theirs.get(key)!r}, the "
+                               f"model's {mine.get(key)!r}; a guide takes the model's "
+                               "inputs")  # fmt: skip
 
     def validate(self, condition: Mapping[str, str]) -> dict[str, str]:
         """One sample's condition checked against the model (values as strings)."""

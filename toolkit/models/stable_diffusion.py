@@ -236,6 +236,65 @@ class TextFolder(ModelFolder):
             return prompt_folder(sample.prompt)
         return super().folder_name(sample, attribute_order)
 
+    def check_guide(self, guide: ModelFolder, name: str) -> None:
+        """A guide's network is handed this model's prompt embeddings: besides the family's
+        checks, its text encoders and tokenizers must have the same configs and files
+        (their weights are not compared, nor loaded for sampling)."""
+        super().check_guide(guide, name)
+        mine, theirs = _text_parts(self.path), _text_parts(guide.path)
+        where = f"guidance {name!r}: guide {guide.path}"
+        if mine != theirs:
+            raise DtkError(f"{where} has text parts {', '.join(theirs) or 'none'}; the model "
+                           f"{', '.join(mine) or 'none'}")  # fmt: skip
+        for part in mine:
+            differing = _differing_file(self.path / part, guide.path / part)
+            if differing is not None:
+                raise DtkError(f"{where}: its {part}/{differing} differs from the model's; a "
+                               "guide takes the model's prompt embeddings, so its text "
+                               "encoders and tokenizers are the model's")  # fmt: skip
+
+
+#: file suffixes of weights, which a guide's text parts are not compared by
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
+#: config keys that do not change what a text encoder or tokenizer computes
+VOLATILE_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype",
+                 "_commit_hash"}  # fmt: skip
+
+
+def _text_parts(path: pathlib.Path) -> list[str]:
+    """A pipeline folder's text encoder and tokenizer folders."""
+    return sorted(d.name for d in path.iterdir()
+                  if d.is_dir() and d.name.startswith(("text_encoder", "tokenizer")))  # fmt: skip
+
+
+def _differing_file(mine: pathlib.Path, theirs: pathlib.Path) -> str | None:
+    """The first file (weights aside) that two text parts do not share alike: JSON files
+    compared without `VOLATILE_KEYS`, others byte for byte; None if they agree."""
+    import json
+
+    def files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+        return {f.name: f for f in folder.iterdir()
+                if f.is_file() and f.suffix not in WEIGHTS_SUFFIXES}  # fmt: skip
+
+    ours, guide = files(mine), files(theirs)
+    for name in sorted(ours.keys() | guide.keys()):
+        if name not in ours or name not in guide:
+            return name
+        a, b = ours[name].read_bytes(), guide[name].read_bytes()
+        if a == b:
+            continue
+        if name.endswith(".json"):
+            try:
+                docs = [json.loads(x) for x in (a, b)]
+            except ValueError:
+                return name
+            if all(isinstance(d, dict) for d in docs):
+                docs = [{k: v for k, v in d.items() if k not in VOLATILE_KEYS} for d in docs]
+            if docs[0] == docs[1]:
+                continue
+        return name
+    return None
+
 
 class StableDiffusionFolder(TextFolder):
     """A Stable-Diffusion-style pipeline folder, read from its configs."""

@@ -87,8 +87,9 @@ def register_guidance(register: Register) -> None:
     models), ``assign(condition, seed, attributes)`` (complete each sample's condition),
     ``start_batch(conditions)`` (called before each batch with its samples' conditions),
     ``space`` (combine the network's raw outputs instead of clean-image estimates),
-    ``perturbations`` (branches through a perturbed network, in the same pass) and ``base``
-    (a guidance whose combination this one edits).
+    ``perturbations`` (branches through a perturbed network, in the same pass),
+    ``guide_models`` (branches through another model's network, in a pass of their own) and
+    ``base`` (a guidance whose combination this one edits).
     """
 
 

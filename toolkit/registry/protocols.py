@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -76,7 +77,9 @@ class Perturbation:
     matches (a regular expression searched in the name, as diffusers' ``pag_applied_layers``:
     ``"mid"``, ``"down_blocks.1"``, ``"up_blocks.0.attentions.1"``); a whole number ``i``
     selects exactly block ``i`` of the block list `stack` (``"transformer_blocks"``: a DiT's or
-    SD 3's), as diffusers' ``LayerSkipConfig(indices, fqn)``. `kind`:
+    SD 3's; a UNet's ``"down_blocks.1.attentions.0.transformer_blocks"``; ``"auto"``: the
+    network's one top-level block list, as diffusers' ``fqn="auto"`` finds it), as diffusers'
+    ``LayerSkipConfig(indices, fqn)``. `kind`:
 
     - ``"identity_attention"``: the attention map of the image tokens is the identity
       (Ahn et al. 2024, PAG; diffusers' ``PAGIdentitySelfAttnProcessor2_0``, and for SD 3's
@@ -110,6 +113,46 @@ class Perturbation:
         if not self.blur_sigma > 0:
             raise DtkError("a perturbation's blur_sigma is positive (math.inf: uniform)")
         object.__setattr__(self, "layers", layers)
+
+
+def perturbation_specs(value: Perturbation | Sequence[Perturbation], guidance: str = "guidance"
+                       ) -> tuple[Perturbation, ...]:  # fmt: skip
+    """A perturbed branch's perturbations (a guidance's `perturbations` maps a branch to one
+    `Perturbation`, or to several applied together on its rows), checked: one or more, all
+    taking the inputs of one branch."""
+    specs = (value,) if isinstance(value, Perturbation) else tuple(value)
+    if not specs or not all(isinstance(s, Perturbation) for s in specs):
+        raise DtkError(f"guidance {guidance!r}: perturbations map branches to a "
+                       "toolkit.Perturbation, or to a tuple of them")  # fmt: skip
+    if len({s.condition for s in specs}) > 1:
+        raise DtkError(f"guidance {guidance!r}: the perturbations of one branch take the inputs "
+                       "of one branch (their condition)")  # fmt: skip
+    return specs
+
+
+@dataclasses.dataclass(frozen=True)
+class GuideModel:
+    """A guidance branch evaluated by another model: the inputs of branch `condition` through
+    the denoising network of the model folder `folder` (a guidance's `guide_models`), as
+    autoguidance's guiding model (Karras et al. 2024: an earlier checkpoint or a smaller model
+    of the same family, taking the same conditioning inputs).
+
+    The toolkit checks the folder when it makes the plan (same family, sample shape and
+    conditioning inputs), loads it once per run beside the main model (same device and
+    precision) and runs its branches in a forward pass of their own, with the main model's
+    inputs for `condition` (a text model's prompt embeddings are the main model's: the
+    guide's text encoders must have the same configs, and are not used).
+    """
+
+    folder: pathlib.Path
+    condition: str = "cond"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.folder, (str, pathlib.PurePath)):
+            raise DtkError(f"a guide model's folder is a path; got {type(self.folder).__name__}")
+        if not isinstance(self.condition, str) or not self.condition:
+            raise DtkError("a guide model's condition names the branch whose inputs it takes")
+        object.__setattr__(self, "folder", pathlib.Path(self.folder))
 
 
 @runtime_checkable
@@ -164,10 +207,16 @@ class GuidanceOptions(Protocol):
     #: converts there and back (`toolkit.models.family.Model.output_space`). Default:
     #: ``"denoised"``.
     space: Literal["denoised", "output"]
-    #: branch name -> `Perturbation`: branches (listed in `branches`) that take another
-    #: branch's inputs (its ``condition``) through a perturbed network, in the same batched
-    #: pass (PAG, SEG, SLG). Default: none.
-    perturbations: Mapping[str, Perturbation]
+    #: branch name -> `Perturbation` (or a tuple of them, applied together): branches
+    #: (listed in `branches`) that take another branch's inputs (its ``condition``) through a
+    #: perturbed network, in the same batched pass (PAG, SEG, SLG, autoguidance's skipped
+    #: layers). Default: none.
+    perturbations: Mapping[str, Perturbation | tuple[Perturbation, ...]]
+    #: branch name -> `GuideModel`: branches (listed in `branches`) that take another
+    #: branch's inputs (its ``condition``) through the network of another model folder,
+    #: loaded once per run, in a forward pass of its own per step (autoguidance's guiding
+    #: model). Default: none.
+    guide_models: Mapping[str, GuideModel]
     #: a guidance this one edits (``fair`` and ``sld`` on top of ``apg``, ``pag``, ...): the
     #: toolkit evaluates its branches in the same pass (list them in `branches` too),
     #: combines them with it in its own `space`, and hands the result to this guidance as
@@ -238,6 +287,7 @@ CONTRACT: dict[str, tuple[type, type | None, dict[str, Any]]] = {
             "text_branches": {},
             "space": "denoised",
             "perturbations": {},
+            "guide_models": {},
             "base": None,
             "active": None,
             "assign": None,

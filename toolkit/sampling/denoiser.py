@@ -7,9 +7,12 @@ model's `noise_levels` and `scheduler_config`, which some samplers read (the ``d
 adapter, ``ddim``'s clipping), and a learned-variance model's `variance` for the last call
 (``ddpm`` reads it; `toolkit.models.family.Model.variance`).
 
-A perturbed branch (a guidance's ``perturbations``: PAG, SEG, SLG) takes another branch's
-inputs, and the model runs its rows perturbed in the same pass
-(`toolkit.models.family.Model.perturbed`).
+A perturbed branch (a guidance's ``perturbations``: PAG, SEG, SLG, autoguidance's skipped
+layers) takes another branch's inputs, and the model runs its rows perturbed in the same pass
+(`toolkit.models.family.Model.perturbed`). A guide-model branch (a guidance's
+``guide_models``: autoguidance's guiding model) takes another branch's inputs through the
+network of another model, loaded beside the main one (`guides`): one more forward pass per
+step for each such model, and `forwards` counts it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
 from toolkit.models.family import COND, UNCOND
-from toolkit.registry.protocols import optional
+from toolkit.registry.protocols import GuideModel, optional, perturbation_specs
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +45,44 @@ def active_branches(guidance: Any, sigma: float) -> tuple[str, ...]:
     """The branches `guidance` needs at `sigma`."""
     active = optional("guidance", guidance, "active")
     return tuple(active(sigma)) if active is not None else tuple(guidance.branches)
+
+
+def guide_models(guidance: Any) -> dict[str, GuideModel]:
+    """`guidance`'s guide-model branches (its optional ``guide_models``), its base's included
+    (`GuidanceOptions.base`: they come along, as its branches are evaluated in the same
+    step), checked: each a `toolkit.GuideModel`, none also a perturbed branch."""
+    found: dict[str, Any] = {}
+    base = optional("guidance", guidance, "base")
+    for source in (base, guidance):
+        if source is not None:
+            found.update(optional("guidance", source, "guide_models"))
+    name = getattr(guidance, "name", "guidance")
+    for spec in found.values():
+        if not isinstance(spec, GuideModel):
+            raise DtkError(f"guidance {name!r}: guide_models map branches to "
+                           f"toolkit.GuideModel, not {type(spec).__name__}")  # fmt: skip
+    both = set(found) & set(optional("guidance", guidance, "perturbations"))
+    if both:
+        raise DtkError(f"guidance {name!r}: branch {sorted(both)[0]!r} is both perturbed and "
+                       "evaluated by a guide model; it can be one of them")  # fmt: skip
+    return found
+
+
+def branch_conditions(guidance: Any) -> dict[str, str]:
+    """Each of `guidance`'s branches -> the branch whose inputs it takes: its own, or a
+    perturbed or guide-model branch's ``condition``."""
+    perturbations = optional("guidance", guidance, "perturbations")
+    guides = guide_models(guidance)
+    name = getattr(guidance, "name", "guidance")
+    conditions = {}
+    for branch in getattr(guidance, "branches", ()):
+        if branch in perturbations:
+            conditions[branch] = perturbation_specs(perturbations[branch], name)[0].condition
+        elif branch in guides:
+            conditions[branch] = guides[branch].condition
+        else:
+            conditions[branch] = branch
+    return conditions
 
 
 SPACES = ("denoised", "output")
@@ -70,9 +111,11 @@ BASE = "base"
 
 
 class GuidedDenoiser:
-    """``D(x, sigma)`` with `guidance` applied over `conditioning`'s branches."""
+    """``D(x, sigma)`` with `guidance` applied over `conditioning`'s branches; `guides` maps
+    each guide-model branch of the guidance to its loaded model (`guide_models`)."""
 
-    def __init__(self, model: Model, guidance: Any, conditioning: Conditioning) -> None:
+    def __init__(self, model: Model, guidance: Any, conditioning: Conditioning,
+                 guides: Mapping[str, Model] | None = None) -> None:  # fmt: skip
         self.model = model
         self.guidance = guidance
         self.conditioning = conditioning
@@ -86,6 +129,15 @@ class GuidedDenoiser:
         self.base_space = None if self.base is None else guidance_space(self.base, model)
         #: perturbed branches: the inputs of another branch through a perturbed network
         self.perturbations = dict(optional("guidance", guidance, "perturbations"))
+        #: guide-model branches -> their models: another branch's inputs through another
+        #: model's network, in a pass of its own
+        specs = guide_models(guidance)
+        self.guides = {b: m for b, m in (guides or {}).items() if b in specs}
+        self.conditions = branch_conditions(guidance)
+        missing = sorted(set(specs) - set(self.guides))
+        if missing:
+            raise DtkError(f"guidance {guidance.name!r} evaluates branch {missing[0]!r} with a "
+                           "guide model, and none was loaded for it")  # fmt: skip
 
     def _inputs_for(self, branch: str, batch: int, device: torch.device) -> dict[str, Any]:
         try:
@@ -96,10 +148,9 @@ class GuidedDenoiser:
             ) from None
 
     def _condition(self, branch: str) -> str:
-        """The branch whose inputs `branch` takes: its own, or a perturbed branch's
-        ``condition``."""
-        spec = self.perturbations.get(branch)
-        return branch if spec is None else spec.condition
+        """The branch whose inputs `branch` takes: its own, or a perturbed or guide-model
+        branch's ``condition``."""
+        return self.conditions.get(branch, branch)
 
     def _perturbed(self, branches: tuple[str, ...], batch: int
                    ) -> contextlib.AbstractContextManager:  # fmt: skip
@@ -118,22 +169,37 @@ class GuidedDenoiser:
         through `toolkit.with_unconditional`."""
         branches = active_branches(self.guidance, sigma_scalar(sigma))
         batch = x.shape[0]
+        own = tuple(b for b in branches if b not in self.guides)
+        found: dict[str, torch.Tensor] = {}
+        self.variance = None
+        if own:
+            with self._perturbed(own, batch):
+                found.update(self._forward(self.model, own, x, sigma))
+            # a learned-variance model's variance for this call: the cond branch's
+            # (`Model.variance`)
+            variance = getattr(self.model, "variance", None)
+            if variance is not None:
+                variance = variance.split(batch)[own.index(COND) if COND in own else 0]
+            self.variance = variance
+        # each guide model's branches: one pass of their own per model
+        for guide in {id(m): m for b, m in self.guides.items() if b in branches}.values():
+            mine = tuple(b for b in branches if self.guides.get(b) is guide)
+            found.update(self._forward(guide, mine, x, sigma))
+        preds: Mapping[str, torch.Tensor] = {b: found[b] for b in branches}
+        guided = self._guide(preds, x, sigma)
+        return guided, preds.get(UNCOND, guided)
+
+    def _forward(self, model: Model, branches: tuple[str, ...], x: torch.Tensor, sigma: Any
+                 ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """`branches` through `model` in one batched call: their estimates by branch."""
+        batch = x.shape[0]
         xs = x if len(branches) == 1 else torch.cat([x] * len(branches))
         per_branch = [self._inputs_for(self._condition(b), batch, x.device) for b in branches]
         inputs = {k: torch.cat([p[k] for p in per_branch]) for k in per_branch[0]}
         if hasattr(sigma, "ndim") and sigma.ndim > 0:
             sigma = torch.cat([sigma] * len(branches))
         self.forwards += 1
-        with self._perturbed(branches, batch):
-            denoised = self.model.denoise(xs, sigma, **inputs).split(batch)
-        preds: Mapping[str, torch.Tensor] = dict(zip(branches, denoised))
-        # a learned-variance model's variance for this call: the cond branch's (`Model.variance`)
-        variance = getattr(self.model, "variance", None)
-        if variance is not None:
-            variance = variance.split(batch)[branches.index(COND) if COND in branches else 0]
-        self.variance = variance
-        guided = self._guide(preds, x, sigma)
-        return guided, preds.get(UNCOND, guided)
+        return dict(zip(branches, model.denoise(xs, sigma, **inputs).split(batch)))
 
     def _guide(self, preds: Mapping[str, torch.Tensor], x: torch.Tensor, sigma: Any
                ) -> torch.Tensor:  # fmt: skip

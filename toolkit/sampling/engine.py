@@ -7,7 +7,8 @@ supplies its later noise, so a sample's result does not depend on the batch it i
 
 A text model's prompts are encoded before sampling (`encode_batch`: every branch the
 guidance uses), and then its text encoders leave the accelerator (`release_text_encoders`;
-docs/models.md, "Text encoders and memory").
+docs/models.md, "Text encoders and memory"). A guidance's guide-model branches run through
+the loaded `guides` (`GuidedDenoiser`), with the main model's inputs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit.data.images import to_unit
 from toolkit.lazy import lazy_import
 from toolkit.registry.protocols import optional
-from toolkit.sampling.denoiser import GuidedDenoiser
+from toolkit.sampling.denoiser import GuidedDenoiser, branch_conditions
 
 if TYPE_CHECKING:
     import torch
@@ -39,12 +40,14 @@ def sample_images(
     batch: Sequence[SampleRequest],
     *,
     text_branches: Mapping[str, str] | None = None,
+    guides: Mapping[str, Model] | None = None,
 ) -> torch.Tensor:
     """Float images ``[B, C, H, W]`` in [0, 1] for the samples of `batch` (non-finite
     values stay NaN, for the caller to catch).
 
     A guidance with a ``start_batch`` member is given the batch's conditions first;
-    `text_branches` (a guidance's own prompts) defaults to the guidance's.
+    `text_branches` (a guidance's own prompts) defaults to the guidance's; `guides` maps
+    each of its guide-model branches to the loaded guide model (`GuidedDenoiser`).
     """
     start_batch = optional("guidance", guidance, "start_batch")
     if start_batch is not None:
@@ -65,7 +68,7 @@ def sample_images(
     with torch.inference_mode():
         conditioning = encode_batch(model, guidance, batch, text_branches, device)
         release_text_encoders(model)
-        guided = GuidedDenoiser(model, guidance, conditioning)
+        guided = GuidedDenoiser(model, guidance, conditioning, guides)
         x0 = integrate(sampler, guided, x, sigmas, noise)
         return to_unit(model.decode(x0))
 
@@ -75,10 +78,11 @@ def encode_batch(model: Model, guidance: Any, batch: Sequence[SampleRequest],
     """`batch`'s `Conditioning` (`Model.conditioning`), on a text model with the inputs of
     every branch `guidance` uses computed now, on `device`: its prompts go through the text
     encoders here, not during sampling (a branch the guidance never uses, such as ``uncond``
-    without CFG, is never encoded)."""
+    without CFG, is never encoded; a perturbed or guide-model branch uses the inputs of its
+    ``condition``)."""
     conditioning = model.conditioning(batch, text_branches)
     if hasattr(model, "release_text_encoders"):
-        for branch in getattr(guidance, "branches", ()):
+        for branch in dict.fromkeys(branch_conditions(guidance).values()):
             with contextlib.suppress(KeyError):  # GuidedDenoiser names an unknown branch
                 conditioning.inputs(branch, len(batch), device)
     return conditioning
