@@ -264,3 +264,23 @@ def test_res_and_gradient_estimation_equal_comfyui(denoise, name, options, refer
     assert flat == pytest.approx([s for call in theirs_noise.calls for s in call], rel=1e-12)
     if name == "res_multistep_ancestral":
         assert len(ours_noise.calls) == 11  # every step but the last to sigma 0
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_res_multistep_is_dpmpp_2m_sde_heun_at_eta_0_and_1(denoise, eta):
+    """Two names for one rule: ComfyUI's RES step to the ancestral sigma_down and DPM-Solver++
+    (2M) SDE with the Heun correction agree to rounding at eta 0 (both deterministic) and 1
+    (the same decay, noise and second-order term); between they split the noise otherwise."""
+    from sampling_helpers import NoiseStream
+
+    sigmas = schedule("karras", 12)
+    x = torch.randn(SAMPLE_SHAPE, generator=torch.Generator().manual_seed(101),
+                    dtype=torch.float64) * sigmas[0]  # fmt: skip
+
+    def run(name: str, eta: float) -> torch.Tensor:
+        noise = NoiseStream(7, dtype=torch.float64)
+        return toolkit.sampler(name, eta=eta)(denoise, x, sigmas, noise=noise)
+
+    assert rel_err(run("res_multistep_ancestral", eta), run("dpmpp_2m_sde_heun", eta)) <= 1e-12
+    half = rel_err(run("res_multistep_ancestral", 0.5), run("dpmpp_2m_sde_heun", 0.5))
+    assert half > 1e-2
