@@ -12,6 +12,7 @@ from invoke import dtk
 import toolkit
 from evaluations import metrics
 from evaluations.bias import audit_bias
+from toolkit import defaults
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,8 @@ def test_generated_audit_spreads_the_by_attribute(tmp_path):
     assert {p["kind"] for p in saved["plugins"]} >= {"attribute_classifier", "sampler"}
     # what generation really used, the implicit default guidance included
     used = {p["kind"]: p["name"] for p in saved["plugins"]}
-    assert (used["sampler"], used["schedule"], used["guidance"]) == ("dpmpp_2m", "karras", "cfg")
+    assert (used["sampler"], used["schedule"], used["guidance"]) == (defaults.LABEL_SAMPLER,
+                                                                     "karras", "cfg")  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from PIL import Image
 from tiny_models import save_bare_unet, save_pipeline
 
 import toolkit
+from toolkit import defaults
 from toolkit.cli import cli
 from toolkit.generation.generate import generate
 
@@ -118,9 +119,10 @@ def test_output_folder_contract(models, tmp_path):
 
         assert hashlib.sha256((out / row.file_name).read_bytes()).hexdigest() == row.sha256
     run = json.loads((out / "run.json").read_text())
-    assert run["sampler"] == {"name": "dpmpp_2m", "options": {}}
+    assert run["sampler"] == {"name": defaults.LABEL_SAMPLER, "options": {}}
     assert run["conditions"] == {"digit": "2", "group": "dark"}
-    assert {p["name"] for p in run["plugins"]} == {"dpmpp_2m", "karras", "cfg", "nonfinite"}
+    assert {p["name"] for p in run["plugins"]} == {defaults.LABEL_SAMPLER, "karras", "cfg",
+                                                   "nonfinite"}  # fmt: skip
     assert all(p["distribution"] == "diffusion-toolkit" for p in run["plugins"])
     import importlib.metadata
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 SAMPLER = "dpmpp_2m"
 SCHEDULE = "karras"
 STEPS = 20
+#: ... and of a label-conditioned UNet's (the shipped model's): DEIS on Karras sigmas, the
+#: best deterministic sampler + schedule on the shipped model across 5 to 50 network
+#: evaluations (benchmarks/quality_vs_nfe.py; docs/samplers.md, "Quality against network
+#: evaluations")
+LABEL_SAMPLER = "deis"
 #: samples per batch (per batched forward pass); every command that generates uses it
 BATCH_SIZE = 16
 #: samples of `dtk generate` when -n is not given

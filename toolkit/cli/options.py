@@ -45,7 +45,9 @@ def generation_options(
     pipelines = "SD 3 and Flux dev: 28; Flux schnell and LCM: 4"
     model_steps = MODEL_DEFAULT.format(defaults.STEPS, pipelines)
     steps_help = f"Sampling steps. Default: {steps_help or model_steps}."
-    sampler_help = MODEL_DEFAULT.format(defaults.SAMPLER, "SD 3 and Flux: euler; LCM: lcm")
+    sampler_help = MODEL_DEFAULT.format(
+        f"{defaults.LABEL_SAMPLER} for label-conditioned UNets (the shipped model), "
+        f"{defaults.SAMPLER} otherwise", "SD 3 and Flux: euler; LCM: lcm")  # fmt: skip
     schedule_help = MODEL_DEFAULT.format(defaults.SCHEDULE, "SD 3 and Flux: flow; LCM: lcm")
     options = [
         click.option("--sampler", default=None,

@@ -251,7 +251,8 @@ def check_settings(settings: GenerationSettings, model: Any = None) -> Generatio
     as a run records them. `make_plan` does the same with the request's model; a command
     that generates later (after writing other files) checks first."""
     if model is None:
-        resolved = _sampling(settings, (defaults.SAMPLER, defaults.SCHEDULE, defaults.STEPS), {})
+        resolved = _sampling(settings, (defaults.LABEL_SAMPLER, defaults.SCHEDULE, defaults.STEPS),
+                             {})  # fmt: skip
     else:
         folder = open_model(model)
         _check_model(folder, settings)

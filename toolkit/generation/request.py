@@ -25,7 +25,8 @@ class GenerationSettings:
     """How images are generated (see the module docstring)."""
 
     #: sampler, schedule, steps: None is the model's default, each on its own
-    #: (`ModelFolder.default_sampling`: dpmpp_2m, karras, 20 unless the family has its own)
+    #: (`ModelFolder.default_sampling`: deis on label UNets, else dpmpp_2m; karras, 20; unless
+    #: the family has its own)
     sampler: str | None = None
     sampler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     schedule: str | None = None

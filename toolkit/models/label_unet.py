@@ -121,6 +121,10 @@ class LabelUNetFolder(ModelFolder):
             return {}
         return self.labels.validate(condition)
 
+    def default_sampling(self) -> tuple[str, str, int]:
+        """``deis`` on ``karras``, 20 steps (`toolkit.defaults.LABEL_SAMPLER`)."""
+        return defaults.LABEL_SAMPLER, defaults.SCHEDULE, defaults.STEPS
+
     def default_guidance(self, conditional: bool) -> tuple[str, dict[str, Any]]:
         usable = self.labels is not None and self.labels.null_label is not None
         if conditional and usable:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numbers
 from typing import TYPE_CHECKING, Any
 
+from toolkit import defaults
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
 from toolkit.models.family import NetworkModel
@@ -50,6 +51,11 @@ class VEFolder(LabelUNetFolder):
     """A VE score-SDE folder, read from its configs."""
 
     family = "ve"
+
+    def default_sampling(self) -> tuple[str, str, int]:
+        """The toolkit's general default (`toolkit.defaults.SAMPLER`): the label UNets'
+        ``deis`` was measured on the shipped VP model, not on VE ones."""
+        return defaults.SAMPLER, defaults.SCHEDULE, defaults.STEPS
 
     def check_scheduler_config(self) -> None:
         config = self._scheduler_config
