@@ -20,6 +20,9 @@ SAMPLES = 16
 DEVICE = "auto"
 DTYPE = "float32"
 DTYPES = ("float32", "float16", "bfloat16")
+#: torch.compile's modes a run may ask for (`--compile`): inductor's default, and its
+#: slower-to-compile autotuned one
+COMPILE_MODES = ("default", "max-autotune")
 #: what happens to an image a safety filter flags
 ON_FLAG = "drop"
 #: classifier-free guidance scale of a conditioned request on a label model that names no

@@ -23,7 +23,7 @@ from toolkit.registry.options import parse_key_values
 KEYS = ("sampler", "sampler_option", "schedule", "schedule_option", "steps", "guidance",
         "guidance_option", "model_option", "width", "height", "lora", "safety_filters",
         "filter_option", "on_flag", "batch_size", "device", "dtype", "trust_pickle",
-        "attention_slicing", "vae_tiling")  # fmt: skip
+        "attention_slicing", "vae_tiling", "compile", "compile_cache", "channels_last")  # fmt: skip
 
 
 #: what a sampler, schedule or steps left out is (`ModelFolder.default_sampling`)
@@ -107,6 +107,17 @@ def generation_options(
         click.option("--vae-tiling", is_flag=True,
                      help="Text-to-image models: decode latents in overlapping tiles (large "
                      "images on small GPUs)."),
+        click.option("--compile", "compile", is_flag=False, flag_value="default", default=None,
+                     type=click.Choice(defaults.COMPILE_MODES), metavar="[MODE]",
+                     help="Compile the denoising network with torch.compile (MODE: default "
+                     "or max-autotune): slow to start, faster per step; once per process, "
+                     "not again for a smaller last batch."),
+        click.option("--compile-cache", type=click.Path(file_okay=False), default=None,
+                     help="With --compile: keep inductor's compiled kernels in this folder, "
+                     "so the next run starts fast."),
+        click.option("--channels-last", is_flag=True,
+                     help="Keep the network's weights and activations in channels-last "
+                     "memory format (faster convolutions on most accelerators)."),
     ]  # fmt: skip
 
     def decorate(function: Any) -> Any:

@@ -60,11 +60,13 @@ def generate(
     embedded guidance scale, ...), ``width`` and ``height`` (pixels), ``loras``
     (``"PATH[:SCALE]"`` strings or ``(path, scale)`` pairs), ``filters``,
     ``filter_options``, ``on_flag``, ``batch_size``, ``device``, ``dtype``,
-    ``trust_pickle``, ``attention_slicing``, ``vae_tiling`` and ``options_from_strings``
-    (plugin options as ``KEY=VALUE`` strings). A sampler, schedule, steps or guidance left
-    out is the model family's default (docs/models.md): for guidance, ``cfg`` (scale 2) for
-    a conditioned request on a model with a null label, ``cfg`` at the family's scale for a
-    prompt (SD: 7.5), ``none`` for Flux, an LCM or an unconditional request.
+    ``trust_pickle``, ``attention_slicing``, ``vae_tiling``, ``compile`` (a torch.compile
+    mode), ``compile_cache`` (inductor's cache folder), ``channels_last`` and
+    ``options_from_strings`` (plugin options as ``KEY=VALUE`` strings). A sampler,
+    schedule, steps or guidance left out is the model family's default (docs/models.md):
+    for guidance, ``cfg`` (scale 2) for a conditioned request on a model with a null label,
+    ``cfg`` at the family's scale for a prompt (SD: 7.5), ``none`` for Flux, an LCM or an
+    unconditional request.
 
     Sample ``i`` starts from
     ``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i))``.

@@ -295,6 +295,11 @@ def _check_settings(settings: GenerationSettings, registry: Registry
     if settings.dtype not in defaults.DTYPES:
         raise DtkError(f"dtype must be one of {', '.join(defaults.DTYPES)}, got "
                        f"{settings.dtype!r}")  # fmt: skip
+    if settings.compile is not None and settings.compile not in defaults.COMPILE_MODES:
+        raise DtkError(f"compile must be one of {', '.join(defaults.COMPILE_MODES)}, got "
+                       f"{settings.compile!r}")  # fmt: skip
+    if settings.compile_cache is not None and settings.compile is None:
+        raise DtkError("a compile cache needs --compile")
     strings = settings.options_from_strings
     sampler = schedule = None
     if settings.sampler is not None:

@@ -53,6 +53,8 @@ def run_record(plan: Plan, versions: Mapping[str, str]) -> dict[str, Any]:
             "attention_slicing": settings.attention_slicing,
             "vae_tiling": settings.vae_tiling,
         },
+        # how fast, not what: left out of the run's identity, so a resume may change it
+        "speed": {"compile": settings.compile, "channels_last": settings.channels_last},
         "plugins": [
             p.provenance for p in (plan.sampler, plan.schedule, plan.guidance, *plan.filters)
         ],

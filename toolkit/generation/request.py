@@ -54,6 +54,12 @@ class GenerationSettings:
     trust_pickle: bool = False
     attention_slicing: bool = False
     vae_tiling: bool = False
+    #: speed: the denoising network compiled with torch.compile in this mode (None: eager),
+    #: its inductor cache kept in `compile_cache` (None: torch's default place), and its
+    #: weights and inputs in channels-last memory format (`toolkit.models.speed`)
+    compile: str | None = None
+    compile_cache: str | None = None
+    channels_last: bool = False
     #: plugin options are ``KEY=VALUE`` strings from a command line, converted by type
     options_from_strings: bool = False
 

@@ -26,6 +26,7 @@ from toolkit.generation.plan import Plan, PluginUse
 from toolkit.generation.record import IDENTITY, NON_FINITE, sample_record, status
 from toolkit.lazy import lazy_import
 from toolkit.models import Model
+from toolkit.models.speed import accelerate
 from toolkit.registry.protocols import SampleRequest, Verdict, optional
 from toolkit.sampling.engine import encode_batch, release_text_encoders, sample_images
 from toolkit.sampling.safety import is_request_stage, run_filter
@@ -120,6 +121,8 @@ def _start(plan: Plan) -> Runner:
                 trust_pickle=settings.trust_pickle, attention_slicing=settings.attention_slicing,
                 vae_tiling=settings.vae_tiling)  # fmt: skip
     model = plan.folder.load(**load)
+    accelerate(model, compile=settings.compile, cache=settings.compile_cache,
+               channels_last=settings.channels_last)  # fmt: skip
     for use in (plan.sampler, plan.schedule, *plan.filters):
         use.make()
     sigmas = plan.schedule.instance(settings.steps, model.noise_levels)
