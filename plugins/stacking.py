@@ -74,7 +74,8 @@ def make_base(owner: str, base: str, scale: float, options: Mapping[str, str]) -
 
 class Stacked:
     """The members an editing guidance takes from its `base`: its branches first, then the
-    edit's `own` ones; its perturbed branches; its noise-level gating; its per-batch state.
+    edit's `own` ones; its perturbed and guide-model branches; its noise-level gating; its
+    per-batch state.
     A subclass sets ``self.base`` and calls `stack_branches`."""
 
     base: Any
@@ -85,6 +86,10 @@ class Stacked:
     @property
     def perturbations(self) -> Mapping[str, Any]:
         return optional_member("guidance", self.base, "perturbations")
+
+    @property
+    def guide_models(self) -> Mapping[str, Any]:
+        return optional_member("guidance", self.base, "guide_models")
 
     def base_active(self, sigma: float) -> tuple[str, ...]:
         active = optional_member("guidance", self.base, "active")

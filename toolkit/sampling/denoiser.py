@@ -48,14 +48,10 @@ def active_branches(guidance: Any, sigma: float) -> tuple[str, ...]:
 
 
 def guide_models(guidance: Any) -> dict[str, GuideModel]:
-    """`guidance`'s guide-model branches (its optional ``guide_models``), its base's included
-    (`GuidanceOptions.base`: they come along, as its branches are evaluated in the same
-    step), checked: each a `toolkit.GuideModel`, none also a perturbed branch."""
-    found: dict[str, Any] = {}
-    base = optional("guidance", guidance, "base")
-    for source in (base, guidance):
-        if source is not None:
-            found.update(optional("guidance", source, "guide_models"))
+    """`guidance`'s guide-model branches (its optional ``guide_models``; a guidance with a
+    ``base`` lists its base's, as it lists its perturbations), checked: each a
+    `toolkit.GuideModel`, none also a perturbed branch."""
+    found = dict(optional("guidance", guidance, "guide_models"))
     name = getattr(guidance, "name", "guidance")
     for spec in found.values():
         if not isinstance(spec, GuideModel):
