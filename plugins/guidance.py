@@ -60,12 +60,20 @@ class CFGRescale(CFG):
         self.phi = phi
 
     def __call__(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:
-        guided = super().__call__(preds, sigma)
-        dims = tuple(range(1, guided.ndim))
-        std_cond = preds["cond"].std(dim=dims, keepdim=True)
-        std_guided = guided.std(dim=dims, keepdim=True).clamp(min=1e-12)
-        rescaled = guided * (std_cond / std_guided)
-        return self.phi * rescaled + (1 - self.phi) * guided
+        return rescale_cfg(super().__call__(preds, sigma), preds["cond"], self.phi, floor=1e-12)
+
+
+def rescale_cfg(guided: torch.Tensor, cond: torch.Tensor, phi: float, floor: float = 0.0
+                ) -> torch.Tensor:  # fmt: skip
+    """The guided prediction's per-sample std moved towards the conditional one's by `phi`
+    (Lin et al. 2023, sec. 3.4), as diffusers' ``rescale_noise_cfg``; the guided std is
+    kept at least `floor` (diffusers' has none)."""
+    dims = tuple(range(1, cond.ndim))
+    std_guided = guided.std(dim=dims, keepdim=True)
+    if floor > 0:
+        std_guided = std_guided.clamp(min=floor)
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / std_guided)
+    return phi * rescaled + (1 - phi) * guided
 
 
 class IntervalCFG(CFG):

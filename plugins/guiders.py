@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import toolkit
+from plugins.guidance import rescale_cfg
 from toolkit import DtkError, OptionError, lazy_import
 
 if TYPE_CHECKING:
@@ -35,14 +36,6 @@ else:
 
 COND, UNCOND = "cond", "uncond"
 SPACES = ("output", "denoised")
-
-
-def rescale_cfg(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
-    """The guided prediction's per-sample std moved towards the conditional one's by `phi`
-    (Lin et al. 2023, sec. 3.4), as diffusers' ``rescale_noise_cfg``."""
-    dims = list(range(1, cond.ndim))
-    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-    return phi * rescaled + (1 - phi) * guided
 
 
 def project(v0: torch.Tensor, v1: torch.Tensor, dims: Sequence[int], upcast: bool = True

@@ -45,7 +45,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import toolkit
-from plugins.guiders import SPACES, rescale_cfg
+from plugins.guidance import rescale_cfg
+from plugins.guiders import SPACES
 from toolkit import DtkError, GuideModel, OptionError, Perturbation
 
 if TYPE_CHECKING:
