@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import toolkit
-from plugins.guidance import CFG
+from plugins.guidance import CFG, check_finite
 from plugins.momentum import WarmedMomentum
 from plugins.stacking import Stacked, base_options, make_base
 from toolkit import (
@@ -93,9 +93,7 @@ class FairGuidance(Stacked, CFG):
             raise OptionError("fair: attribute must name the attribute to balance")
         self.text = values is not None or words is not None
         super().__init__((TEXT_SCALE if self.text else LABEL_SCALE) if scale is None else scale)
-        for option, value in (("edit_scale", edit_scale), ("momentum_scale", momentum_scale)):
-            if not math.isfinite(value):
-                raise OptionError(f"fair: {option} must be a finite number")
+        check_finite(self.name, edit_scale=edit_scale, momentum_scale=momentum_scale)
         if not 0 <= threshold <= 1 or not 0 <= momentum_beta <= 1:
             raise OptionError("fair: threshold and momentum_beta must be in [0, 1]")
         if warmup_steps < 0:

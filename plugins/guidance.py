@@ -21,6 +21,14 @@ if TYPE_CHECKING:
     import torch
 
 
+def check_finite(name: str, **values: float) -> None:
+    """Refuse, in one line naming guidance `name` and the option, a value that is not a
+    finite number."""
+    for option, value in values.items():
+        if not math.isfinite(value):
+            raise OptionError(f"{name}: {option} must be a finite number")
+
+
 class NoGuidance:
     """The model's prediction for the requested condition, unchanged."""
 
@@ -38,8 +46,7 @@ class CFG:
     branches = ("cond", "uncond")
 
     def __init__(self, scale: float = 2.0) -> None:
-        if not math.isfinite(scale):
-            raise OptionError(f"{self.name}: scale must be a finite number")
+        check_finite(self.name, scale=scale)
         self.scale = scale
 
     def __call__(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import toolkit
-from plugins.guidance import rescale_cfg
+from plugins.guidance import check_finite, rescale_cfg
 from toolkit import DtkError, OptionError, lazy_import
 
 if TYPE_CHECKING:
@@ -122,11 +122,6 @@ class Guider:
         return guided
 
 
-def _check_scale(name: str, scale: float, what: str = "scale") -> None:
-    if not math.isfinite(scale):
-        raise OptionError(f"{name}: {what} must be a finite number")
-
-
 def _check_rescale(name: str, rescale: float) -> None:
     if not 0 <= rescale <= 1:
         raise OptionError(f"{name}: guidance_rescale must be in [0, 1]")
@@ -137,7 +132,7 @@ class ScaledGuider(Guider):
 
     def __init__(self, scale: float, guidance_rescale: float, use_original_formulation: bool,
                  space: str) -> None:  # fmt: skip
-        _check_scale(self.name, scale)
+        check_finite(self.name, scale=scale)
         _check_rescale(self.name, guidance_rescale)
         self.scale, self.guidance_rescale = scale, guidance_rescale
         self._options(guidance_rescale, use_original_formulation, space)
@@ -230,11 +225,11 @@ class AdaptiveProjectedGuidance(ScaledGuider):
         space: Literal["output", "denoised"] = "output",
     ) -> None:
         super().__init__(scale, guidance_rescale, use_original_formulation, space)
-        _check_scale(self.name, eta, "eta")
+        check_finite(self.name, eta=eta)
         if not (math.isfinite(norm_threshold) and norm_threshold >= 0):
             raise OptionError(f"{self.name}: norm_threshold must be a finite number >= 0")
         if momentum is not None:
-            _check_scale(self.name, momentum, "momentum")
+            check_finite(self.name, momentum=momentum)
         dims = (norm_dim,) if isinstance(norm_dim, int) else norm_dim
         if dims is not None and (not dims or 0 in dims):
             raise OptionError(f"{self.name}: norm_dim must name sample dimensions (1, 2, ...; "
@@ -410,12 +405,12 @@ class FrequencyDecoupledGuidance(Guider):
         if not scales:
             raise OptionError(f"{self.name}: scales needs at least one level")
         for scale in scales:
-            _check_scale(self.name, scale, "each of scales")
+            check_finite(self.name, **{"each of scales": scale})
         levels = len(scales)
         weights = _per_level(self.name, "parallel_weights", 1.0 if parallel_weights is None
                              else parallel_weights, levels)  # fmt: skip
         for weight in weights:
-            _check_scale(self.name, weight, "each of parallel_weights")
+            check_finite(self.name, **{"each of parallel_weights": weight})
         rescales = _per_level(self.name, "guidance_rescale", guidance_rescale, levels)
         for rescale in rescales:
             _check_rescale(self.name, rescale)

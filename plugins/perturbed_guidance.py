@@ -45,7 +45,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import toolkit
-from plugins.guidance import rescale_cfg
+from plugins.guidance import check_finite, rescale_cfg
 from plugins.guiders import SPACES
 from toolkit import DtkError, GuideModel, OptionError, Perturbation
 
@@ -56,12 +56,6 @@ COND, UNCOND, PERTURBED, GUIDE = "cond", "uncond", "perturbed", "guide"
 #: slg's `skip` -> the perturbation's kind (diffusers' ``LayerSkipConfig`` flags)
 SKIPS = {"block": "skip_block", "attention": "skip_attention", "ff": "skip_ff",
          "attention_scores": "attention_scores"}  # fmt: skip
-
-
-def _finite(name: str, **values: float) -> None:
-    for key, value in values.items():
-        if not math.isfinite(value):
-            raise OptionError(f"{name}: {key} must be a finite number")
 
 
 def selectors(name: str, layers: Sequence[str | int]) -> tuple[str | int, ...]:
@@ -143,7 +137,9 @@ class PerturbedAttentionGuidance(PerturbedGuidance):
     def __init__(self, scale: float = 7.5, pag_scale: float = 3.0,
                  pag_adaptive_scale: float = 0.0, layers: list[str] = ("mid",),
                  stack: str = "transformer_blocks") -> None:  # fmt: skip
-        _finite(self.name, scale=scale, pag_scale=pag_scale, pag_adaptive_scale=pag_adaptive_scale)
+        check_finite(
+            self.name, scale=scale, pag_scale=pag_scale, pag_adaptive_scale=pag_adaptive_scale
+        )
         if pag_scale < 0:
             raise OptionError("pag: pag_scale must be >= 0")
         if pag_adaptive_scale != 0:
@@ -172,7 +168,7 @@ class SmoothedEnergyGuidance(PerturbedGuidance):
                  blur_sigma: float = 9999999.0, blur_threshold_inf: float = 9999.0,
                  layers: list[str] = ("mid",), stack: str = "transformer_blocks",
                  lo: float = 0.0, hi: float | None = None) -> None:  # fmt: skip
-        _finite(self.name, scale=scale, seg_scale=seg_scale, blur_sigma=blur_sigma,
+        check_finite(self.name, scale=scale, seg_scale=seg_scale, blur_sigma=blur_sigma,
                 blur_threshold_inf=blur_threshold_inf)  # fmt: skip
         if blur_sigma <= 0:
             raise OptionError("seg: blur_sigma must be > 0")
@@ -201,7 +197,7 @@ class SkipLayerGuidance(PerturbedGuidance):
                  skip: Literal["block", "attention", "ff", "attention_scores"] = "block",
                  stack: str = "transformer_blocks", lo: float = 13.0,
                  hi: float | None = 1000.0) -> None:  # fmt: skip
-        _finite(self.name, scale=scale, slg_scale=slg_scale)
+        check_finite(self.name, scale=scale, slg_scale=slg_scale)
         _window(self.name, lo, hi)
         self.slg_scale, self.skip = slg_scale, skip
         self.layers = selectors(self.name, layers)
@@ -313,7 +309,7 @@ class AutoGuidance:
         space: Literal["output", "denoised"] = "output",
     ) -> None:
         name = self.name
-        _finite(name, scale=scale, guidance_rescale=guidance_rescale)
+        check_finite(name, scale=scale, guidance_rescale=guidance_rescale)
         if not 0 <= guidance_rescale <= 1:
             raise OptionError(f"{name}: guidance_rescale must be in [0, 1]")
         if space not in SPACES:
