@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from plugins.samplers.updates import ancestral_step, lam, report, sigma_list
+from plugins.samplers.updates import ancestral_step, check_noise_options, lam, report, sigma_list
 from toolkit import OptionError
 
 if TYPE_CHECKING:
@@ -97,11 +97,6 @@ def _ancestral_target(t: float, t_next: float, t_end: float, eta: float) -> tupl
     return target, math.sqrt(max(_sigma(t_next) ** 2 - _sigma(target) ** 2, 0.0))
 
 
-def _check(eta: float, s_noise: float, name: str) -> None:
-    if eta < 0 or s_noise < 0:
-        raise OptionError(f"{name}: eta and s_noise must be non-negative")
-
-
 class DPMFast:
     """DPM-Solver-fast: ``n = len(sigmas) - 1`` model evaluations (ComfyUI's step count,
     the step to sigma 0 included) spent on ``floor(n / 3) + 1`` equal steps in ``lambda``
@@ -116,7 +111,7 @@ class DPMFast:
     name = "dpm_fast"
 
     def __init__(self, eta: float = 0.0, s_noise: float = 1.0) -> None:
-        _check(eta, s_noise, self.name)
+        check_noise_options(self.name, eta, s_noise)
         self.eta, self.s_noise = eta, s_noise
 
     def __call__(
@@ -215,7 +210,7 @@ class DPMAdaptive:
         eta: float = 0.0,
         s_noise: float = 1.0,
     ) -> None:
-        _check(eta, s_noise, self.name)
+        check_noise_options(self.name, eta, s_noise)
         if order not in (2, 3):
             raise OptionError(f"{self.name}: order must be 2 or 3")
         if not (atol > 0 and rtol >= 0):

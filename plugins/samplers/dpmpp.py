@@ -11,7 +11,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
-from plugins.samplers.updates import ancestral_step, lam, report, sigma_list, to_d
+from plugins.samplers.updates import (
+    ancestral_step,
+    check_noise_options,
+    lam,
+    report,
+    sigma_list,
+    to_d,
+)
 from toolkit import OptionError
 
 if TYPE_CHECKING:
@@ -28,18 +35,13 @@ def _first_order(x: torch.Tensor, sigma: float, sigma_next: float, denoised: Any
     return (sigma_next / sigma) * x - math.expm1(-h) * denoised
 
 
-def _check(eta: float, s_noise: float) -> None:
-    if eta < 0 or s_noise < 0:
-        raise OptionError("eta and s_noise must be non-negative")
-
-
 class DPMPP2SAncestral:
     """DPM-Solver++(2S), single-step, with ancestral noise."""
 
     name = "dpmpp_2s_ancestral"
 
     def __init__(self, eta: float = 1.0, s_noise: float = 1.0) -> None:
-        _check(eta, s_noise)
+        check_noise_options(self.name, eta, s_noise)
         self.eta, self.s_noise = eta, s_noise
 
     def __call__(
@@ -78,7 +80,7 @@ class DPMPPSDE:
     name = "dpmpp_sde"
 
     def __init__(self, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5) -> None:
-        _check(eta, s_noise)
+        check_noise_options(self.name, eta, s_noise)
         if not 0 < r < 1:
             raise OptionError("dpmpp_sde: r must be in (0, 1)")
         self.eta, self.s_noise, self.r = eta, s_noise, r
@@ -159,7 +161,7 @@ class DPMPP2MSDE:
         s_noise: float = 1.0,
         solver_type: Literal["midpoint", "heun"] = "midpoint",
     ) -> None:
-        _check(eta, s_noise)
+        check_noise_options(self.name, eta, s_noise)
         self.eta, self.s_noise, self.solver_type = eta, s_noise, solver_type
 
     def __call__(
@@ -214,7 +216,7 @@ class DPMPP3MSDE:
     name = "dpmpp_3m_sde"
 
     def __init__(self, eta: float = 1.0, s_noise: float = 1.0) -> None:
-        _check(eta, s_noise)
+        check_noise_options(self.name, eta, s_noise)
         self.eta, self.s_noise = eta, s_noise
 
     def __call__(

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 from plugins.samplers.updates import (
     Churn,
     ancestral_step,
+    check_noise_options,
     churn,
     log_midpoint,
     report,
     sigma_list,
     to_d,
 )
-from toolkit import OptionError
 
 if TYPE_CHECKING:
     import torch
@@ -158,8 +158,7 @@ class _Ancestral:
     """Options of the ancestral samplers: `eta` scales the fresh noise (0 = deterministic)."""
 
     def __init__(self, eta: float = 1.0, s_noise: float = 1.0) -> None:
-        if eta < 0 or s_noise < 0:
-            raise OptionError("eta and s_noise must be non-negative")
+        check_noise_options(self.name, eta, s_noise)
         self.eta, self.s_noise = eta, s_noise
 
     def add_noise(

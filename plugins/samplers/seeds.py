@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
-from plugins.samplers.updates import lam, report, sigma_list
+from plugins.samplers.updates import check_noise_options, lam, report, sigma_list
 from toolkit import OptionError
 
 if TYPE_CHECKING:
@@ -69,11 +69,6 @@ class _StageNoise:
         return self.value
 
 
-def _check(eta: float, s_noise: float, name: str) -> None:
-    if eta < 0 or s_noise < 0:
-        raise OptionError(f"{name}: eta and s_noise must be non-negative")
-
-
 class Seeds2:
     """SEEDS-2: a first-order stage to ``lambda + r h``, then the step from the two
     estimates, by ``solver_type``: ``phi_1`` (the estimates blended ``1 - 1/(2r) : 1/(2r)``,
@@ -90,7 +85,7 @@ class Seeds2:
         r: float = 0.5,
         solver_type: Literal["phi_1", "phi_2"] = "phi_1",
     ) -> None:
-        _check(eta, s_noise, self.name)
+        check_noise_options(self.name, eta, s_noise)
         if not 0 < r <= 1:
             raise OptionError(f"{self.name}: r must be in (0, 1]")
         if solver_type not in ("phi_1", "phi_2"):
@@ -177,7 +172,7 @@ class Seeds3:
     def __init__(
         self, eta: float = 1.0, s_noise: float = 1.0, r_1: float = 1 / 3, r_2: float = 2 / 3
     ) -> None:
-        _check(eta, s_noise, self.name)
+        check_noise_options(self.name, eta, s_noise)
         if not 0 < r_1 < r_2 <= 1:
             raise OptionError(f"{self.name}: r_1 and r_2 must satisfy 0 < r_1 < r_2 <= 1")
         self.eta, self.s_noise, self.r_1, self.r_2 = eta, s_noise, r_1, r_2

@@ -52,6 +52,12 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return sigma_down, sigma_up
 
 
+def check_noise_options(name: str, eta: float, s_noise: float) -> None:
+    """Refuse, in one line naming sampler `name`, a negative `eta` or `s_noise`."""
+    if eta < 0 or s_noise < 0:
+        raise OptionError(f"{name}: eta and s_noise must be non-negative")
+
+
 def lam(sigma: float) -> float:
     """Half the log-SNR, ``lambda = -log(sigma)``: DPM-Solver's time variable."""
     return -math.log(sigma)
