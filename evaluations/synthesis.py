@@ -440,6 +440,12 @@ class _Synthesis:
         pending = [_condition(row, self.attribute, self.by)
                    for _, row in plan.iterrows() for _ in range(int(row["generate"]))]  # fmt: skip
         done, seed = _Rounds(), self.seed
+        with toolkit.reuse_models():  # one model load for every round
+            self._rounds(done, pending, seed, settings)
+        return done
+
+    def _rounds(self, done: _Rounds, pending: list[dict[str, str]], seed: int,
+                settings: GenerationSettings) -> None:  # fmt: skip
         for index in range(self.max_rounds):
             if not pending:
                 break
@@ -450,7 +456,6 @@ class _Synthesis:
             seed += len(pending)
             pending = [_condition(row, self.attribute, self.by) for _, row in dropped.iterrows()]
         done.shortfall = len(pending)
-        return done
 
     def generate_round(
         self, index: int, pending: list[dict[str, str]], seed: int, settings: GenerationSettings

@@ -103,3 +103,28 @@ def test_the_plan_refuses_a_folder_holding_another_run_before_loading(tmp_path):
     (out / "run.json").write_text(json.dumps({"seed": 5, "n": 1}))
     with pytest.raises(DtkError, match="holds a different run"):
         make_plan(GenerationRequest(None, out, n=1, settings=GenerationSettings(steps=2)))
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((3, 32, 32), 64),  # the shipped model, a DiT's 4x32x32 latents
+    ((4, 64, 64), 16),  # SD 1.5
+    ((4, 128, 128), 4),  # SDXL, PixArt at 1024
+    ((16, 128, 128), 1),  # SD 3, Flux
+    ((64, 256, 256), 1),  # never below one
+])  # fmt: skip
+def test_the_default_batch_is_sized_for_the_samples(shape, expected):
+    from toolkit import defaults
+
+    assert defaults.batch_size(shape) == expected
+
+
+def test_a_plan_sizes_the_batch_unless_given(tmp_path):
+    from toolkit.generation.generate import default_model
+    from toolkit.generation.plan import make_plan
+    from toolkit.generation.request import GenerationRequest, GenerationSettings
+
+    plan = make_plan(GenerationRequest(default_model(), out=tmp_path / "a"))
+    assert plan.settings.batch_size == 64 and "batches   64 samples each" in plan.describe()
+    given = GenerationRequest(default_model(), out=tmp_path / "b",
+                              settings=GenerationSettings(batch_size=5))  # fmt: skip
+    assert make_plan(given).settings.batch_size == 5

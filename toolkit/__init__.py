@@ -51,6 +51,8 @@ from toolkit.registry.protocols import (
     Sampler,
     SampleRequest,
     Schedule,
+    StepCache,
+    StepCacheOptions,
     StepCallback,
     Verdict,
     with_unconditional,
@@ -109,11 +111,17 @@ def attribute_classifier(name: str, /, **options: Any) -> AttributeClassifier:
     return get_registry().create("attribute_classifier", name, options)
 
 
+def step_cache(name: str, /, **options: Any) -> StepCache:
+    """An instance of step cache `name` (or ``dist:name``) with validated `options`."""
+    return get_registry().create("step_cache", name, options)
+
+
 # Heavier parts of the API load on first use, so `import toolkit` stays light.
 _LAZY = {
     "generate": ("toolkit.generation.generate", "generate"),
     "default_model": ("toolkit.generation.generate", "default_model"),
     "resolve_device": ("toolkit.generation.run", "resolve_device"),
+    "reuse_models": ("toolkit.generation.reuse", "reuse_models"),
     "GenerationSettings": ("toolkit.generation.request", "GenerationSettings"),
     "check_settings": ("toolkit.generation.plan", "check_settings"),
     "generation_options": ("toolkit.cli.options", "generation_options"),
@@ -137,6 +145,14 @@ _LAZY = {
     "quantile_draw": ("toolkit.conditions.targets", "quantile_draw"),
     "seeded_uniform": ("toolkit.conditions.targets", "seeded_uniform"),
     "classifier_path": ("toolkit.assets", "classifier_path"),
+    # a network's structure, for plugins that hook its blocks (step caches)
+    "transformer_blocks": ("toolkit.models.blocks", "transformer_blocks"),
+    "is_unet": ("toolkit.models.blocks", "is_unet"),
+    "unet_layers": ("toolkit.models.blocks", "unet_layers"),
+    "block_output_indices": ("toolkit.models.blocks", "output_indices"),
+    "bound_arguments": ("toolkit.models.blocks", "bound_arguments"),
+    "take_rows": ("toolkit.models.blocks", "take_rows"),
+    "replaced_forwards": ("toolkit.models.blocks", "replaced_forwards"),
     "load_classifier": ("toolkit.recipes.classifier", "load_classifier"),
 }
 
@@ -164,12 +180,16 @@ __all__ = [
     "SampleRequest",
     "Sampler",
     "Schedule",
+    "StepCache",
+    "StepCacheOptions",
     "StepCallback",
     "UnknownPluginError",
     "Verdict",
     "atomic_write",
     "attribute_classifier",
     "attribute_words",
+    "block_output_indices",
+    "bound_arguments",
     "check_fraction",
     "check_positive",
     "check_seed",
@@ -183,6 +203,7 @@ __all__ = [
     "guidance",
     "hookimpl",
     "inside",
+    "is_unet",
     "label_space",
     "lazy_import",
     "load_classifier",
@@ -196,15 +217,21 @@ __all__ = [
     "read_images",
     "read_metadata",
     "read_words",
+    "replaced_forwards",
     "resolve_device",
+    "reuse_models",
     "safe_name",
     "safety_filter",
     "sampler",
     "schedule",
     "seeded_uniform",
     "settings_from_cli",
+    "step_cache",
+    "take_rows",
     "target_distribution",
     "to_pixels",
+    "transformer_blocks",
+    "unet_layers",
     "value_words",
     "versions",
     "with_unconditional",

@@ -104,8 +104,8 @@ def generate_command(**kw: Any) -> None:
         return
     from toolkit.generation.run import run
 
-    metadata = run(plan)
-    click.echo(f"{len(metadata)} images in {kw['out']}", err=True)
+    merged = run(plan)  # counts only: the metadata stays on disk
+    click.echo(f"{merged.images if merged else 0} images in {kw['out']}", err=True)
 
 
 def _prompts(kw: dict[str, Any]) -> tuple[Any, Any, int]:

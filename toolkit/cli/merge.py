@@ -32,8 +32,8 @@ def merge_command(out: pathlib.Path) -> None:
     run = folder.read_run()
     if run is None:
         raise DtkError(f"{out} is not a dtk output folder (no run.json)")
-    metadata = folder.merge()
-    missing = run.get("n", 0) - len(folder.records())
-    click.echo(f"{len(metadata)} images in {out}", err=True)
+    merged = folder.merge()
+    missing = run.get("n", 0) - merged.samples
+    click.echo(f"{merged.images} images in {out}", err=True)
     if missing > 0:
         click.echo(f"{missing} samples not generated yet (rerun the missing shards)", err=True)

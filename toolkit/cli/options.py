@@ -23,7 +23,8 @@ from toolkit.registry.options import parse_key_values
 KEYS = ("sampler", "sampler_option", "schedule", "schedule_option", "steps", "guidance",
         "guidance_option", "model_option", "width", "height", "lora", "safety_filters",
         "filter_option", "on_flag", "batch_size", "device", "dtype", "trust_pickle",
-        "attention_slicing", "vae_tiling", "compile", "compile_cache", "channels_last")  # fmt: skip
+        "attention_slicing", "vae_tiling", "compile", "compile_cache", "channels_last",
+        "step_cache", "step_cache_option")  # fmt: skip
 
 
 #: what a sampler, schedule or steps left out is (`ModelFolder.default_sampling`)
@@ -93,8 +94,10 @@ def generation_options(
                          "recorded)."),
         ]  # fmt: skip
     options += [
-        click.option("--batch-size", type=int, default=defaults.BATCH_SIZE, show_default=True,
-                     help="Samples per batched forward pass."),
+        click.option("--batch-size", type=int, default=None,
+                     help="Samples per batched forward pass. Default: sized for the model's "
+                     f"samples, at most {defaults.MAX_BATCH} (the shipped model: 64; SD 1.5: "
+                     "16; SDXL: 4; SD 3 and Flux: 1)."),
         click.option("--device", default=defaults.DEVICE, show_default=True,
                      help="auto = cuda, mps, cpu."),
         click.option("--dtype", type=click.Choice(list(defaults.DTYPES)),
@@ -118,6 +121,15 @@ def generation_options(
         click.option("--channels-last", is_flag=True,
                      help="Keep the network's weights and activations in channels-last "
                      "memory format (faster convolutions on most accelerators)."),
+        click.option("--step-cache", default=None, metavar="NAME",
+                     help="Skip part of the network on steps where its features barely "
+                     "change: deepcache (UNets), first_block_cache (transformers) or another "
+                     "step-cache plugin (dtk plugins --kind step_cache). Faster, slightly "
+                     "different images; see docs/performance.md for when it beats fewer "
+                     "steps."),
+        click.option("--step-cache-option", multiple=True, metavar="KEY=VALUE",
+                     help="An option of the step cache (deepcache: interval, branch; "
+                     "first_block_cache: threshold); repeatable."),
     ]  # fmt: skip
 
     def decorate(function: Any) -> Any:
@@ -135,11 +147,15 @@ def settings_from_cli(kw: dict[str, Any]) -> GenerationSettings:
     guidance_options = values.pop("guidance_option")
     if guidance_options and values["guidance"] is None:
         raise DtkError("--guidance-option needs --guidance NAME")
+    cache_options = values.pop("step_cache_option", ())
+    if cache_options and values.get("step_cache") is None:
+        raise DtkError("--step-cache-option needs --step-cache NAME")
     return GenerationSettings(
         sampler_options=parse_key_values(values.pop("sampler_option"), what="--sampler-option"),
         schedule_options=parse_key_values(values.pop("schedule_option"), what="--schedule-option"),
         guidance_options=parse_key_values(guidance_options, what="--guidance-option"),
         model_options=parse_key_values(values.pop("model_option", ()), what="--model-option"),
+        step_cache_options=parse_key_values(cache_options, what="--step-cache-option"),
         loras=tuple(values.pop("lora", ())),
         filters=filters,
         filter_options=_filter_options(values.pop("filter_option", ()), filters),

@@ -9,25 +9,36 @@
     OUT/.dtk/parts/*.jsonl    per-shard logs of finished samples, merged into the CSVs
 
 Every file is written to a temporary name and renamed into place, so a killed run leaves
-no half-written file. A sample counts as done once its record is in a part log (written
-after its PNG); a rerun skips done samples and redoes the rest, so nothing is lost or
-duplicated. Both ``datasets.load_dataset("imagefolder", data_dir=OUT)`` and torchvision's
-``ImageFolder`` read the folder.
+no half-written file. A sample counts as done once its record is in a part log, and a
+record reaches its log only after its image is durable (`PartWriter`: once a batch, for the
+whole batch); a rerun skips done samples and redoes the rest, so nothing is lost or
+duplicated. Merging and resuming stream the logs: their memory does not grow with the
+number of samples beyond a few bytes each. Both ``datasets.load_dataset("imagefolder",
+data_dir=OUT)`` and torchvision's ``ImageFolder`` read the folder.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import csv
+import dataclasses
+import errno
+import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import pathlib
+import sys
 import tempfile
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from typing import IO, TYPE_CHECKING, Any
 
-from toolkit.data import locking
+from toolkit.data import csv_rows, locking
 from toolkit.data.paths import inside
 from toolkit.errors import DtkError
 
@@ -50,21 +61,92 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
-def atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half."""
+def atomic_write(path: pathlib.Path, data: bytes, *, durable: bool = True) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half;
+    on disk before it is renamed into place, unless not `durable` (the caller then makes it
+    durable later: `PartWriter` does, a batch of images at once)."""
+    with _replacing(path, durable=durable) as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def _replacing(path: pathlib.Path, *, durable: bool = True) -> Iterator[IO[bytes]]:
+    """A temporary file beside `path`, to write; renamed to `path` (after an fsync, if
+    `durable`) when the block ends, removed if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def make_durable(paths: Sequence[pathlib.Path]) -> None:
+    """Put the files `paths`, and their names, on disk before returning.
+
+    On Linux one ``syncfs`` of the filesystem holding them does it for any number of files,
+    at the cost of about one fsync (one journal commit instead of one per file); elsewhere
+    each file and each folder holding one is fsynced.
+    """
+    folders = {path.parent for path in paths}
+    # a syncfs per filesystem: a class folder could be a mount point
+    filesystems = {os.stat(folder).st_dev: folder for folder in folders}
+    if all(_syncfs(folder) for folder in filesystems.values()):
+        return
+    for path in paths:
+        _fsync(path)
+    for folder in folders:
+        _fsync(folder)
+
+
+def _syncfs(folder: pathlib.Path) -> bool:
+    """``syncfs`` on `folder`'s filesystem; False where the C library or kernel has none."""
+    syncfs = _libc_syncfs()
+    if syncfs is None:
+        return False
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            import ctypes
+
+            code = ctypes.get_errno()
+            if code == errno.ENOSYS:
+                return False
+            raise OSError(code, f"syncfs: {os.strerror(code)}", str(folder))
+    finally:
+        os.close(fd)
+    return True
+
+
+@functools.cache
+def _libc_syncfs() -> Callable[[int], int] | None:
+    # Python has no os.syncfs; glibc and musl have had one since 2011
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    syncfs.argtypes, syncfs.restype = [ctypes.c_int], ctypes.c_int
+    return syncfs
+
+
+def _fsync(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -148,7 +230,7 @@ class OutputFolder:
 
     def _undo_claim(self, part: str, existed: bool) -> None:
         with self._exclusive():
-            if not self._claimed_new or self.records(strict=False):
+            if not self._claimed_new or self._any_record():
                 return
             if self._others_active(part):
                 return
@@ -202,121 +284,376 @@ class OutputFolder:
         return self.root / PARTS / f"{part}.jsonl"
 
     def records(self, *, strict: bool = True) -> dict[int, dict[str, Any]]:
-        """Finished samples by index, from every part log.
+        """Finished samples by index, from every part log (the last record of an index wins).
+
+        It holds every record: for tests and small folders; a run streams the logs instead
+        (`done`, `merge`). Damage is treated as `_logged` says.
+        """
+        return {record["index"]: record for _, _, record in self._logged(strict=strict)}
+
+    def _parts(self) -> list[pathlib.Path]:
+        parts = self.root / PARTS
+        return sorted(parts.glob("*.jsonl")) if parts.is_dir() else []
+
+    def _logged(self, *, strict: bool = True) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(part number in `_parts`, byte offset, record) of every line of the part logs, in
+        order, one at a time.
 
         A last line without its newline is a record a killed run did not finish: ignored.
         Any other line that is not a valid record is damage, refused with its file and
         line (`strict`), since merging around it would silently lose a sample.
         """
-        records: dict[int, dict[str, Any]] = {}
-        parts = self.root / PARTS
-        if not parts.is_dir():
-            return records
-        for part in sorted(parts.glob("*.jsonl")):
-            text = part.read_text(encoding="utf-8", errors="replace")
-            lines = text.split("\n")[:-1]  # what follows the last newline is torn
-            for number, line in enumerate(lines, 1):
+        for number, part in enumerate(self._parts()):
+            for line_number, offset, line in _complete_lines(part):
                 try:
-                    record = _parse_record(line)
+                    record = _parse_record(line[:-1].decode("utf-8", errors="replace"))
                 except ValueError as exc:
                     if strict:
-                        raise DtkError(f"{part}:{number}: damaged part log: {exc}") from None
+                        raise DtkError(f"{part}:{line_number}: damaged part log: {exc}") from None
                     continue
-                records[record["index"]] = record
-        return records
+                yield number, offset, record
 
-    def done(self) -> set[int]:
-        """Indices whose sample is finished: recorded, and its image (if any) on disk."""
-        return {
-            index
-            for index, record in self.records().items()
-            if record["status"] not in WRITTEN or self.path(record["file_name"]).is_file()
-        }
+    def _any_record(self) -> bool:
+        records = self._logged(strict=False)
+        try:
+            return next(records, None) is not None
+        finally:
+            records.close()
+
+    def done(self, below: int | None = None) -> IndexSet:
+        """Indices whose sample is finished: recorded, and its image (if any) on disk; only
+        those `below` a bound when given (a run's `n`: the set takes a bit per index up to
+        the largest)."""
+        done = IndexSet()
+        for _, _, record in self._logged():
+            index = record["index"]
+            finished = record["status"] not in WRITTEN or self.path(record["file_name"]).is_file()
+            if below is None or index < below:
+                done.put(index, finished)
+        return done
 
     @contextlib.contextmanager
     def part_writer(self, part: str) -> Iterator[PartWriter]:
-        """Append to `part`'s log (the caller holds `part`'s lock)."""
+        """Append to `part`'s log (the caller holds `part`'s lock); what the caller wrote
+        since its last `PartWriter.flush` is flushed when the block ends, not if it fails
+        (those samples are redone)."""
         path = self.part_file(part)
         path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(path)
         with open(path, "a", encoding="utf-8") as handle:
-            yield PartWriter(self, handle)
+            writer = PartWriter(self, handle)
+            yield writer
+            writer.flush()
 
     # -- merging -------------------------------------------------------------------------
 
-    def merge(self, columns_first: tuple[str, ...] = ("file_name",)) -> pandas.DataFrame:
-        """Join the part logs into metadata.csv and rejected.csv; returns the metadata.
+    def merge(self, columns_first: tuple[str, ...] = ("file_name",)) -> Merged:
+        """Join the part logs into metadata.csv and rejected.csv; returns how many rows each
+        has (the rows stay on disk: `metadata` reads them back).
 
-        Refused, with nothing changed, when the result would list fewer samples than the
-        CSVs already do (a folder copied without its hidden ``.dtk/``, say).
+        Streamed, in memory that grows by a few bytes per record, not by the record: one
+        pass over the logs indexes the latest line of each sample (`_LogIndex`), a second
+        writes the CSVs a row at a time in index order, each to a temporary file renamed
+        into place. Refused, with nothing changed, when the result would list fewer samples
+        than the CSVs already do (a folder copied without its hidden ``.dtk/``, say).
         """
+        with self._exclusive():
+            logs = _LogIndex.scan(self)
+            written, rejected = logs.latest()
+            self._check_nothing_lost("metadata.csv", "file_name", logs.keys(written))
+            self._check_nothing_lost("rejected.csv", "index", logs.keys(rejected))
+            _write_csv(self.root / "metadata.csv", logs.columns(written, columns_first),
+                       logs.records(written))  # fmt: skip
+            _write_csv(self.root / "rejected.csv",
+                       logs.columns(rejected, ("index",), drop=("file_name",)),
+                       logs.records(rejected))  # fmt: skip
+        return Merged(images=len(written), rejected=len(rejected))
+
+    def metadata(self, columns_first: tuple[str, ...] = ("file_name",)) -> pandas.DataFrame:
+        """The records of every written image, in index order, as a DataFrame: the rows of
+        metadata.csv with the records' own types (a label ``"3"`` stays a string, which
+        reading the CSV back would not keep). It holds them all: `toolkit.generate` returns
+        it; ``dtk generate`` does not build it."""
         import pandas
 
         with self._exclusive():
-            by_index = self.records()
-            records = [by_index[i] for i in sorted(by_index)]
-            written = [r for r in records if r["status"] in WRITTEN]
-            rejected = [r for r in records if r["status"] not in WRITTEN]
-            self._check_nothing_lost("metadata.csv", "file_name", {r["file_name"] for r in written})
-            self._check_nothing_lost("rejected.csv", "index", {str(r["index"]) for r in rejected})
-            metadata = _frame(written, columns_first)
-            atomic_write(self.root / "metadata.csv", metadata.to_csv(index=False).encode())
-            rejected_frame = _frame(rejected, ("index",))
-            if "file_name" in rejected_frame.columns:
-                rejected_frame = rejected_frame.drop(columns="file_name")
-            atomic_write(self.root / "rejected.csv", rejected_frame.to_csv(index=False).encode())
-        return metadata if len(metadata.columns) else pandas.DataFrame(columns=["file_name"])
+            logs = _LogIndex.scan(self)
+            written, _ = logs.latest()
+            records = list(logs.records(written))
+        frame = pandas.DataFrame.from_records(records)
+        if frame.empty:
+            return pandas.DataFrame(columns=list(columns_first))
+        ordered = [c for c in columns_first if c in frame.columns]
+        return frame[ordered + [c for c in frame.columns if c not in ordered]]
 
-    def _check_nothing_lost(self, name: str, column: str, keep: set[str]) -> None:
-        import pandas
-
+    def _check_nothing_lost(self, name: str, column: str, keep: np.ndarray) -> None:
+        """Refuse if the CSV `name` lists a value of `column` whose hash is not in `keep`
+        (sorted), reading it a row at a time."""
         path = self.root / name
         if not path.is_file():
             return
         try:
-            listed = pandas.read_csv(path, dtype=str, keep_default_na=False)
-        except (ValueError, OSError):
+            lost = _unlisted(path, column, keep)
+        except (ValueError, OSError, csv.Error):
             return  # unreadable: nothing in it can be lost
-        if column not in listed.columns:
-            return
-        lost = sorted(set(listed[column]) - keep)
-        if lost:
+        if lost is not None:
+            count, example = lost
             raise DtkError(
-                f"{path} lists {len(lost)} sample(s) that no part log in {self.root / PARTS} "
-                f"records (e.g. {lost[0]!r}); merging would drop them, so nothing was "
+                f"{path} lists {count} sample(s) that no part log in {self.root / PARTS} "
+                f"records (e.g. {example!r}); merging would drop them, so nothing was "
                 "changed (was the folder copied without its hidden .dtk folder?)"
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class Merged:
+    """What a merge wrote: rows of metadata.csv (`images`) and of rejected.csv."""
+
+    images: int
+    rejected: int
+
+    @property
+    def samples(self) -> int:
+        """Samples recorded: every index the part logs hold."""
+        return self.images + self.rejected
+
+
 class PartWriter:
-    """Writes images and appends their records to one part log."""
+    """Writes a batch's images, then, once they are durable, appends their records to one
+    part log.
+
+    `write` renames each PNG into place without waiting for the disk and keeps its record;
+    `flush` (once a batch) makes the batch's images durable at once (`make_durable`), then
+    appends the records and fsyncs the log. So a record in a log always has its image on
+    disk, after a SIGKILL, a crash or a power loss too: what such an end costs is the
+    unfinished batch, whose images (whole after a kill; maybe not after a power loss) no
+    record lists, and which a rerun writes again. One sync a batch instead of an fsync per
+    image is what makes it cheaper.
+    """
 
     def __init__(self, folder: OutputFolder, handle: Any) -> None:
         self.folder = folder
         self.handle = handle
+        self._images: list[pathlib.Path] = []
+        self._lines: list[str] = []
 
     def write(self, record: dict[str, Any], pixels: np.ndarray | None) -> dict[str, Any]:
-        """Write the image (if `pixels`), then log the record; the order makes resuming safe."""
+        """Write the image (if `pixels`); the record is logged by the next `flush`."""
         if pixels is not None:
             data = png_bytes(pixels)
-            atomic_write(self.folder.path(record["file_name"]), data)
+            path = self.folder.path(record["file_name"])
+            atomic_write(path, data, durable=False)
+            self._images.append(path)
             record = {**record, "sha256": hashlib.sha256(data).hexdigest()}
-        self.handle.write(json.dumps(record, default=str) + "\n")
+        self._lines.append(json.dumps(record, default=str) + "\n")
         return record
 
     def flush(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+        """Make the images written since the last flush durable, then log their records
+        (and the records of samples without an image) durably, in that order."""
+        make_durable(self._images)
+        self._images.clear()
+        if self._lines:
+            self.handle.write("".join(self._lines))
+            self._lines.clear()
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
 
 
-def _frame(records: list[dict[str, Any]], first: tuple[str, ...]) -> pandas.DataFrame:
-    import pandas
+class IndexSet(AbstractSet):
+    """A set of sample indices in a bit each (a resumed run of 10 million samples holds
+    1.2 MB, not 10 million ints)."""
 
-    frame = pandas.DataFrame.from_records(records)
-    if frame.empty:
-        return pandas.DataFrame(columns=list(first))
-    ordered = [c for c in first if c in frame.columns]
-    return frame[ordered + [c for c in frame.columns if c not in ordered]]
+    def __init__(self) -> None:
+        self._bits = bytearray()
+        self._count = 0
+
+    def put(self, index: int, member: bool = True) -> None:
+        """Add `index` to the set, or (not `member`) take it out."""
+        byte, bit = index >> 3, 1 << (index & 7)
+        if byte >= len(self._bits):
+            if not member:
+                return
+            self._bits.extend(bytes(max(byte + 1 - len(self._bits), len(self._bits))))
+        if bool(self._bits[byte] & bit) != member:
+            self._bits[byte] ^= bit
+            self._count += 1 if member else -1
+
+    def __contains__(self, index: object) -> bool:
+        if not isinstance(index, int) or index < 0 or index >> 3 >= len(self._bits):
+            return False
+        return bool(self._bits[index >> 3] >> (index & 7) & 1)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[int]:
+        """The indices in increasing order, unpacked a chunk at a time."""
+        import numpy as np
+
+        chunk = 4096  # bytes: 32 Ki indices
+        for start in range(0, len(self._bits), chunk):
+            bits = np.frombuffer(bytes(self._bits[start : start + chunk]), dtype=np.uint8)
+            found = np.flatnonzero(np.unpackbits(bits, bitorder="little")) + start * 8
+            yield from found.tolist()
+
+    @classmethod
+    def _from_iterable(cls, iterable: Iterable[int]) -> frozenset[int]:
+        # what the set operators (&, |, -) return: a plain set
+        return frozenset(iterable)
+
+    def __repr__(self) -> str:
+        return f"IndexSet({len(self)} indices)"
+
+
+class _LogIndex:
+    """The first pass of a merge: for every complete line of the part logs, where it is
+    (part, byte offset), its sample index, whether its image is written, the hash of what
+    `_check_nothing_lost` compares, and its `csv_rows.Signature` (one of a few, stored
+    once): 33 bytes a line, where the record itself takes about 3 KiB in memory."""
+
+    def __init__(self, parts: list[pathlib.Path]) -> None:
+        self.parts = parts
+        self.index, self.part, self.offset = array("q"), array("i"), array("q")
+        self.written, self.key, self.signature = array("b"), array("q"), array("i")
+        self._signatures: dict[csv_rows.Signature, int] = {}
+
+    @classmethod
+    def scan(cls, folder: OutputFolder) -> _LogIndex:
+        """Index `folder`'s part logs, refusing damage as `OutputFolder._logged` does."""
+        logs = cls(folder._parts())
+        for part, offset, record in folder._logged():
+            written = record["status"] in WRITTEN
+            signature = csv_rows.signature(record)
+            logs.index.append(record["index"])
+            logs.part.append(part)
+            logs.offset.append(offset)
+            logs.written.append(written)
+            # what the CSVs list: a file name (metadata.csv), an index (rejected.csv); as a
+            # 64-bit hash, which takes a lost name for a kept one once in 2**64
+            logs.key.append(hash(record["file_name"] if written else str(record["index"])))
+            logs.signature.append(logs._signatures.setdefault(signature, len(logs._signatures)))
+        return logs
+
+    def _array(self, values: array, dtype: Any) -> np.ndarray:
+        import numpy as np
+
+        return np.frombuffer(values, dtype=dtype) if len(values) else np.zeros(0, dtype)
+
+    def latest(self) -> tuple[np.ndarray, np.ndarray]:
+        """The lines of the last record of each index (later lines win, as they were
+        written later), in index order: those of written images, and the others."""
+        import numpy as np
+
+        index = self._array(self.index, np.int64)
+        order = np.argsort(index, kind="stable")
+        ordered = index[order]
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = ordered[1:] != ordered[:-1]
+        del ordered  # each temporary goes as soon as it can: they are the merge's peak
+        lines = order[last]
+        del order, last
+        written = self._array(self.written, np.int8)[lines].astype(bool)
+        return lines[written], lines[~written]
+
+    def keys(self, lines: np.ndarray) -> np.ndarray:
+        """The hashes of what the CSVs list for `lines`, sorted."""
+        import numpy as np
+
+        keys = self._array(self.key, np.int64)[lines]
+        keys.sort()
+        return keys
+
+    def columns(self, lines: np.ndarray, first: Sequence[str], drop: Sequence[str] = ()
+                ) -> csv_rows.Columns:  # fmt: skip
+        """The CSV columns of the records on `lines` (in their order)."""
+        import numpy as np
+
+        ids = self._array(self.signature, np.int32)[lines]
+        distinct, at = np.unique(ids, return_index=True)
+        signatures = list(self._signatures)
+        ordered = [signatures[i] for i in distinct[np.argsort(at)].tolist()]
+        return csv_rows.Columns(ordered, first, drop)
+
+    def records(self, lines: np.ndarray) -> Iterator[dict[str, Any]]:
+        """The records on `lines`, read back one at a time, a chunk of positions at a time;
+        a few part logs open at once."""
+        import numpy as np
+
+        parts, offsets = self._array(self.part, np.int32), self._array(self.offset, np.int64)
+        handles: collections.OrderedDict[int, IO[bytes]] = collections.OrderedDict()
+        try:
+            for start in range(0, len(lines), 4096):
+                chunk = lines[start : start + 4096]
+                for part, offset in zip(parts[chunk].tolist(), offsets[chunk].tolist()):
+                    handle = handles.pop(part, None) or open(self.parts[part], "rb")  # noqa: SIM115
+                    handles[part] = handle
+                    if len(handles) > 32:
+                        handles.popitem(last=False)[1].close()
+                    # a seek within the buffer costs nothing: the lines of a part come
+                    # mostly in order
+                    handle.seek(offset)
+                    yield json.loads(handle.readline().decode("utf-8", errors="replace"))
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+
+def _write_csv(path: pathlib.Path, columns: csv_rows.Columns,
+               records: Iterable[Mapping[str, Any]]) -> None:  # fmt: skip
+    """`csv_rows.write` to a temporary file, fsynced and renamed to `path`."""
+    with _replacing(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        csv_rows.write(text, columns, records)
+        text.flush()
+        text.detach()
+
+
+def _unlisted(path: pathlib.Path, column: str, keep: np.ndarray) -> tuple[int, str] | None:
+    """How many distinct values of `column` of the CSV at `path` have a hash not in `keep`
+    (sorted), and the least of them; None if none (or no such column). ValueError where
+    pandas could not read the file either: a row longer than the header, no header."""
+    import numpy as np
+
+    lost, least = array("q"), None
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        rows = csv.reader(handle)
+        header = next(rows, None)
+        if header is None:
+            raise ValueError(f"{path} is empty")
+        if column not in header:
+            return None
+        at = header.index(column)
+        while values := [_cell(row, at, len(header)) for row in itertools.islice(rows, 4096)
+                         if row]:  # fmt: skip
+            hashes = np.fromiter(map(hash, values), dtype=np.int64, count=len(values))
+            place = np.minimum(np.searchsorted(keep, hashes), max(len(keep) - 1, 0))
+            found = keep[place] == hashes if len(keep) else np.zeros(len(values), bool)
+            for k in np.flatnonzero(~found).tolist():
+                lost.append(int(hashes[k]))
+                least = values[k] if least is None else min(least, values[k])
+    if least is None:
+        return None
+    return len(np.unique(np.frombuffer(lost, dtype=np.int64))), least
+
+
+def _cell(row: list[str], at: int, width: int) -> str:
+    """`row`'s cell `at` (empty if the row is short, as pandas reads it)."""
+    if len(row) > width:
+        raise ValueError("a row longer than the header")
+    return row[at] if at < len(row) else ""
+
+
+def _complete_lines(path: pathlib.Path) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, line with its newline) of each line of a part log that
+    ends in a newline: what follows the last one is torn."""
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.endswith(b"\n"):
+                return
+            yield number, offset, line
+            offset += len(line)
 
 
 def _parse_record(line: str) -> dict[str, Any]:
@@ -327,6 +664,8 @@ def _parse_record(line: str) -> dict[str, Any]:
     index = record.get("index")
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(f"'index' must be a whole number >= 0, got {index!r}")
+    if index >= 2**63:
+        raise ValueError(f"'index' must be below 2**63, got {index!r}")
     if not isinstance(record.get("status"), str):
         raise ValueError(f"'status' missing in the record of sample {index}")
     if record["status"] in WRITTEN and not isinstance(record.get("file_name"), str):
@@ -336,13 +675,24 @@ def _parse_record(line: str) -> dict[str, Any]:
 
 def _drop_torn_tail(path: pathlib.Path) -> None:
     """Cut a last line a killed run left without its newline, so the next record starts on
-    a line of its own instead of gluing onto the fragment."""
+    a line of its own instead of gluing onto the fragment (reading the log from its end:
+    not all of it)."""
     if not path.is_file():
         return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as handle:
-            handle.truncate(data.rfind(b"\n") + 1)
+    with open(path, "r+b") as handle:
+        end = position = handle.seek(0, os.SEEK_END)
+        while position > 0:
+            start = max(0, position - (1 << 16))
+            handle.seek(start)
+            newline = handle.read(position - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            position = start
+        else:
+            keep = 0
+        if keep < end:
+            handle.truncate(keep)
 
 
 def _remove_empty_tree(root: pathlib.Path) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from toolkit import defaults
+from toolkit.data.output import OutputFolder
 from toolkit.generation.plan import make_plan
 from toolkit.generation.request import GenerationRequest, GenerationSettings
 from toolkit.generation.run import run
@@ -83,4 +84,10 @@ def generate(
         settings=GenerationSettings.from_mapping(settings or options),
         shard=shard, grid=grid, wait=wait, progress=progress,
     )  # fmt: skip
-    return run(make_plan(request))
+    plan = make_plan(request)
+    if run(plan) is None:  # a torchrun rank that did not merge
+        import pandas
+
+        return pandas.DataFrame()
+    # read back from the part logs with the records' types (``dtk generate`` skips this)
+    return OutputFolder(plan.out).metadata()

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import pathlib
 from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from toolkit import defaults
@@ -151,10 +152,17 @@ class Plan:
     #: guide-model branch -> the guide model it runs through (`Guide`); the run loads each
     #: once, beside the model
     guides: dict[str, Guide] = dataclasses.field(default_factory=dict)
+    #: the step cache (`toolkit.StepCache`), made and checked against the network; None: none
+    step_cache: PluginUse | None = None
 
     @property
     def settings(self) -> Any:
         return self.request.settings
+
+    def plugins(self) -> list[PluginUse]:
+        """Every plugin the run uses."""
+        cache = [self.step_cache] if self.step_cache is not None else []
+        return [self.sampler, self.schedule, self.guidance, *self.filters, *cache]
 
     def common_columns(self) -> dict[str, Any]:
         """The metadata columns every sample of the run shares."""
@@ -173,9 +181,13 @@ class Plan:
             columns["height"], columns["width"] = self.folder.image_size
         if self.folder.loras:
             columns["loras"] = json.dumps([lora.describe() for lora in self.folder.loras])
+        if self.step_cache is not None:
+            columns["step_cache"] = self.step_cache.name
+            columns["step_cache_options"] = json.dumps(self.step_cache.options, sort_keys=True,
+                                                       default=str)  # fmt: skip
         return columns
 
-    def pending(self, done: set[int], shard: Shard) -> Iterator[int]:
+    def pending(self, done: AbstractSet[int], shard: Shard) -> Iterator[int]:
         """The indices `shard` still has to generate, in order (lazily)."""
         return (i for i in range(shard.index, self.samples.n, shard.count) if i not in done)
 
@@ -195,6 +207,7 @@ class Plan:
             f"sampler   {_plugin_text(self.sampler)}, {settings.steps} steps, schedule "
             f"{_plugin_text(self.schedule)}",
             f"guidance  {_plugin_text(self.guidance)}",
+            *([f"cache     {_plugin_text(self.step_cache)}"] if self.step_cache else []),
             *[
                 f"guide     {b}: {g.folder.path} ({g.folder.family}, sha256 {g.sha256[:12]})"
                 for b, g in self.guides.items()
@@ -232,9 +245,10 @@ def make_plan(request: GenerationRequest, registry: Registry | None = None) -> P
                          _memory(request.settings))  # fmt: skip
     guidance = _guidance(registry, request, folder, samples, strings)
     guides = _guides(folder, guidance)
+    step_cache = _step_cache(registry, request.settings, folder)
     plan = Plan(request, folder, sampler, schedule, guidance, filters, samples, shard, out,
                 grid, folder.attribute_order([*samples.given(), samples.condition(0)]),
-                {}, guides)  # fmt: skip
+                {}, guides, step_cache)  # fmt: skip
     plan.record = run_record(plan, versions())
     _check_folder_state(plan)
     return plan
@@ -264,8 +278,12 @@ def check_settings(settings: GenerationSettings, model: Any = None) -> Generatio
 def resolve_sampling(settings: GenerationSettings, folder: ModelFolder) -> GenerationSettings:
     """`settings` with the sampler, schedule and steps it leaves at None (each on its own)
     taken from the model's `ModelFolder.default_sampling`: the toolkit's defaults, or a
-    family's own (SD 3: its pipeline's ``euler`` on the ``flow`` schedule, 28 steps)."""
-    return _sampling(settings, folder.default_sampling(), folder.default_schedule_options())
+    family's own (SD 3: its pipeline's ``euler`` on the ``flow`` schedule, 28 steps); and a
+    batch size left at None sized for the model's samples (`toolkit.defaults.batch_size`)."""
+    resolved = _sampling(settings, folder.default_sampling(), folder.default_schedule_options())
+    if resolved.batch_size is None:
+        resolved = resolved.replace(batch_size=defaults.batch_size(folder.sample_shape))
+    return resolved
 
 
 def _sampling(settings: GenerationSettings, sampling: tuple[str, str, int],
@@ -289,7 +307,8 @@ def _check_settings(settings: GenerationSettings, registry: Registry
     None here."""
     if settings.steps is not None:
         check_positive("steps", settings.steps)
-    check_positive("batch size", settings.batch_size)
+    if settings.batch_size is not None:
+        check_positive("batch size", settings.batch_size)
     if settings.on_flag not in ON_FLAG:
         raise DtkError(f"on_flag must be one of {', '.join(ON_FLAG)}, got {settings.on_flag!r}")
     if settings.dtype not in defaults.DTYPES:
@@ -300,6 +319,14 @@ def _check_settings(settings: GenerationSettings, registry: Registry
                        f"{settings.compile!r}")  # fmt: skip
     if settings.compile_cache is not None and settings.compile is None:
         raise DtkError("a compile cache needs --compile")
+    if settings.step_cache is not None:
+        if settings.compile is not None:
+            # a cache decides per call in Python, which a compiled graph would break at
+            raise DtkError("--step-cache and --compile do not go together: a step cache "
+                           "decides in Python on every call; use one of them")  # fmt: skip
+        PluginUse.validated(registry, "step_cache", settings.step_cache,
+                            settings.step_cache_options,
+                            settings.options_from_strings)  # fmt: skip
     strings = settings.options_from_strings
     sampler = schedule = None
     if settings.sampler is not None:
@@ -351,6 +378,23 @@ def _check_model(folder: ModelFolder, settings: GenerationSettings) -> None:
     folder.model_options = folder.check_model_options(settings.model_options, strings)
     folder.image_size = folder.check_size(settings.height, settings.width)
     folder.loras = check_loras(settings.loras, folder, settings.trust_pickle)
+
+
+def _step_cache(registry: Registry, settings: GenerationSettings, folder: ModelFolder
+                ) -> PluginUse | None:  # fmt: skip
+    """The step cache, made and checked against the model's network, built from its config
+    without weights (the cache's optional ``check``)."""
+    if settings.step_cache is None:
+        return None
+    use = PluginUse.validated(registry, "step_cache", settings.step_cache,
+                              settings.step_cache_options,
+                              settings.options_from_strings)  # fmt: skip
+    check = optional("step_cache", use.make(registry), "check")
+    if check is not None:
+        from toolkit.models.attention import skeleton
+
+        check(skeleton(folder))
+    return use
 
 
 def _model_folder(model: Any) -> ModelFolder:

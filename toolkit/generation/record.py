@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 #: run.json keys that must agree for a rerun to resume an existing folder (``n`` may grow)
 IDENTITY = ("model", "model_options", "size", "loras", "conditions", "prompt",
             "negative_prompt", "seed", "sampler", "schedule", "steps", "guidance", "guides",
-            "filters", "on_flag", "dtype")  # fmt: skip
+            "filters", "on_flag", "dtype", "step_cache")  # fmt: skip
 #: a sample's status: its image is written (`WRITTEN`), or it is listed in rejected.csv
 #: (``dropped``/``refused`` by a filter, ``failed``: its values were not finite)
 STATUSES = ("ok", "tagged", "blank", "dropped", "refused", "failed")
@@ -55,9 +55,7 @@ def run_record(plan: Plan, versions: Mapping[str, str]) -> dict[str, Any]:
         },
         # how fast, not what: left out of the run's identity, so a resume may change it
         "speed": {"compile": settings.compile, "channels_last": settings.channels_last},
-        "plugins": [
-            p.provenance for p in (plan.sampler, plan.schedule, plan.guidance, *plan.filters)
-        ],
+        "plugins": [p.provenance for p in plan.plugins()],
         "versions": dict(versions),
         # only for families that take options (Flux, LCM): folders of the others, written
         # before model options existed, still resume
@@ -66,6 +64,8 @@ def run_record(plan: Plan, versions: Mapping[str, str]) -> dict[str, Any]:
         # image_shape give the size in every case), and only LoRAs given
         **_size(plan.folder.image_size),
         **({"loras": [lora.describe() for lora in plan.folder.loras]} if plan.folder.loras else {}),
+        # likewise only a step cache used: it changes the images, so it is the run's too
+        **({"step_cache": plan.step_cache.describe()} if plan.step_cache else {}),
         # likewise only guide models a guidance loads (autoguidance's), hashed
         **({"guides": {b: g.describe() for b, g in plan.guides.items()}} if plan.guides else {}),
     }

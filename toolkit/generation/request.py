@@ -48,7 +48,8 @@ class GenerationSettings:
     filters: Sequence[str] = ()
     filter_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     on_flag: str = defaults.ON_FLAG
-    batch_size: int = defaults.BATCH_SIZE
+    #: None: sized for the model's samples (`toolkit.defaults.batch_size`)
+    batch_size: int | None = defaults.BATCH_SIZE
     device: str = defaults.DEVICE
     dtype: str = defaults.DTYPE
     trust_pickle: bool = False
@@ -60,6 +61,10 @@ class GenerationSettings:
     compile: str | None = None
     compile_cache: str | None = None
     channels_last: bool = False
+    #: a step cache plugin (DeepCache, First Block Cache) and its options: part of the
+    #: network skipped on calls where its features barely change (None: every call in full)
+    step_cache: str | None = None
+    step_cache_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: plugin options are ``KEY=VALUE`` strings from a command line, converted by type
     options_from_strings: bool = False
 

@@ -10,20 +10,23 @@ records; merge the part logs; warn about failed samples; draw the grid.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import itertools
 import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from toolkit.data.images import contact_sheet, to_pixels
-from toolkit.data.output import WRITTEN, OutputFolder, PartWriter, atomic_write
+from toolkit.data.output import WRITTEN, Merged, OutputFolder, PartWriter, atomic_write
 from toolkit.errors import DtkError, GenerationWarning
 from toolkit.generation.distributed import Shard, barrier, resolve_shard
 from toolkit.generation.plan import Plan, PluginUse
 from toolkit.generation.record import IDENTITY, NON_FINITE, sample_record, status
+from toolkit.generation.reuse import folder_state, loaded
 from toolkit.lazy import lazy_import
 from toolkit.models import Model
 from toolkit.models.speed import accelerate
@@ -32,7 +35,6 @@ from toolkit.sampling.engine import encode_batch, release_text_encoders, sample_
 from toolkit.sampling.safety import is_request_stage, run_filter
 
 if TYPE_CHECKING:
-    import pandas
     import torch
 else:
     torch = lazy_import("torch")
@@ -78,17 +80,23 @@ class Runner:
     def guidance(self) -> Any:
         return self.plan.guidance.instance
 
+    @property
+    def step_cache(self) -> Any:
+        return None if self.plan.step_cache is None else self.plan.step_cache.make()
 
-def run(plan: Plan) -> pandas.DataFrame:
+
+def run(plan: Plan) -> Merged | None:
     """Generate what `plan` asks for into its folder (see the module docstring); returns
-    the metadata of every written image (this run's and any earlier run's in the folder)."""
+    how many images (this run's and any earlier run's in the folder) and rejected samples
+    the merge listed, or None on a torchrun rank that does not merge. The metadata stays in
+    metadata.csv: a run's memory does not grow with n (`toolkit.generate` reads it back)."""
     runner = _start(plan)
     folder = OutputFolder(plan.out)
     with folder.hold(runner.shard.name, wait=plan.request.wait):
         if runner.shard.is_main or not runner.shard.distributed:
             folder.claim({**plan.record, "sigmas": [float(s) for s in runner.sigmas]}, IDENTITY)
         barrier(runner.shard)
-        done = folder.done()
+        done = folder.done(below=plan.samples.n)
         total = _count_pending(plan, done, runner.shard)
         progress = _progress(total, plan.request.progress and runner.shard.is_main,
                              runner.shard)  # fmt: skip
@@ -101,15 +109,11 @@ def run(plan: Plan) -> pandas.DataFrame:
         progress.close()
         barrier(runner.shard)
         main = runner.shard.is_main or not runner.shard.distributed
-        metadata = folder.merge() if main else None
+        merged = folder.merge() if main else None
     _warn_failed(runner, total)
-    if plan.grid is not None and runner.shard.is_main and metadata is not None:
-        _write_grid(folder, plan, metadata)
-    if metadata is None:
-        import pandas
-
-        metadata = pandas.DataFrame()
-    return metadata
+    if plan.grid is not None and runner.shard.is_main and merged is not None:
+        _write_grid(folder, plan)
+    return merged
 
 
 def _start(plan: Plan) -> Runner:
@@ -120,9 +124,7 @@ def _start(plan: Plan) -> Runner:
     load = dict(device=device, dtype=getattr(torch, settings.dtype),
                 trust_pickle=settings.trust_pickle, attention_slicing=settings.attention_slicing,
                 vae_tiling=settings.vae_tiling)  # fmt: skip
-    model = plan.folder.load(**load)
-    accelerate(model, compile=settings.compile, cache=settings.compile_cache,
-               channels_last=settings.channels_last)  # fmt: skip
+    model = loaded(_model_key(plan, load), lambda: _load(plan, load))
     for use in (plan.sampler, plan.schedule, *plan.filters):
         use.make()
     sigmas = plan.schedule.instance(settings.steps, model.noise_levels)
@@ -130,6 +132,26 @@ def _start(plan: Plan) -> Runner:
     image_filters = [f for f in plan.filters if not is_request_stage(f.instance)]
     return Runner(plan, model, shard, plan.sampler.instance, sigmas, request_filters,
                   image_filters, guides=_load_guides(plan, load))  # fmt: skip
+
+
+def _load(plan: Plan, load: dict[str, Any]) -> Model:
+    """The model's weights loaded as `load` says, with the speed levers applied."""
+    settings = plan.settings
+    model = plan.folder.load(**load)
+    accelerate(model, compile=settings.compile, cache=settings.compile_cache,
+               channels_last=settings.channels_last)  # fmt: skip
+    return model
+
+
+def _model_key(plan: Plan, load: dict[str, Any]) -> dict[str, Any]:
+    """Everything that shapes the loaded model (`toolkit.generation.reuse`)."""
+    folder, settings = plan.folder, plan.settings
+    return {"family": folder.family, "path": str(folder.path.resolve()),
+            "files": folder_state(folder.path), "load": load,
+            "model_options": dict(folder.model_options), "size": folder.image_size,
+            "loras": [lora.describe() for lora in folder.loras],
+            "speed": [settings.compile, settings.compile_cache,
+                      settings.channels_last]}  # fmt: skip
 
 
 def _load_guides(plan: Plan, load: dict[str, Any]) -> dict[str, Model]:
@@ -146,7 +168,7 @@ def _load_guides(plan: Plan, load: dict[str, Any]) -> dict[str, Model]:
     return guides
 
 
-def _count_pending(plan: Plan, done: set[int], shard: Shard) -> int:
+def _count_pending(plan: Plan, done: AbstractSet[int], shard: Shard) -> int:
     """How many samples `shard` still has to generate, counted without listing them."""
     owned = len(range(shard.index, plan.samples.n, shard.count))
     return owned - sum(1 for i in done if i < plan.samples.n and shard.owns(i))
@@ -217,7 +239,8 @@ def _run_batch(runner: Runner, batch: list[SampleRequest], writer: PartWriter) -
     batch = _refuse(runner, batch, writer)
     if batch:
         images = sample_images(runner.model, runner.sampler, runner.guidance, runner.sigmas,
-                               batch, guides=runner.guides)  # fmt: skip
+                               batch, guides=runner.guides,
+                               step_cache=runner.step_cache)  # fmt: skip
         _write(runner, batch, images, writer)
     writer.flush()
 
@@ -280,11 +303,18 @@ def _warn_failed(runner: Runner, total: int) -> None:
         )
 
 
-def _write_grid(folder: OutputFolder, plan: Plan, metadata: Any) -> None:
-    if metadata.empty or plan.grid is None:
-        return
-    files = [folder.path(f) for f in metadata["file_name"].head(64)]
-    atomic_write(plan.grid, contact_sheet(files))
+def _write_grid(folder: OutputFolder, plan: Plan) -> None:
+    """The contact sheet of the first 64 images metadata.csv lists."""
+    files = [folder.path(f) for f in _first_files(folder, 64)]
+    if plan.grid is not None and files:
+        atomic_write(plan.grid, contact_sheet(files))
+
+
+def _first_files(folder: OutputFolder, count: int) -> list[str]:
+    """The first `count` file names of metadata.csv, read a row at a time (it may list
+    millions)."""
+    with open(folder.root / "metadata.csv", encoding="utf-8", newline="") as handle:
+        return [row["file_name"] for row in itertools.islice(csv.DictReader(handle), count)]
 
 
 def _progress(total: int, enabled: bool, shard: Shard) -> Any:

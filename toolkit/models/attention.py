@@ -27,8 +27,6 @@ config on the meta device, so plans check layers against the real module tree wi
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import math
 import re
 import weakref
@@ -37,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
+from toolkit.models.blocks import BLOCK_OUTPUTS, bound_arguments, take_rows
 from toolkit.registry.protocols import Perturbation, perturbation_specs
 
 if TYPE_CHECKING:
@@ -48,20 +47,10 @@ else:
 
 #: kinds that change how an attention layer computes (its processor runs again on the rows)
 RECOMPUTED = ("identity_attention", "attention_scores", "blur_query")
-#: a block class -> (index of hidden_states, of encoder_hidden_states) in its output tuple
-#: (diffusers' ``TransformerBlockRegistry`` has no entry for SD 3's block); a block that
-#: returns one tensor returns hidden_states
-BLOCK_OUTPUTS = {
-    "JointTransformerBlock": (1, 0),
-    "FluxTransformerBlock": (1, 0),
-    "FluxSingleTransformerBlock": (1, 0),
-}
 #: joint attention processors -> whether the image tokens come first in the joint sequence
 #: (SD 3 concatenates [image, text], Flux [text, image]); PAG's identity map covers them
 JOINT_ORDER = {"JointAttnProcessor2_0": True, "JointAttnProcessor": True,
                "FluxAttnProcessor": False, "FluxAttnProcessor2_0": False}  # fmt: skip
-#: inputs never indexed by batch row, whatever their first dimension
-UNBATCHED = frozenset({"image_rotary_emb"})
 #: the block lists a `Perturbation`'s ``stack="auto"`` looks for at the network's top level
 #: (diffusers' ``_ALL_TRANSFORMER_BLOCK_IDENTIFIERS``, which ``LayerSkipConfig(fqn="auto")``
 #: searches in the order of a set, so that a network with two (Flux) gets either)
@@ -263,48 +252,17 @@ class _Splice:
         self.span, self.spec = span, spec
 
     def __call__(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
-        inputs = _bound(module, args, kwargs)
+        inputs = bound_arguments(module, args, kwargs)
         hidden = inputs.get("hidden_states")
         if not torch.is_tensor(hidden):
             raise DtkError(f"cannot perturb a {type(module).__name__} called without "
                            "hidden_states")  # fmt: skip
         batch = hidden.shape[0]
         if self.spec.kind in RECOMPUTED:
-            rows = _recompute(module, self.spec, _take(inputs, self.span, batch))
+            rows = _recompute(module, self.spec, take_rows(inputs, self.span, batch))
         else:
             rows = _skipped(module, self.spec, inputs, output, self.span)
         return _splice(output, rows, self.span, batch)
-
-
-@functools.cache
-def _signature(cls: type) -> inspect.Signature:
-    return inspect.signature(cls.forward)
-
-
-def _bound(module: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """A call's arguments by name, keyword arguments of ``**kwargs`` included."""
-    signature = _signature(type(module))
-    bound = signature.bind(module, *args, **kwargs).arguments
-    bound.pop(next(iter(signature.parameters)))  # self
-    for name, parameter in signature.parameters.items():
-        if parameter.kind is parameter.VAR_KEYWORD and name in bound:
-            bound = {**{k: v for k, v in bound.items() if k != name}, **bound[name]}
-    return dict(bound)
-
-
-def _take(inputs: Mapping[str, Any], span: slice, batch: int) -> dict[str, Any]:
-    """`inputs` with every per-row tensor cut to rows `span`."""
-
-    def cut(name: str, value: Any) -> Any:
-        if name in UNBATCHED:
-            return value
-        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
-            return value[span]
-        if isinstance(value, dict):
-            return {k: cut(k, v) for k, v in value.items()}
-        return value
-
-    return {name: cut(name, value) for name, value in inputs.items()}
 
 
 def _splice(output: Any, rows: Any, span: slice, batch: int) -> Any:

@@ -120,6 +120,22 @@ def register_attribute_classifiers(register: Register) -> None:
 
 
 @hookspec
+def register_step_caches(register: Register) -> None:
+    """Register step-cache classes.
+
+    :param register: call it with each step-cache class.
+
+    A step cache skips part of the denoising network on calls where its features barely
+    change. ``cache.attach(network)`` returns a context manager: inside it, the network's
+    forward passes share the cache's state. The toolkit enters it for the calls of one
+    batch with one layout of rows and leaves it when the batch ends or the layout changes;
+    on exit the network must be as it was. Decide per batch row from that row's own
+    history, so that a sample does not depend on its batch. Optional: ``check(network)``
+    refuses a network the cache cannot serve, at plan time.
+    """
+
+
+@hookspec
 def register_commands(register: Register) -> None:
     """Register ``dtk`` subcommands.
 

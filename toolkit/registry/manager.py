@@ -51,8 +51,12 @@ KINDS: dict[str, str] = {
     "guidance": "register_guidance",
     "safety_filter": "register_safety_filters",
     "attribute_classifier": "register_attribute_classifiers",
+    "step_cache": "register_step_caches",
     "command": "register_commands",
 }
+
+#: the method an instance of a kind must define where it is not ``__call__`` (None: none)
+REQUIRED_METHOD = {"attribute_classifier": None, "step_cache": "attach"}
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
@@ -220,9 +224,12 @@ class Registry:
                     f"{cls.__qualname__} needs a class attribute 'name': a string of letters, "
                     f"digits, '_', '-' or '.' (got {name!r})"
                 )
-            defines_call = any("__call__" in vars(k) for k in cls.__mro__[:-1])
-            if not defines_call and kind != "attribute_classifier":
-                raise PluginError(f"{kind} class {cls.__qualname__} must be callable")
+            # what the toolkit calls on an instance: the instance itself, for most kinds
+            method = REQUIRED_METHOD.get(kind, "__call__")
+            if method and not any(method in vars(k) for k in cls.__mro__[:-1]):
+                raise PluginError(f"{kind} class {cls.__qualname__} must define {method}()"
+                                  if method != "__call__" else
+                                  f"{kind} class {cls.__qualname__} must be callable")  # fmt: skip
             if any(r.name == name for r in pending):
                 raise PluginError(f"{kind} {name!r} is registered twice")
             pending.append(Registration(kind, name, cls, dist, version))

@@ -10,6 +10,7 @@ member, and a test fails when one is not.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -276,6 +277,33 @@ class AttributeClassifier(Protocol):
         ...
 
 
+@runtime_checkable
+class StepCache(Protocol):
+    """Skips part of the denoising network on calls where its features barely change
+    (DeepCache, First Block Cache). ``cache.attach(network)`` is a context in which the
+    network's forward passes share the cache's state: the toolkit enters it for the calls
+    of one batch with one layout of rows (the guidance's branches times the batch) and
+    leaves it when the batch ends or the layout changes, so the state always starts fresh
+    and never crosses batches; everything the cache changed in the network is put back on
+    exit. Row ``r`` of every call is the same sample's same branch, so a cache that decides
+    per row from that row's own history keeps each sample independent of its batch.
+    Optional members: `StepCacheOptions`."""
+
+    name: ClassVar[str]
+
+    def attach(self, network: torch.nn.Module) -> contextlib.AbstractContextManager[Any]: ...
+
+
+class StepCacheOptions(Protocol):
+    """The members a step cache may add, and what the toolkit does when it has none."""
+
+    def check(self, network: torch.nn.Module) -> None:
+        """Refuse, with a `toolkit.DtkError`, a network the cache cannot serve (a UNet cache
+        on a transformer, a layer the network lacks). Called when the run is planned, on
+        the network built from its config without weights. Default: every network."""
+        ...
+
+
 #: kind -> (its protocol, the protocol of its optional members, their defaults)
 CONTRACT: dict[str, tuple[type, type | None, dict[str, Any]]] = {
     "schedule": (Schedule, None, {}),
@@ -296,6 +324,7 @@ CONTRACT: dict[str, tuple[type, type | None, dict[str, Any]]] = {
     ),
     "safety_filter": (SafetyFilter, SafetyFilterOptions, {"stage": "image"}),
     "attribute_classifier": (AttributeClassifier, None, {}),
+    "step_cache": (StepCache, StepCacheOptions, {"check": None}),
 }
 
 

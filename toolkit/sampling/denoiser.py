@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from toolkit.models.family import Conditioning, Model
+    from toolkit.sampling.step_cache import CacheRuns
 else:
     torch = lazy_import("torch")
 
@@ -111,8 +112,11 @@ class GuidedDenoiser:
     each guide-model branch of the guidance to its loaded model (`guide_models`)."""
 
     def __init__(self, model: Model, guidance: Any, conditioning: Conditioning,
-                 guides: Mapping[str, Model] | None = None) -> None:  # fmt: skip
+                 guides: Mapping[str, Model] | None = None,
+                 cache: CacheRuns | None = None) -> None:  # fmt: skip
         self.model = model
+        #: the step cache on the model's network (`toolkit.sampling.step_cache`), if any
+        self.cache = cache
         self.guidance = guidance
         self.conditioning = conditioning
         self.noise_levels = model.noise_levels
@@ -169,6 +173,8 @@ class GuidedDenoiser:
         found: dict[str, torch.Tensor] = {}
         self.variance = None
         if own:
+            if self.cache is not None:
+                self.cache.before_call((own, batch))
             with self._perturbed(own, batch):
                 found.update(self._forward(self.model, own, x, sigma))
             # a learned-variance model's variance for this call: the cond branch's

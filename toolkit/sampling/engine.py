@@ -22,6 +22,7 @@ from toolkit.data.images import to_unit
 from toolkit.lazy import lazy_import
 from toolkit.registry.protocols import optional
 from toolkit.sampling.denoiser import GuidedDenoiser, branch_conditions
+from toolkit.sampling.step_cache import CacheRuns
 
 if TYPE_CHECKING:
     import torch
@@ -41,13 +42,16 @@ def sample_images(
     *,
     text_branches: Mapping[str, str] | None = None,
     guides: Mapping[str, Model] | None = None,
+    step_cache: Any = None,
 ) -> torch.Tensor:
     """Float images ``[B, C, H, W]`` in [0, 1] for the samples of `batch` (non-finite
     values stay NaN, for the caller to catch).
 
     A guidance with a ``start_batch`` member is given the batch's conditions first;
     `text_branches` (a guidance's own prompts) defaults to the guidance's; `guides` maps
-    each of its guide-model branches to the loaded guide model (`GuidedDenoiser`).
+    each of its guide-model branches to the loaded guide model (`GuidedDenoiser`);
+    `step_cache` (a `toolkit.StepCache`) is attached to the model's network for the batch's
+    calls (`toolkit.sampling.step_cache`).
     """
     start_batch = optional("guidance", guidance, "start_batch")
     if start_batch is not None:
@@ -68,8 +72,9 @@ def sample_images(
     with torch.inference_mode():
         conditioning = encode_batch(model, guidance, batch, text_branches, device)
         release_text_encoders(model)
-        guided = GuidedDenoiser(model, guidance, conditioning, guides)
-        x0 = integrate(sampler, guided, x, sigmas, noise)
+        with CacheRuns(step_cache, getattr(model, "network", None)) as cache:
+            guided = GuidedDenoiser(model, guidance, conditioning, guides, cache)
+            x0 = integrate(sampler, guided, x, sigmas, noise)
         return to_unit(model.decode(x0))
 
 
