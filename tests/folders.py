@@ -73,3 +73,13 @@ def assert_damaged_copy_refused(source: pathlib.Path, tmp_path: pathlib.Path, da
     [line] = result.stderr.splitlines()
     assert message in line, line
     assert not out.exists()
+
+
+def capture_decoded(monkeypatch, *families) -> list:
+    """The clean samples (latents) each run of `families` decodes, appended in order: what
+    a test compares with a reference pipeline's latents."""
+    decoded: list = []
+    for family in families:
+        monkeypatch.setattr(family, "decode", lambda model, x, decode=family.decode:
+                            decoded.append(x.clone()) or decode(model, x))  # fmt: skip
+    return decoded

@@ -19,7 +19,7 @@ import diffusers.guiders as guiders
 import numpy as np
 import pytest
 import torch
-from folders import max_pixel_difference, pixels, prompts_file
+from folders import capture_decoded, max_pixel_difference, pixels, prompts_file
 from invoke import dtk
 
 import toolkit
@@ -464,11 +464,7 @@ def decoded(monkeypatch):
     from toolkit.models.sd3 import StableDiffusion3
     from toolkit.models.stable_diffusion import StableDiffusion
 
-    latents: list[torch.Tensor] = []
-    for family in (StableDiffusion, StableDiffusion3):
-        monkeypatch.setattr(family, "decode", lambda model, x, decode=family.decode:
-                            latents.append(x.clone()) or decode(model, x))  # fmt: skip
-    return latents
+    return capture_decoded(monkeypatch, StableDiffusion, StableDiffusion3)
 
 
 def diffusers_sd_guided(folder, guider, prompts, seed, steps):

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from folders import max_pixel_difference, pixels
+from folders import capture_decoded, max_pixel_difference, pixels
 from invoke import dtk
 
 import toolkit
@@ -42,11 +42,7 @@ def decoded(monkeypatch):
     from toolkit.models.flux import Flux
     from toolkit.models.stable_diffusion import StableDiffusion
 
-    latents: list[torch.Tensor] = []
-    for family in (StableDiffusion, Flux, DiT):
-        monkeypatch.setattr(family, "decode", lambda model, x, decode=family.decode:
-                            latents.append(x.clone()) or decode(model, x))  # fmt: skip
-    return latents
+    return capture_decoded(monkeypatch, StableDiffusion, Flux, DiT)
 
 
 @pytest.fixture
