@@ -114,7 +114,7 @@ def main() -> None:
     device = torch.device(args.device)
     folder = default_model()
     # ours loads the model once, as the baseline does: repeated runs in one process
-    with tempfile.TemporaryDirectory() as tmp, toolkit.reuse_models():
+    with tempfile.TemporaryDirectory() as tmp, toolkit.reuse_models(keep=len(VARIANTS)):
         runs = {"diffusers": diffusers_images(folder, args.batch, args.steps, device)}
         for name, settings in VARIANTS.items():
             root = pathlib.Path(tmp) / name.replace(" ", "_").replace("+", "_")

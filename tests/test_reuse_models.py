@@ -67,3 +67,19 @@ def test_a_kept_model_is_as_good_as_a_fresh_one_after_guidance_hooks(model, tmp_
     toolkit.generate(model, out=tmp_path / "fresh", **KW)
     assert loads[0] == 2
     assert max_pixel_difference(pixels(tmp_path / "after"), pixels(tmp_path / "fresh")) == 0
+
+
+def test_keep_holds_the_last_models_used(model, tmp_path, loads):
+    """keep=2: alternating between two settings loads each once; a third evicts the one
+    used least recently."""
+    with toolkit.reuse_models(keep=2):
+        for k, dtype in enumerate(["float32", "bfloat16", "float32", "bfloat16"]):
+            toolkit.generate(model, out=tmp_path / f"a{k}", dtype=dtype, **KW)
+        assert loads[0] == 2
+        toolkit.generate(model, out=tmp_path / "c", dtype="float16", **KW)  # evicts float32
+        toolkit.generate(model, out=tmp_path / "d", dtype="bfloat16", **KW)
+        assert loads[0] == 3
+        toolkit.generate(model, out=tmp_path / "e", dtype="float32", **KW)
+        assert loads[0] == 4
+    with pytest.raises(ValueError, match="at least one"), toolkit.reuse_models(keep=0):
+        pass

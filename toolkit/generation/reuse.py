@@ -24,32 +24,39 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 _kept: dict[str, Any] | None = None  # None: not inside reuse_models
+_keep = 1
 
 
 @contextlib.contextmanager
-def reuse_models() -> Iterator[None]:
-    """Inside, a run takes the previous run's loaded model when it would load the same one
-    (see the module docstring); nested blocks share the outer one's."""
-    global _kept
+def reuse_models(keep: int = 1) -> Iterator[None]:
+    """Inside, a run takes a loaded model of an earlier run when it would load the same one
+    (see the module docstring): the `keep` last used are kept (one by default; more for
+    work that alternates between models or settings, memory permitting). Nested blocks
+    share the outer one's."""
+    global _kept, _keep
     if _kept is not None:
         yield
         return
-    _kept = {}
+    if keep < 1:
+        raise ValueError(f"reuse_models keeps at least one model, not {keep}")
+    _kept, _keep = {}, keep
     try:
         yield
     finally:
-        _kept = None
+        _kept, _keep = None, 1
 
 
 def loaded(key: dict[str, Any], load: Callable[[], Any]) -> Any:
-    """`load()`, or inside `reuse_models` the model kept under `key` (at most one is kept:
-    another key replaces it)."""
+    """`load()`, or inside `reuse_models` the model kept under `key`."""
     if _kept is None:
         return load()
     text = json.dumps(key, sort_keys=True, default=str)
-    if text not in _kept:
-        _kept.clear()  # before loading: never two models in memory at once
-        _kept[text] = load()
+    if text in _kept:
+        _kept[text] = _kept.pop(text)  # the most recently used last
+        return _kept[text]
+    while len(_kept) >= _keep:  # before loading: never more than `keep` in memory
+        _kept.pop(next(iter(_kept)))
+    _kept[text] = load()
     return _kept[text]
 
 

@@ -42,4 +42,11 @@ def accelerate(model: NetworkModel, *, compile: str | None, cache: str | None = 
         folder = pathlib.Path(cache).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         os.environ[CACHE_VARIABLE] = str(folder)
+    if model.device.type == "cpu":
+        # freezing: the weights become constants of the graph, which oneDNN prepacks into
+        # its own layouts (whole runs of the shipped model 1.15x faster than compiled
+        # without it). It applies to graphs compiled for inference only (sampling runs
+        # under inference_mode), and inductor reads it from its global config when the
+        # first call compiles, not from torch.compile's options: set for the process
+        torch._inductor.config.freezing = True
     network.compile(mode=None if compile == "default" else compile)
