@@ -17,7 +17,7 @@ from typing import Any
 import fairlearn.metrics
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
+from scipy.stats import binomtest
 
 from evaluations.results import Corrected, GroupShare, MetricValue, ShareSummary
 from toolkit import DtkError, natural_key
@@ -123,25 +123,31 @@ def _count_columns(counts: pd.Series, rows: pd.Index, by: np.ndarray | None) -> 
 
 
 def wilson_interval(count: Any, total: Any, confidence: float = 0.95) -> tuple[Any, Any]:
-    """Wilson score interval for the proportion ``count / total``; elementwise over arrays.
+    """Wilson score interval for the proportion ``count / total`` (whole numbers), scipy's
+    ``binomtest(count, total).proportion_ci(confidence, method="wilson")``; elementwise over
+    arrays.
 
-    A zero total carries no information and gets the whole range ``(0, 1)``.
+    A zero total carries no information and gets the whole range ``(0, 1)``; at ``0/n`` and
+    ``n/n`` the bound on that side is exactly 0 or 1.
     """
-    count = np.asarray(count, dtype=float)
-    total = np.asarray(total, dtype=float)
-    z = norm.ppf(0.5 + confidence / 2)
-    empty = total <= 0
-    n = np.where(empty, 1.0, total)
-    p = count / n
-    denominator = 1 + z**2 / n
-    center = (p + z**2 / (2 * n)) / denominator
-    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denominator
-    # At 0/n and n/n the closed form is exactly 0 or 1, but only up to rounding.
-    low = np.where(empty | (count <= 0), 0.0, np.clip(center - half, 0.0, 1.0))
-    high = np.where(empty | (count >= total), 1.0, np.clip(center + half, 0.0, 1.0))
+    count, total = np.broadcast_arrays(np.asarray(count), np.asarray(total))
+    low, high = np.zeros(count.shape), np.ones(count.shape)
+    for index in np.ndindex(count.shape):
+        k, n = _whole(count[index]), _whole(total[index])
+        if n <= 0:
+            continue
+        interval = binomtest(k, n).proportion_ci(confidence, method="wilson")
+        low[index] = 0.0 if k <= 0 else interval.low
+        high[index] = 1.0 if k >= n else interval.high
     if low.ndim == 0:
         return float(low), float(high)
     return low, high
+
+
+def _whole(value: Any) -> int:
+    if value != round(value):
+        raise DtkError(f"a Wilson interval counts whole samples, not {value}")
+    return int(value)
 
 
 def _pair(p: Any, t: Any) -> tuple[np.ndarray, np.ndarray]:

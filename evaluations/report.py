@@ -24,9 +24,7 @@ import dataclasses
 import datetime
 import functools
 import html
-import io
 import json
-import math
 import os
 import pathlib
 import re
@@ -35,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 import toolkit
 
@@ -188,50 +186,15 @@ def _load_image(path: pathlib.Path) -> Image.Image:
 
 
 def _encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
-
-
-def _fit(size: tuple[int, int], box: int) -> tuple[int, int]:
-    w, h = size
-    if max(w, h) <= box:
-        # integer upscaling keeps pixel art crisp
-        scale = max(1, box // max(w, h))
-        return w * scale, h * scale
-    scale = box / max(w, h)
-    return max(1, round(w * scale)), max(1, round(h * scale))
+    return toolkit.encode_png(image, optimize=True)
 
 
 def _contact_sheet(images: Sequence[Image.Image], captions: Sequence[str] = ()) -> bytes:
     """The images in a grid; with `captions`, each one's caption written under it (the
     markdown report has no other place to put it)."""
-    columns = max(1, min(SHEET_COLUMNS, len(images)))
-    rows = max(1, math.ceil(len(images) / columns))
-    strip = SHEET_CAPTION if any(captions) else 0
-    step_x, step_y = SHEET_CELL + SHEET_PAD, SHEET_CELL + strip + SHEET_PAD
-    sheet = Image.new("RGB", (columns * step_x + SHEET_PAD, rows * step_y + SHEET_PAD),
-                      "#d1d9e0")  # fmt: skip
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=10) if strip else None
-    for i, image in enumerate(images):
-        size = _fit(image.size, SHEET_CELL)
-        small = image.size[0] < size[0]
-        resample = Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS
-        tile = image.resize(size, resample)
-        left = SHEET_PAD + (i % columns) * step_x
-        top = SHEET_PAD + (i // columns) * step_y
-        x = left + (SHEET_CELL - size[0]) // 2
-        y = top + (SHEET_CELL - size[1]) // 2
-        if tile.mode == "RGBA":
-            sheet.paste(tile.convert("RGB"), (x, y), tile)
-        else:
-            sheet.paste(tile, (x, y))
-        if strip and i < len(captions) and captions[i]:
-            box = (left, top + SHEET_CELL, left + SHEET_CELL - 1, top + SHEET_CELL + strip - 1)
-            draw.rectangle(box, fill="#ffffff")
-            draw.text((left + SHEET_CELL // 2, top + SHEET_CELL + strip // 2), captions[i],
-                      fill="#1f2328", font=font, anchor="mm")  # fmt: skip
+    sheet = toolkit.image_grid(images, columns=max(1, min(SHEET_COLUMNS, len(images))),
+                               cell=SHEET_CELL, gap=SHEET_PAD, background="#d1d9e0",
+                               captions=captions, caption_height=SHEET_CAPTION)  # fmt: skip
     return _encode_png(sheet)
 
 
@@ -588,7 +551,7 @@ class Report:
                     name=self._unique_name(f"gallery-{_slug(title)}-{_slug(str(label))}"),
                     total=len(items),
                     thumbs=[_encode_png(im) for im in images],
-                    sizes=[_fit(im.size, THUMB_DISPLAY) for im in images],
+                    sizes=[toolkit.fit_size(im.size, THUMB_DISPLAY) for im in images],
                     captions=captions,
                     sheet=_contact_sheet(images, captions) if images else None,
                     skipped=skipped,

@@ -103,6 +103,8 @@ def test_wilson_textbook_example_and_edges():
     assert m.wilson_interval(0, 20)[0] == 0.0
     assert m.wilson_interval(20, 20)[1] == 1.0
     assert m.wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(DtkError, match="whole samples"):
+        m.wilson_interval(1.5, 10)
 
 
 def test_wilson_vectorized_and_confidence():

@@ -39,6 +39,7 @@ from collections.abc import Set as AbstractSet
 from typing import IO, TYPE_CHECKING, Any
 
 from toolkit.data import csv_rows, locking
+from toolkit.data.images import encode_png
 from toolkit.data.paths import inside
 from toolkit.errors import DtkError
 
@@ -151,13 +152,7 @@ def _fsync(path: pathlib.Path) -> None:
 
 def png_bytes(pixels: np.ndarray) -> bytes:
     """PNG of a ``[H, W, C]`` uint8 array (C = 1, 3 or 4)."""
-    from PIL import Image
-
-    if pixels.shape[-1] == 1:
-        pixels = pixels[..., 0]
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(pixels)
 
 
 class OutputFolder:
