@@ -75,20 +75,21 @@ SUMMARY_METRICS = ("overall", "worst_group", "gap", "gap_reduction")
 
 
 def t_interval(values: Iterable[float], confidence: float = 0.95) -> tuple[Any, Any]:
-    """Student-t interval for the mean of `values`; ``(None, None)`` below two values.
+    """Student-t interval for the mean of `values` (``scipy.stats.t.interval`` around the
+    mean with the standard error); ``(None, None)`` below two values.
 
     Identical values give a zero-width interval rather than scipy's NaN for a zero scale.
     """
-    from scipy.stats import t
+    from scipy.stats import sem, t
 
     array = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if len(array) < 2:
         return None, None
-    mean = float(array.mean())
-    half = float(t.ppf(0.5 + confidence / 2, len(array) - 1)) * float(
-        array.std(ddof=1) / math.sqrt(len(array))
-    )
-    return mean - half, mean + half
+    mean, scale = float(array.mean()), float(sem(array))
+    if scale == 0:
+        return mean, mean
+    low, high = t.interval(confidence, len(array) - 1, loc=mean, scale=scale)
+    return float(low), float(high)
 
 
 def mean_interval(name: str, values: np.ndarray, confidence: float = 0.95) -> dict[str, Any]:

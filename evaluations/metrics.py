@@ -209,11 +209,6 @@ def _all_metrics(p: np.ndarray, t: np.ndarray, p_ref: np.ndarray | None) -> dict
     return values
 
 
-def _resample(counts: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    total = counts.sum()
-    return rng.multinomial(int(total), counts / total, size=n_boot) / total
-
-
 def bootstrap_intervals(
     counts: Any,
     target: Any,
@@ -223,13 +218,19 @@ def bootstrap_intervals(
     seed: int = 0,
     reference_counts: Any | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of every aggregate metric under a multinomial bootstrap.
+    """BCa intervals of every aggregate metric, ``scipy.stats.bootstrap`` resampling the
+    predictions (a multinomial bootstrap of ``counts``, the known predictions per label).
 
-    ``counts`` (known predictions per label) and, for ``bias_amplification``,
-    ``reference_counts`` are resampled independently with their own totals. The result is the
-    same for the same ``seed``. Metrics are non-negative and their plug-in estimates biased
-    upwards, so near a zero value the interval can lie entirely above the point estimate.
-    An empty count vector gives ``(nan, nan)``.
+    For ``bias_amplification`` the ``reference_counts`` are a second sample, resampled
+    independently with their own total. The result is the same for the same ``seed``. The
+    metrics are non-negative and their plug-in estimates biased upwards near 0, where a
+    percentile interval can sit entirely above the point value; BCa's bias correction keeps
+    the point inside. Where the bootstrap distribution is degenerate (every prediction one
+    label, a single prediction; a metric infinite in every replicate, as KL with a zero
+    target share) the interval is the point itself; an empty count vector gives
+    ``(nan, nan)``. Where no replicate falls below the point (a metric of 0: the target met
+    exactly), BCa cannot correct, and the percentile interval widened to hold the point is
+    given.
     """
     counts = np.asarray(counts, dtype=float)
     target = np.asarray(target, dtype=float)
@@ -237,19 +238,62 @@ def bootstrap_intervals(
     ref = None if reference_counts is None else np.asarray(reference_counts, dtype=float)
     if counts.sum() <= 0 or (ref is not None and ref.sum() <= 0):
         return {name: (math.nan, math.nan) for name in names}
-
-    rng = np.random.default_rng(seed)
-    shares = _resample(counts, n_boot, rng)
-    ref_shares = None if ref is None else _resample(ref, n_boot, rng)
-    replicates = _all_metrics(shares, target, ref_shares)
-    alpha = (1 - confidence) / 2
+    samples = [_predictions(counts)] + ([] if ref is None else [_predictions(ref)])
+    labels = len(counts)
+    point = _all_metrics(counts / counts.sum(), target,
+                         None if ref is None else ref / ref.sum())  # fmt: skip
     intervals = {}
     for name in names:
-        # An order statistic rather than an interpolation: KL replicates can be infinite, and
-        # interpolating between two infinities gives nan.
-        low, high = np.quantile(replicates[name], [alpha, 1 - alpha], method="inverted_cdf")
-        intervals[name] = (float(low), float(high))
+
+        def statistic(*resampled: np.ndarray, axis: int = -1, name: str = name) -> np.ndarray:
+            shares = [_shares(sample, labels, axis) for sample in resampled]
+            return _all_metrics(shares[0], target, shares[1] if len(shares) > 1 else None)[name]
+
+        intervals[name] = _bca(statistic, samples, float(point[name]), n_boot, confidence,
+                               seed)  # fmt: skip
     return intervals
+
+
+def _predictions(counts: np.ndarray) -> np.ndarray:
+    """The known predictions as label indices, one per prediction."""
+    return np.repeat(np.arange(len(counts)), counts.astype(int))
+
+
+def _shares(sample: np.ndarray, labels: int, axis: int) -> np.ndarray:
+    """Each label's share in `sample` along `axis`, labels on the last axis."""
+    return np.stack([(sample == j).mean(axis=axis) for j in range(labels)], axis=-1)
+
+
+def _bca(statistic: Any, samples: list[np.ndarray], point: float, n_boot: int,
+         confidence: float, seed: int) -> tuple[float, float]:  # fmt: skip
+    """`statistic`'s BCa interval over `samples`; the point itself where the bootstrap
+    distribution is degenerate (no interval can be computed), (inf, inf) where it is
+    infinite throughout."""
+    import warnings
+
+    from scipy.stats import DegenerateDataWarning, bootstrap
+
+    if math.isinf(point) or min(len(sample) for sample in samples) < 2:
+        return point, point  # one prediction resamples to itself
+    with warnings.catch_warnings():
+        # degenerate distributions: handled below
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = bootstrap(samples, statistic, n_resamples=n_boot, confidence_level=confidence,
+                           method="BCa", rng=np.random.default_rng(seed), vectorized=True,
+                           batch=max(1, 2**22 // max(len(s) for s in samples)))  # fmt: skip
+    low, high = result.confidence_interval
+    replicates = result.bootstrap_distribution
+    if np.ptp(replicates) == 0:  # every replicate the same: no interval to draw
+        return point, point
+    if math.isfinite(low) and math.isfinite(high) and high > low:
+        return float(low), float(high)
+    # BCa cannot correct a point at the edge of every replicate (a metric of 0 where the
+    # target is met exactly: no replicate falls below it); the percentile interval,
+    # widened to hold the point, says how far from the target the shares may be
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(replicates, [alpha, 1 - alpha], method="inverted_cdf")
+    return float(min(low, point)), float(max(high, point))
 
 
 # --------------------------------------------------------------------------------------------

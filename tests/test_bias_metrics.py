@@ -186,6 +186,35 @@ def test_bootstrap_contains_estimate_and_is_deterministic():
     assert m.bootstrap_intervals(counts, T, n_boot=1000, seed=4) != intervals
 
 
+def test_bootstrap_is_scipys_bca_on_the_predictions():
+    """The interval is scipy.stats.bootstrap's BCa over the predictions as label indices."""
+    from scipy.stats import bootstrap
+
+    counts = np.array([60, 30, 10])
+    data = np.repeat(np.arange(3), counts)
+
+    def tv(sample, axis=-1):
+        shares = np.stack([(sample == j).mean(axis=axis) for j in range(3)], axis=-1)
+        return 0.5 * np.abs(shares - T).sum(axis=-1)
+
+    theirs = bootstrap((data,), tv, n_resamples=500, method="BCa", vectorized=True,
+                       rng=np.random.default_rng(9)).confidence_interval  # fmt: skip
+    ours = m.bootstrap_intervals(counts, T, n_boot=500, seed=9)["total_variation"]
+    assert ours == pytest.approx((theirs.low, theirs.high), abs=1e-12)
+
+
+def test_a_metric_at_zero_keeps_the_point_in_its_interval():
+    """Shares exactly on the target: every replicate is at or above 0, so a percentile
+    interval would sit above the point; the interval holds it and says how far it may be."""
+    intervals = m.bootstrap_intervals([50, 50], [0.5, 0.5], n_boot=500)
+    for name in m.METRICS:
+        low, high = intervals[name]
+        assert low == 0.0 < high < 0.3, name
+    # a single prediction, or one label throughout, resamples to itself
+    assert m.bootstrap_intervals([1, 0], [0.5, 0.5])["total_variation"] == (0.5, 0.5)
+    assert m.bootstrap_intervals([40, 0], [0.5, 0.5])["total_variation"] == (0.5, 0.5)
+
+
 def test_bootstrap_shrinks_with_more_samples():
     small = m.bootstrap_intervals([60, 30, 10], T, n_boot=1000)
     large = m.bootstrap_intervals([600, 300, 100], T, n_boot=1000)
