@@ -31,6 +31,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import markupsafe
 import numpy as np
 import pandas
 from PIL import Image
@@ -198,6 +199,30 @@ def _contact_sheet(images: Sequence[Image.Image], captions: Sequence[str] = ()) 
     return _encode_png(sheet)
 
 
+# ---------------------------------------------------------------------------- templates
+
+
+@functools.cache
+def _template() -> Any:
+    """templates/report.html, autoescaped, with the filters its macros use."""
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("evaluations", "templates"),
+                                     autoescape=True, keep_trailing_newline=True,
+                                     undefined=jinja2.StrictUndefined)  # fmt: skip
+    environment.filters.update(
+        inline=lambda text: markupsafe.Markup(_inline_html(text)),
+        paragraphs=_paragraphs, data_uri=_data_uri, png_size=_png_size,
+        gallery_note=_gallery_note,
+    )  # fmt: skip
+    return environment.get_template("report.html")
+
+
+def _render(macro: str, *args: Any) -> str:
+    """One of the template's macros rendered: a block's HTML, or the page."""
+    return str(getattr(_template().module, macro)(*args))
+
+
 # ---------------------------------------------------------------------------- blocks
 
 
@@ -207,7 +232,7 @@ class _Heading:
     level: int
 
     def html(self) -> str:
-        return f"<h{self.level}>{_inline_html(self.text)}</h{self.level}>"
+        return _render("heading", self)
 
     def md(self) -> str:
         return f"{'#' * self.level} {_inline_md(' '.join(self.text.split()))}"
@@ -218,7 +243,7 @@ class _Text:
     text: str
 
     def html(self) -> str:
-        return "\n".join(f"<p>{_inline_html(p)}</p>" for p in _paragraphs(self.text))
+        return _render("text", self)
 
     def md(self) -> str:
         return "\n\n".join(_inline_md(p) for p in _paragraphs(self.text))
@@ -232,20 +257,7 @@ class _Table:
     caption: str | None
 
     def html(self) -> str:
-        def cell(tag: str, text: str, numeric: bool) -> str:
-            cls = ' class="num"' if numeric else ""
-            return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
-
-        head = "".join(cell("th", h, n) for h, n in zip(self.header, self.numeric))
-        body = "\n".join(
-            "<tr>" + "".join(cell("td", v, n) for v, n in zip(row, self.numeric)) + "</tr>"
-            for row in self.rows
-        )
-        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
-        return (
-            f'<div class="table-wrap"><table>{caption}\n<thead><tr>{head}</tr></thead>\n'
-            f"<tbody>\n{body}\n</tbody></table></div>"
-        )
+        return _render("table", self)
 
     def md(self) -> str:
         def line(cells: Sequence[str]) -> str:
@@ -265,12 +277,7 @@ class _Figure:
     name: str
 
     def html(self) -> str:
-        width, height = _png_size(self.png)
-        caption = f"<figcaption>{html.escape(self.caption)}</figcaption>" if self.caption else ""
-        return (
-            f'<figure><img src="{_data_uri(self.png)}" width="{width}" height="{height}" '
-            f'alt="{html.escape(self.caption or self.name)}">{caption}</figure>'
-        )
+        return _render("figure", self)
 
     def md(self) -> str:
         image = f"![{_md_plain(self.caption or self.name)}](figures/{self.name}.png)"
@@ -299,26 +306,7 @@ class _Gallery:
     note: str = ""
 
     def html(self) -> str:
-        parts = [f'<section class="gallery"><h3>{html.escape(self.title)}</h3>']
-        if self.note:
-            parts.append(f"<p>{_inline_html(self.note)}</p>")
-        for group in self.groups:
-            count = f"{len(group.thumbs)} of {group.total} shown"
-            parts.append(
-                f'<div class="gallery-group"><h4>{html.escape(group.label)} '
-                f'<span class="count">({count})</span></h4>'
-            )
-            imgs = "".join(
-                _thumb_html(png, size, group.label, caption)
-                for png, size, caption in zip(group.thumbs, group.sizes, group.captions)
-            )
-            if imgs:
-                parts.append(f'<div class="thumbs">{imgs}</div>')
-            if note := _gallery_note(group):
-                parts.append(f'<p class="note">{html.escape(note)}</p>')
-            parts.append("</div>")
-        parts.append("</section>")
-        return "\n".join(parts)
+        return _render("gallery", self)
 
     def md(self) -> str:
         parts = [f"### {_md_plain(self.title)}"]
@@ -341,15 +329,6 @@ class _Gallery:
         return {f"{g.name}.png": g.sheet for g in self.groups if g.sheet is not None}
 
 
-def _thumb_html(png: bytes, size: tuple[int, int], label: str, caption: str) -> str:
-    w, h = size
-    alt = html.escape(f"{label}: {caption}" if caption else label)
-    img = f'<img src="{_data_uri(png)}" width="{w}" height="{h}" alt="{alt}">'
-    if not caption:
-        return img
-    return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
-
-
 def _gallery_note(group: _GalleryGroup) -> str:
     if group.skipped:
         listed = ", ".join(group.skipped[:5]) + (", …" if len(group.skipped) > 5 else "")
@@ -364,18 +343,15 @@ class _Config:
     data: Any
     title: str
 
-    def _json(self) -> str:
+    @property
+    def json(self) -> str:
         return json.dumps(self.data, indent=2, default=str, ensure_ascii=False)
 
     def html(self) -> str:
-        return (
-            f"<details><summary>{html.escape(self.title)}</summary>"
-            f'<pre><code class="language-json">{html.escape(self._json())}</code></pre>'
-            "</details>"
-        )
+        return _render("config", self)
 
     def md(self) -> str:
-        body = self._json()
+        body = self.json
         fence = "`" * max(3, _longest_backtick_run(body) + 1)
         return f"### {_md_plain(self.title)}\n\n{fence}json\n{body}\n{fence}"
 
@@ -566,20 +542,9 @@ class Report:
         return self
 
     def html(self) -> str:
-        """The report as one self-contained HTML page."""
-        body = "\n".join(block.html() for block in self._blocks)
-        title = html.escape(self.title)
-        return (
-            "<!doctype html>\n"
-            '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{title}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-            f'<header><h1>{title}</h1><p class="meta">Generated '
-            f'<time datetime="{html.escape(self.created)}">{html.escape(self.created)}</time>'
-            "</p></header>\n"
-            f"<main>\n{body}\n</main>\n</body>\n</html>\n"
-        )
+        """The report as one self-contained HTML page (templates/report.html)."""
+        blocks = [markupsafe.Markup(block.html()) for block in self._blocks]
+        return _render("page", self.title, self.created, CSP, CSS, blocks)
 
     def markdown(self) -> str:
         """The report as GitHub markdown; images are linked under ``figures/``."""
