@@ -30,6 +30,7 @@ from evaluations.common import (
     write_csv,
     write_json,
 )
+from evaluations.intersections import IntersectionalSummary, audit_intersections
 from evaluations.report import shown_path
 from evaluations.results import (
     AttributeAudit,
@@ -108,10 +109,13 @@ def audit_bias(
                                    references)
         for attribute, instance in classifiers.items()
     }  # fmt: skip
-    # 4. results.json, the CSVs and the report
+    # 4. two or more attributes: their intersections, from the same predictions
+    intersection = audit.intersection(results, predictions) if len(results) > 1 else None
+    # 5. results.json, the CSVs and the report
     result = BiasResult(created=now(), config=audit.config(), versions=versions(),
                         plugins=_plugins_used(classifier, folder), attributes=results,
-                        image_root=folder, predictions=predictions)  # fmt: skip
+                        image_root=folder, predictions=predictions,
+                        intersection=intersection)  # fmt: skip
     _write(audit.out, result, report)
     return result
 
@@ -217,6 +221,20 @@ class _Audit:
         write_csv(self.out / f"counts_{stem}.csv", counts.rename_axis(attribute), index=True)
         write_csv(self.out / f"shares_{stem}.csv", metrics.shares_frame(audit))
         return audit
+
+    def intersection(self, results: Mapping[str, AttributeAudit],
+                     predictions: pandas.DataFrame) -> IntersectionalSummary:  # fmt: skip
+        """The attributes' joint counts and the shares of their intersections (each cell
+        against the product of the attributes' targets); the CSVs of both."""
+        summary = audit_intersections(
+            {a: predictions[f"{a}_predicted"].tolist() for a in results},
+            {a: audit.labels for a, audit in results.items()},
+            targets={a: audit.targets() for a, audit in results.items()},
+            n_boot=self.n_boot, seed=self.seed,
+        )  # fmt: skip
+        write_csv(self.out / "counts_intersection.csv", summary.table)
+        write_csv(self.out / "shares_intersection.csv", metrics.shares_frame(summary.joint))
+        return summary
 
     def target_shares(self, attribute: str, labels: list[str],
                       reference_counts: pandas.Series | None) -> dict[str, float]:  # fmt: skip

@@ -9,12 +9,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from evaluations import metrics
+from evaluations.intersections import cell_name
 from evaluations.plots import shares_plot
 from evaluations.report import Report, round_robin
 
 if TYPE_CHECKING:
     import pandas
 
+    from evaluations.intersections import IntersectionalSummary
     from evaluations.results import AttributeAudit, BiasConfig, BiasResult, ShareSummary
 
 METRIC_NAMES = {
@@ -65,6 +67,21 @@ def add_attribute_section(
         add_breakdown(report, attribute, audit.by)
     if audit.calibration is not None:
         add_calibration(report, attribute, audit)
+
+
+def add_intersection_section(report: Report, summary: IntersectionalSummary) -> None:
+    """The joint counts of the audited attributes and the shares of their intersections."""
+    joint, names = summary.joint, " × ".join(f"`{a}`" for a in summary.attributes)
+    cell, count = summary.smallest
+    report.heading(f"Intersections: {names}", level=2)
+    report.text(
+        f"{joint.total} images; {joint.unknown} below the confidence threshold on at least "
+        "one attribute are left out. Each cell's target is the product of the attributes' "
+        "targets. Intervals are 95%: Wilson per share, bootstrap (BCa) for the metrics. "
+        f"The smallest cell is `{cell_name(cell)}`, with {count} image(s)."
+    )
+    report.table(metrics.shares_frame(joint), caption="Intersections: counts and shares")
+    report.table(metrics_frame(joint), caption="Intersections: distance from the target")
 
 
 def add_breakdown(report: Report, attribute: str, by: Mapping[str, ShareSummary]) -> None:
@@ -126,6 +143,8 @@ def write_bias_report(out: pathlib.Path, result: BiasResult) -> None:
     for attribute, audit in result.attributes.items():
         add_attribute_section(report, attribute, audit)
         add_gallery(report, attribute, result.image_root, result.predictions, by=config.by)
+    if result.intersection is not None:
+        add_intersection_section(report, result.intersection)
     report.heading("Limitations", level=2)
     report.text(limitations(result))
     report.config({"config": config.to_json(), "plugins": result.plugins,

@@ -77,7 +77,9 @@ def eval_group() -> None:
 @toolkit.generation_options()
 @click.option(
     "--attribute", "attributes", multiple=True, default=("group",), show_default=True,
-    help="Attribute to audit; repeatable.",
+    help="Attribute to audit; repeatable: with two or more, their intersections too (the "
+    "joint counts, each cell's share against the product of the targets, the smallest "
+    "cell).",
 )  # fmt: skip
 @classifier_options("Attribute-classifier plugin (created with attribute=NAME).")
 @click.option("--prompt", help="Prompt for every sample (text-to-image models).")

@@ -198,6 +198,9 @@ class BiasResult:
     attributes: dict[str, AttributeAudit]
     image_root: pathlib.Path = dataclasses.field(repr=False, compare=False)
     predictions: pandas.DataFrame = dataclasses.field(repr=False, compare=False)
+    #: two or more attributes: their joint counts and intersections
+    #: (`evaluations.intersections.IntersectionalSummary`)
+    intersection: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return jsonable({
@@ -207,4 +210,6 @@ class BiasResult:
             "plugins": self.plugins,
             "versions": self.versions,
             "attributes": {a: audit.to_json() for a, audit in self.attributes.items()},
+            **({} if self.intersection is None
+               else {"intersection": self.intersection.to_json()}),
         })  # fmt: skip
