@@ -61,7 +61,8 @@ def add_attribute_section(
         caption=f"Share of each {attribute} value with its 95% interval; the target marked.",
         name=f"shares_{attribute}",
     )  # fmt: skip
-    report.table(metrics.shares_frame(audit), caption=f"{attribute}: counts and shares")
+    report.table(_shares_with_accuracy(audit), caption=f"{attribute}: counts and shares")
+    report.text(_accuracy_note(attribute, audit))
     report.table(metrics_frame(audit), caption="Distance from the target")
     if audit.by:
         add_breakdown(report, attribute, audit.by)
@@ -82,6 +83,39 @@ def add_intersection_section(report: Report, summary: IntersectionalSummary) -> 
     )
     report.table(metrics.shares_frame(joint), caption="Intersections: counts and shares")
     report.table(metrics_frame(joint), caption="Intersections: distance from the target")
+
+
+def _shares_with_accuracy(audit: AttributeAudit) -> pandas.DataFrame:
+    """The shares table, with the classifier's accuracy on each true value of the labeled
+    calibration images beside each share (when there are any)."""
+    frame = metrics.shares_frame(audit)
+    if audit.calibration is not None:
+        accuracy = audit.calibration.accuracy_by_value()
+        frame["classifier_accuracy"] = [accuracy.get(label) for label in frame["label"]]
+    return frame
+
+
+def _accuracy_note(attribute: str, audit: AttributeAudit) -> str:
+    """What the reader must know before trusting the shares: how right the classifier is on
+    each group, measured, or that it was not."""
+    if audit.calibration is None:
+        return (
+            f"**The classifier's accuracy per {attribute} value was not measured** (no "
+            "labeled images: `--calibration DIR`). A classifier that is worse on one group "
+            "manufactures bias, so these shares are only as good as an accuracy nobody has "
+            "checked here."
+        )
+    accuracy = {k: v for k, v in audit.calibration.accuracy_by_value().items() if v is not None}
+    if not accuracy:
+        return f"The calibration images hold no confident prediction of any {attribute} value."
+    worst = min(accuracy, key=lambda k: accuracy[k])
+    listed = ", ".join(f"`{k}` {v:.1%}" for k, v in accuracy.items())
+    return (
+        f"**The classifier's accuracy per true {attribute} value** on the labeled calibration "
+        f"images: {listed} (lowest: `{worst}`). A classifier worse on one group manufactures "
+        "bias: its errors on that group's images move them into other values' shares (the "
+        "corrected shares below undo what the calibration images show)."
+    )
 
 
 def add_breakdown(report: Report, attribute: str, by: Mapping[str, ShareSummary]) -> None:

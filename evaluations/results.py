@@ -113,8 +113,17 @@ class Calibration:
     confusion: dict[str, dict[str, float]]
     identity: bool
 
+    def accuracy_by_value(self) -> dict[str, float | None]:
+        """Per true value, the share of its confident predictions that are right (None for a
+        value with none): a classifier worse on one group manufactures bias."""
+        accuracy: dict[str, float | None] = {}
+        for value, predicted in self.counts.items():
+            confident = sum(n for label, n in predicted.items() if label != "unknown")
+            accuracy[value] = predicted.get(value, 0) / confident if confident else None
+        return accuracy
+
     def to_json(self) -> dict[str, Any]:
-        return jsonable(dataclasses.asdict(self))
+        return jsonable({**dataclasses.asdict(self), "accuracy_by_value": self.accuracy_by_value()})
 
 
 @dataclasses.dataclass

@@ -374,3 +374,21 @@ def test_two_attributes_give_their_intersections(data, tmp_path):
     counts = pandas.read_csv(out / "counts_intersection.csv")
     assert list(counts.columns) == ["digit", "group", "count"]
     assert counts["count"].sum() == joint["total"] - joint["unknown"]["count"]
+
+
+def test_every_report_states_the_classifiers_accuracy_per_group(data, tmp_path):
+    """With labeled calibration images: the accuracy per true value, in results.json, beside
+    each share and in words; without: the report says it was not measured."""
+    audit_bias(tmp_path / "checked", images=data["train05"], calibration=data["test"],
+               n_boot=100, progress=False)  # fmt: skip
+    saved = json.loads((tmp_path / "checked" / "results.json").read_text())
+    calibration = saved["attributes"]["group"]["calibration"]
+    for value, predicted in calibration["counts"].items():
+        confident = sum(n for label, n in predicted.items() if label != "unknown")
+        assert calibration["accuracy_by_value"][value] == predicted[value] / confident
+    report = (tmp_path / "checked" / "report.md").read_text()
+    assert "**The classifier's accuracy per true group value** on the labeled" in report
+    assert "classifier\\_accuracy" in report  # the shares table's column, escaped
+    audit_bias(tmp_path / "unchecked", images=data["train05"], n_boot=100, progress=False)
+    report = (tmp_path / "unchecked" / "report.md").read_text()
+    assert "**The classifier's accuracy per group value was not measured**" in report
