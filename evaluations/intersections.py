@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from evaluations.metrics import summarize
+import toolkit
+from evaluations.metrics import count_table, known_or_unknown, summarize
 from evaluations.results import ShareSummary
 from toolkit import DtkError
 
@@ -85,20 +86,20 @@ def audit_intersections(
     missing = [a for a in attributes if a not in labels]
     if missing:
         raise DtkError(f"no labels given for attribute {missing[0]!r}")
-    frame = _predictions_frame(predictions, labels)
-    targets = {a: dict(targets[a]) if targets and a in targets else _uniform(labels[a])
+    lengths = {len(values) for values in predictions.values()}
+    if len(lengths) != 1:
+        raise DtkError(f"the attributes' predictions differ in length: {sorted(lengths)}")
+    targets = {a: dict((targets or {}).get(a) or toolkit.target_distribution("uniform", labels[a]))
                for a in attributes}  # fmt: skip
-    marginals = {a: summarize(_counts(frame[a], labels[a]), targets[a], n_boot=n_boot,
+    marginals = {a: summarize(_counts(a, predictions[a], labels[a]), targets[a], n_boot=n_boot,
                               seed=seed, confidence=confidence)
                  for a in attributes}  # fmt: skip
-    table = _joint_table(frame, attributes, labels)
-    cells = [dict(zip(attributes, values)) for values in table[attributes].itertuples(index=False)]
-    names = [cell_name(cell) for cell in cells]
-    unknown = int(len(frame) - table["count"].sum())
-    joint_counts = pd.Series([*table["count"], unknown], index=[*names, UNKNOWN])
+    cells = _cells(attributes, labels)
+    joint_counts = joint_cell_counts(predictions, labels)
+    table = pd.DataFrame(cells, columns=attributes).assign(count=joint_counts.iloc[:-1].to_numpy())
     if joint_target is None:
-        joint_target = {name: float(np.prod([targets[a][cell[a]] for a in attributes]))
-                        for name, cell in zip(names, cells)}  # fmt: skip
+        joint_target = {cell_name(cell): float(np.prod([targets[a][cell[a]] for a in attributes]))
+                        for cell in cells}  # fmt: skip
     joint = summarize(joint_counts, joint_target, n_boot=n_boot, seed=seed,
                       confidence=confidence)  # fmt: skip
     smallest = int(np.argmin(table["count"].to_numpy()))
@@ -107,43 +108,37 @@ def audit_intersections(
     )
 
 
-def _uniform(values: Sequence[str]) -> dict[str, float]:
-    return {str(v): 1 / len(values) for v in values}
+def joint_cell_counts(predictions: Mapping[str, Sequence[str | None]],
+                      labels: Mapping[str, Sequence[str]]) -> pd.Series:  # fmt: skip
+    """The images of every cell (indexed by `cell_name`, every combination of labels in
+    label order, zeros included), then ``unknown``: those not confident on every
+    attribute. `metrics.count_table` over the cells as the labels of one attribute."""
+    attributes = list(predictions)
+    columns = [_known(a, predictions[a], labels[a]) for a in attributes]
+    joint = [None if UNKNOWN in values else cell_name(dict(zip(attributes, values)))
+             for values in zip(*columns)]  # fmt: skip
+    names = [cell_name(cell) for cell in _cells(attributes, labels)]
+    return count_table(joint, names, unknown=UNKNOWN)["count"]
 
 
-def _predictions_frame(predictions: Mapping[str, Sequence[str | None]],
-                       labels: Mapping[str, Sequence[str]]) -> pd.DataFrame:  # fmt: skip
-    """One row per image, one column per attribute: a label or ``UNKNOWN``."""
-    lengths = {len(values) for values in predictions.values()}
-    if len(lengths) != 1:
-        raise DtkError(f"the attributes' predictions differ in length: {sorted(lengths)}")
-    columns = {}
-    for attribute, values in predictions.items():
-        allowed = [str(v) for v in labels[attribute]]
-        if UNKNOWN in allowed:
-            raise DtkError(f"{UNKNOWN!r} is reserved for low-confidence predictions, not a "
-                           f"label of {attribute!r}")  # fmt: skip
-        column = [UNKNOWN if v is None or v == UNKNOWN else str(v) for v in values]
-        stray = sorted(set(column) - {*allowed, UNKNOWN})
-        if stray:
-            raise DtkError(f"{attribute!r} predictions hold {stray[0]!r}, not one of its "
-                           f"labels {allowed}")  # fmt: skip
-        columns[attribute] = column
-    return pd.DataFrame(columns)
+def _cells(attributes: list[str], labels: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
+    """Every combination of the attributes' labels, in label order."""
+    values = [[str(v) for v in labels[a]] for a in attributes]
+    return [dict(zip(attributes, combination)) for combination in itertools.product(*values)]
 
 
-def _counts(column: pd.Series, labels: Sequence[str]) -> pd.Series:
+def _known(attribute: str, values: Sequence[str | None], labels: Sequence[str]) -> list[str]:
+    """One attribute's predictions as labels or ``unknown``, checked (`known_or_unknown`),
+    a refusal naming the attribute."""
+    try:
+        return [str(v) for v in known_or_unknown(values, list(map(str, labels)), UNKNOWN)]
+    except DtkError as exc:
+        raise DtkError(f"{attribute!r}: {exc}") from None
+
+
+def _counts(attribute: str, values: Sequence[str | None], labels: Sequence[str]) -> pd.Series:
     """One attribute's counts per label (zeros included), then ``unknown``."""
-    index = [*map(str, labels), UNKNOWN]
-    return column.value_counts().reindex(index, fill_value=0).astype(int)
-
-
-def _joint_table(frame: pd.DataFrame, attributes: list[str],
-                 labels: Mapping[str, Sequence[str]]) -> pd.DataFrame:  # fmt: skip
-    """Every combination of labels, in label order, with its count of confident images."""
-    known = frame[(frame[attributes] != UNKNOWN).all(axis=1)]
-    counts = known.groupby(attributes, sort=False).size()
-    cells = list(itertools.product(*(list(map(str, labels[a])) for a in attributes)))
-    index = pd.MultiIndex.from_tuples(cells, names=attributes)
-    table = counts.reindex(index, fill_value=0).astype(int).rename("count").reset_index()
-    return table
+    try:
+        return count_table(values, list(map(str, labels)), unknown=UNKNOWN)["count"]
+    except DtkError as exc:
+        raise DtkError(f"{attribute!r}: {exc}") from None

@@ -30,6 +30,7 @@ __all__ = [
     "count_table",
     "fairness_discrepancy",
     "kl_divergence",
+    "known_or_unknown",
     "mean_absolute_deviation",
     "project_to_simplex",
     "summarize",
@@ -53,7 +54,11 @@ def _check_labels(labels: Sequence[str], unknown: str) -> list[str]:
     return labels
 
 
-def _known_or_unknown(predicted: Sequence[Any], labels: list[str], unknown: str) -> np.ndarray:
+def known_or_unknown(predicted: Sequence[Any], labels: list[str], unknown: str = "unknown"
+                     ) -> np.ndarray:  # fmt: skip
+    """`predicted` with every missing value (None, NaN) as `unknown`; a value that is
+    neither a label nor `unknown` is refused."""
+    _check_labels(labels, unknown)
     values = np.array([unknown if _missing(v) else v for v in predicted], dtype=object)
     allowed = {*labels, unknown}
     stray = sorted({str(v) for v in values if v not in allowed})
@@ -81,7 +86,7 @@ def count_table(
     value (as a string, numbers in numeric order) followed by ``all``.
     """
     labels = _check_labels(labels, unknown)
-    values = _known_or_unknown(predicted, labels, unknown)
+    values = known_or_unknown(predicted, labels, unknown)
     rows = pd.Index([*labels, unknown], name="label")
     if by is not None:
         by = np.array([str(b) for b in by], dtype=object)
@@ -314,7 +319,7 @@ def confusion_matrix(
     """
     labels = _check_labels(labels, unknown)
     true = list(true)
-    predicted = _known_or_unknown(predicted, labels, unknown)
+    predicted = known_or_unknown(predicted, labels, unknown)
     if len(true) != len(predicted):
         raise DtkError(f"{len(true)} true labels for {len(predicted)} calibration predictions")
     stray = sorted({str(v) for v in true if v not in labels})
