@@ -34,7 +34,8 @@ import time
 
 import numpy as np
 
-from toolkit.data.output import OutputFolder, atomic_write, png_bytes
+from toolkit.data.images import encode_png
+from toolkit.data.output import OutputFolder, atomic_write
 
 # -- write path ----------------------------------------------------------------------------
 
@@ -46,7 +47,7 @@ def write_before(root: pathlib.Path, images: np.ndarray, batch: int) -> None:
     with open(log, "a", encoding="utf-8") as handle:
         for start in range(0, len(images), batch):
             for i in range(start, min(start + batch, len(images))):
-                data = png_bytes(images[i])
+                data = encode_png(images[i])
                 atomic_write(root / "c" / f"{i:06d}.png", data)  # fsync before the rename
                 record = {"file_name": f"c/{i:06d}.png", "index": i, "status": "ok",
                           "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
@@ -71,7 +72,7 @@ def write_floor(root: pathlib.Path, images: np.ndarray, batch: int) -> None:
     log.parent.mkdir(parents=True)
     with open(log, "a", encoding="utf-8") as handle:
         for i in range(len(images)):
-            data = png_bytes(images[i])
+            data = encode_png(images[i])
             atomic_write(root / "c" / f"{i:06d}.png", data, durable=False)
             record = {"file_name": f"c/{i:06d}.png", "index": i, "status": "ok",
                       "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip

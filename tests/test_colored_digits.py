@@ -14,7 +14,7 @@ import pytest
 from invoke import dtk
 
 from toolkit.data.dataset_folder import load_image_folder
-from toolkit.data.output import png_bytes
+from toolkit.data.images import encode_png
 from toolkit.errors import DtkError
 from toolkit.recipes import colored_digits as cd
 
@@ -158,7 +158,7 @@ def test_a_shape_looks_the_same_in_every_split(folders):
     train = read(folders["train"])
     for row in train.sample(30, random_state=0).itertuples():
         written = (folders["train"] / row.file_name).read_bytes()
-        assert written == png_bytes(cd.render(row.source_index, row.group, seed=0))
+        assert written == encode_png(cd.render(row.source_index, row.group, seed=0))
     assert set(train["file_name"]) < set(pd_rows("train-balanced")["file_name"])
 
 

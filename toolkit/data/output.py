@@ -150,11 +150,6 @@ def _fsync(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """PNG of a ``[H, W, C]`` uint8 array (C = 1, 3 or 4)."""
-    return encode_png(pixels)
-
-
 class OutputFolder:
     """One run's output folder (see the module docstring).
 
@@ -435,7 +430,7 @@ class PartWriter:
     def write(self, record: dict[str, Any], pixels: np.ndarray | None) -> dict[str, Any]:
         """Write the image (if `pixels`); the record is logged by the next `flush`."""
         if pixels is not None:
-            data = png_bytes(pixels)
+            data = encode_png(pixels)
             path = self.folder.path(record["file_name"])
             atomic_write(path, data, durable=False)
             self._images.append(path)

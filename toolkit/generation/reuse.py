@@ -46,11 +46,12 @@ def reuse_models(keep: int = 1) -> Iterator[None]:
         _kept, _keep = None, 1
 
 
-def loaded(key: dict[str, Any], load: Callable[[], Any]) -> Any:
-    """`load()`, or inside `reuse_models` the model kept under `key`."""
+def loaded(key: Callable[[], dict[str, Any]], load: Callable[[], Any]) -> Any:
+    """`load()`, or inside `reuse_models` the model kept under ``key()`` (asked only there:
+    it reads the folder's files)."""
     if _kept is None:
         return load()
-    text = json.dumps(key, sort_keys=True, default=str)
+    text = json.dumps(key(), sort_keys=True, default=str)
     if text in _kept:
         _kept[text] = _kept.pop(text)  # the most recently used last
         return _kept[text]

@@ -124,7 +124,7 @@ def _start(plan: Plan) -> Runner:
     load = dict(device=device, dtype=getattr(torch, settings.dtype),
                 trust_pickle=settings.trust_pickle, attention_slicing=settings.attention_slicing,
                 vae_tiling=settings.vae_tiling)  # fmt: skip
-    model = loaded(_model_key(plan, load), lambda: _load(plan, load))
+    model = loaded(lambda: _model_key(plan, load), lambda: _load(plan, load))
     for use in (plan.sampler, plan.schedule, *plan.filters):
         use.make()
     sigmas = plan.schedule.instance(settings.steps, model.noise_levels)

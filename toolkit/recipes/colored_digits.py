@@ -40,7 +40,8 @@ import pathlib
 from typing import TYPE_CHECKING, Any
 
 from toolkit.checks import check_seed
-from toolkit.data.output import atomic_write, png_bytes
+from toolkit.data.images import encode_png
+from toolkit.data.output import atomic_write
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
 
@@ -255,7 +256,7 @@ def write(
     for record in tqdm(records, desc=f"{NAME} {split}", unit="img", file=sys.stderr,
                        disable=not progress):  # fmt: skip
         pixels = render(record["source_index"], record["group"], seed)
-        atomic_write(out / record["file_name"], png_bytes(pixels))
+        atomic_write(out / record["file_name"], encode_png(pixels))
     metadata = pandas.DataFrame.from_records(records, columns=list(COLUMNS))
     atomic_write(out / "metadata.csv", metadata.to_csv(index=False).encode())
     counts = metadata.groupby("group").size()
