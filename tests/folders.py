@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas
@@ -83,3 +85,33 @@ def capture_decoded(monkeypatch, *families) -> list:
         monkeypatch.setattr(family, "decode", lambda model, x, decode=family.decode:
                             decoded.append(x.clone()) or decode(model, x))  # fmt: skip
     return decoded
+
+
+def save_family(family: str, path: pathlib.Path) -> pathlib.Path:
+    """A tiny random pipeline folder of `family` (``sd``, ``sdxl``, ``sd3``, ``flux``,
+    ``pixart``, ``lcm``, ``dit``), saved with the family's own pipeline class."""
+    from tiny_dit import save_dit_pipeline
+    from tiny_flux import save_flux_pipeline
+    from tiny_lcm import save_lcm_pipeline
+    from tiny_pixart import save_pixart_pipeline
+    from tiny_sd import save_sd_pipeline
+    from tiny_sd3 import save_sd3_pipeline
+    from tiny_sdxl import save_sdxl_pipeline
+
+    return {"sd": save_sd_pipeline, "sdxl": save_sdxl_pipeline, "sd3": save_sd3_pipeline,
+            "flux": save_flux_pipeline, "pixart": save_pixart_pipeline,
+            "lcm": save_lcm_pipeline, "dit": save_dit_pipeline}[family](path)  # fmt: skip
+
+
+def made_once(root: pathlib.Path, save: Callable[[str, pathlib.Path], Any] = save_family
+              ) -> Callable[[str], Any]:  # fmt: skip
+    """``folder(name)``: ``save(name, root / name)`` the first time `name` is asked for, the
+    same folder after that; a module's fixture builds only the folders its tests use."""
+    made: dict[str, Any] = {}
+
+    def folder(name: str) -> Any:
+        if name not in made:
+            made[name] = save(name, root / name)
+        return made[name]
+
+    return folder

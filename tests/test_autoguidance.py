@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
-from folders import edit_json, max_pixel_difference, pixels
+from folders import capture_decoded, edit_json, made_once, max_pixel_difference, pixels
 from invoke import dtk
 from tiny_models import ATTRIBUTES, save_ve_pipeline, tiny_unet
-from tiny_sd import save_sd_pipeline, spy_forwards, tiny_components
+from tiny_sd import spy_forwards, tiny_components
 
 import toolkit
 from toolkit import GuideModel, OptionError, Perturbation, defaults
@@ -65,12 +65,7 @@ def as_pixels(images) -> np.ndarray:
 @pytest.fixture
 def decoded(monkeypatch):
     """The clean samples each run decodes, in order."""
-    seen: list[torch.Tensor] = []
-    for cls in (StableDiffusion, StableDiffusion3, LabelUNet):
-        decode = cls.decode
-        monkeypatch.setattr(cls, "decode", lambda model, x, decode=decode: seen.append(
-            x.clone()) or decode(model, x))  # fmt: skip
-    return seen
+    return capture_decoded(monkeypatch, StableDiffusion, StableDiffusion3, LabelUNet)
 
 
 # -- diffusers' form: skipped layers on the unconditional branch ---------------------------
@@ -78,18 +73,7 @@ def decoded(monkeypatch):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("autoguidance")
-    made: dict[str, object] = {}
-
-    def folder(name: str):
-        if name not in made:
-            from tiny_sd3 import save_sd3_pipeline
-
-            save = {"sd": save_sd_pipeline, "sd3": save_sd3_pipeline}[name]
-            made[name] = save(root / name)
-        return made[name]
-
-    return folder
+    return made_once(tmp_path_factory.mktemp("autoguidance"))
 
 
 def guider_loop(pipe, network, call, n: int, latents: torch.Tensor, **guider_options):

@@ -17,7 +17,13 @@ from diffusers import (
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
 )
-from folders import assert_damaged_copy_refused, edit_json, max_pixel_difference, pixels
+from folders import (
+    assert_damaged_copy_refused,
+    capture_decoded,
+    edit_json,
+    max_pixel_difference,
+    pixels,
+)
 from invoke import dtk
 from tiny_dit import LATENT, NUM_CLASSES, save_dit_pipeline
 
@@ -51,12 +57,7 @@ def folders(tmp_path_factory):
 @pytest.fixture
 def decoded(monkeypatch):
     """The latents each run decodes, in order."""
-    latents: list[torch.Tensor] = []
-    decode = DiT.decode
-    monkeypatch.setattr(
-        DiT, "decode", lambda model, x: latents.append(x.clone()) or decode(model, x)
-    )
-    return latents
+    return capture_decoded(monkeypatch, DiT)
 
 
 def pipeline(folder, classes, seed, *, output_type="np", **kwargs):

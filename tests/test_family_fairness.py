@@ -20,7 +20,7 @@ import numpy as np
 import pandas
 import pytest
 import torch
-from folders import copy_subset, pixels
+from folders import copy_subset, made_once, pixels
 from invoke import dtk
 
 import toolkit
@@ -33,30 +33,9 @@ OPTIONS = {"flux": ["--height", 32, "--width", 32, "--model-option", "max_sequen
 GROUP = "path=" + str(toolkit.default_model().parent / "classifiers" / "group")
 
 
-def save(family: str, path):
-    from tiny_dit import save_dit_pipeline
-    from tiny_flux import save_flux_pipeline
-    from tiny_lcm import save_lcm_pipeline
-    from tiny_pixart import save_pixart_pipeline
-    from tiny_sd3 import save_sd3_pipeline
-    from tiny_sdxl import save_sdxl_pipeline
-
-    return {"sdxl": save_sdxl_pipeline, "sd3": save_sd3_pipeline, "flux": save_flux_pipeline,
-            "pixart": save_pixart_pipeline, "lcm": save_lcm_pipeline,
-            "dit": save_dit_pipeline}[family](path)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    made: dict[str, object] = {}
-
-    def folder(family: str):
-        if family not in made:
-            made[family] = save(family, root / family)
-        return made[family]
-
-    return folder
+    return made_once(tmp_path_factory.mktemp("families"))
 
 
 def generate(folder, out, *args):

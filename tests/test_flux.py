@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from folders import max_pixel_difference, pixels, prompts_file
+from folders import capture_decoded, max_pixel_difference, pixels, prompts_file
 from invoke import dtk
 from tiny_flux import LATENT_CHANNELS, save_flux_pipeline
 
@@ -40,11 +40,7 @@ def folders(tmp_path_factory):
 @pytest.fixture
 def decoded(monkeypatch):
     """The latents each run decodes, in order."""
-    latents: list[torch.Tensor] = []
-    decode = Flux.decode
-    monkeypatch.setattr(Flux, "decode",
-                        lambda model, x: latents.append(x.clone()) or decode(model, x))  # fmt: skip
-    return latents
+    return capture_decoded(monkeypatch, Flux)
 
 
 def pipeline(folder, prompts, seed, *, output_type="np", **kwargs):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler
-from folders import max_pixel_difference, pixels, prompts_file
+from folders import capture_decoded, max_pixel_difference, pixels, prompts_file
 from invoke import dtk
 from tiny_lcm import (
     GUIDANCE_DIM,
@@ -40,11 +40,7 @@ def folder(tmp_path_factory):
 @pytest.fixture
 def decoded(monkeypatch):
     """The latents each run decodes, in order."""
-    latents: list[torch.Tensor] = []
-    decode = LatentConsistency.decode
-    monkeypatch.setattr(LatentConsistency, "decode",
-                        lambda model, x: latents.append(x.clone()) or decode(model, x))  # fmt: skip
-    return latents
+    return capture_decoded(monkeypatch, LatentConsistency)
 
 
 def pipeline(folder, prompts, seed, *, output_type="np", **kwargs):

@@ -21,7 +21,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from diffusers.utils import convert_state_dict_to_diffusers
-from folders import max_pixel_difference, pixels, prompts_file
+from folders import capture_decoded, max_pixel_difference, pixels, prompts_file
 from invoke import dtk
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
@@ -105,16 +105,8 @@ def decoded(monkeypatch):
     """The latents every run decodes (any family), in order."""
     from toolkit.models import flux, sd3, sdxl, stable_diffusion
 
-    latents: list[torch.Tensor] = []
-    for cls in (stable_diffusion.StableDiffusion, sdxl.StableDiffusionXL,
-                sd3.StableDiffusion3, flux.Flux):  # fmt: skip
-
-        def spy(model, x, decode=cls.decode):
-            latents.append(x.clone())
-            return decode(model, x)
-
-        monkeypatch.setattr(cls, "decode", spy)
-    return latents
+    return capture_decoded(monkeypatch, stable_diffusion.StableDiffusion, sdxl.StableDiffusionXL,
+                           sd3.StableDiffusion3, flux.Flux)  # fmt: skip
 
 
 def pipeline(family, folder, loras, seed, *, output_type="np", **kwargs):

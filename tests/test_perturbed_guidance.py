@@ -24,9 +24,9 @@ from diffusers import (
     StableDiffusionPAGPipeline,
     StableDiffusionPipeline,
 )
-from folders import max_pixel_difference, pixels
+from folders import capture_decoded, made_once, max_pixel_difference, pixels
 from invoke import dtk
-from tiny_sd import pipeline_parts, save_sd_pipeline, spy_forwards
+from tiny_sd import pipeline_parts, spy_forwards
 
 import toolkit
 from toolkit import OptionError, Perturbation
@@ -49,29 +49,13 @@ FLOW = dict(sampler="euler", schedule="flow", progress=False)
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("perturbed")
-    made: dict[str, object] = {}
-
-    def folder(name: str):
-        if name not in made:
-            from tiny_sd3 import save_sd3_pipeline
-
-            save = {"sd": save_sd_pipeline, "sd3": save_sd3_pipeline}[name]
-            made[name] = save(root / name)
-        return made[name]
-
-    return folder
+    return made_once(tmp_path_factory.mktemp("perturbed"))
 
 
 @pytest.fixture
 def decoded(monkeypatch):
     """The latents each run decodes, in order."""
-    latents: list[torch.Tensor] = []
-    for cls in (StableDiffusion, StableDiffusion3):
-        decode = cls.decode
-        monkeypatch.setattr(cls, "decode", lambda model, x, decode=decode: latents.append(
-            x.clone()) or decode(model, x))  # fmt: skip
-    return latents
+    return capture_decoded(monkeypatch, StableDiffusion, StableDiffusion3)
 
 
 def start(seed: int, n: int, shape=SD_LATENT) -> torch.Tensor:

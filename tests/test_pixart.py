@@ -19,7 +19,13 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
     ASPECT_RATIO_1024_BIN,
 )
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
-from folders import assert_damaged_copy_refused, edit_json, max_pixel_difference, pixels
+from folders import (
+    assert_damaged_copy_refused,
+    capture_decoded,
+    edit_json,
+    max_pixel_difference,
+    pixels,
+)
 from invoke import dtk
 from tiny_pixart import PIPELINES, save_pixart_pipeline, spy_size_conditions
 from transformers import T5EncoderModel
@@ -46,11 +52,7 @@ def folders(tmp_path_factory):
 @pytest.fixture
 def decoded(monkeypatch):
     """The latents each run decodes, in order."""
-    latents: list[torch.Tensor] = []
-    decode = PixArt.decode
-    monkeypatch.setattr(PixArt, "decode",
-                        lambda model, x: latents.append(x.clone()) or decode(model, x))  # fmt: skip
-    return latents
+    return capture_decoded(monkeypatch, PixArt)
 
 
 def start(seed: int, n: int, shape=(4, 8, 8)) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from folders import (
     assert_damaged_copy_refused,
+    capture_decoded,
     edit_json,
     max_pixel_difference,
     pixels,
@@ -44,11 +45,7 @@ def folders(tmp_path_factory):
 @pytest.fixture
 def decoded(monkeypatch):
     """The latents each run decodes, in order."""
-    latents: list[torch.Tensor] = []
-    decode = StableDiffusion3.decode
-    monkeypatch.setattr(StableDiffusion3, "decode",
-                        lambda model, x: latents.append(x.clone()) or decode(model, x))  # fmt: skip
-    return latents
+    return capture_decoded(monkeypatch, StableDiffusion3)
 
 
 def start(seed: int, n: int) -> torch.Tensor:

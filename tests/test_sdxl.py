@@ -20,6 +20,7 @@ from diffusers import (
 )
 from folders import (
     assert_damaged_copy_refused,
+    capture_decoded,
     edit_json,
     max_pixel_difference,
     pixels,
@@ -57,11 +58,7 @@ def folders(tmp_path_factory):
 @pytest.fixture
 def decoded(monkeypatch):
     """The latents each run decodes, in order."""
-    latents: list[torch.Tensor] = []
-    decode = StableDiffusionXL.decode
-    monkeypatch.setattr(StableDiffusionXL, "decode",
-                        lambda model, x: latents.append(x.clone()) or decode(model, x))  # fmt: skip
-    return latents
+    return capture_decoded(monkeypatch, StableDiffusionXL)
 
 
 def start(seed: int, n: int) -> torch.Tensor:
