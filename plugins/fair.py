@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 import toolkit
 from plugins.guidance import CFG, check_finite
 from plugins.momentum import WarmedMomentum
-from plugins.stacking import Stacked, base_options, make_base
+from plugins.stacking import BASE, Stacked, base_options, make_base
 from toolkit import (
     DtkError,
     OptionError,
     lazy_import,
+    optional_member,
     quantile_draw,
     seeded_uniform,
     target_distribution,
@@ -45,6 +46,8 @@ else:
 #: label-conditioned and for text-to-image models
 LABEL_SCALE, TEXT_SCALE = 2.0, 7.5
 EDIT = "edit:"
+#: what the drawn value's edit prompt does (see `FairGuidance`)
+MODES = ("edit", "prompt")
 
 
 class FairGuidance(Stacked, CFG):
@@ -60,11 +63,20 @@ class FairGuidance(Stacked, CFG):
 
     Text-to-image models: give the attribute's `values` (``female,male``) or a `words` file
     (`toolkit.read_words`; its values, and the words that stand for them in `edit_prompt`).
-    Each value's edit prompt is `edit_prompt` with ``{value}`` filled in. Per sample, SEGA
-    guidance at `edit_scale` pushes towards the drawn value's edit prompt and away from the
-    others', keeping per channel only the elements above the `threshold` quantile, with
-    momentum (`momentum_scale`, `momentum_beta`), applied after `warmup_steps` network
-    evaluations (the momentum gathers during the warmup). `scale` defaults to 7.5.
+    Each value's edit prompt is `edit_prompt` with ``{value}`` filled in, and ``{prompt}``
+    with each sample's own prompt (``"{prompt} on {value} paper"``: the edit then differs
+    from the prompt by the value alone, not by everything a generic prompt also says).
+    `scale` defaults to 7.5. `mode` says what the drawn value's edit prompt does:
+
+    * ``edit`` (Fair Diffusion): per sample, SEGA guidance at `edit_scale` pushes towards
+      the drawn value's edit prompt and away from the others', keeping per channel only the
+      elements above the `threshold` quantile, with momentum (`momentum_scale`,
+      `momentum_beta`), applied after `warmup_steps` network evaluations (the momentum
+      gathers during the warmup);
+    * ``prompt``: the drawn value's edit prompt takes the place of the sample's prompt in
+      the guidance (its conditional estimate), as the drawn value completes the condition of
+      a label-conditioned model; ``"{prompt} on {value} paper"`` asks for the value outright.
+      It needs a base that combines clean-image estimates (``cfg``, ``apg``, ...).
 
     The guidance the edit goes on top of is `base` (default ``cfg``; any guider: ``apg``,
     ``pag``, ``cfg_zero_star``, ...), with its options as ``base.KEY=VALUE`` and `scale` as
@@ -87,10 +99,13 @@ class FairGuidance(Stacked, CFG):
         momentum_scale: float = 0.5,
         momentum_beta: float = 0.6,
         base: str = "cfg",
+        mode: str = "edit",
         **base_settings: Any,
     ) -> None:
         if not attribute:
             raise OptionError("fair: attribute must name the attribute to balance")
+        if mode not in MODES:
+            raise OptionError(f"fair: mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.text = values is not None or words is not None
         super().__init__((TEXT_SCALE if self.text else LABEL_SCALE) if scale is None else scale)
         check_finite(self.name, edit_scale=edit_scale, momentum_scale=momentum_scale)
@@ -112,6 +127,10 @@ class FairGuidance(Stacked, CFG):
         self.base = make_base(self.name, base, self.scale, base_options(self.name, base_settings))
         if "uncond" not in self.base.branches:
             raise OptionError(f"fair: base {base!r} has no unconditional branch to guide from")
+        self.mode = mode
+        if mode == "prompt" and optional_member("guidance", self.base, "space") == "output":
+            raise OptionError(f"fair: mode=prompt needs a base that combines clean-image "
+                              f"estimates; {base!r} combines the network's outputs")  # fmt: skip
         #: the edit's own branches: the unconditional estimate and the edit prompts
         self._own = ("uncond", *self.text_branches) if self.text else ()
         self.branches = self.stack_branches(self._own)
@@ -177,6 +196,8 @@ class FairGuidance(Stacked, CFG):
             return guided
         if self._direction is None:
             raise DtkError("fair: start_batch(conditions) must be called before each batch")
+        if self.mode == "prompt":
+            return self._prompted(preds, sigma)
         if math.isinf(sigma):
             return self._first_flow_step(preds, guided)
         push = self._momentum(self._edit_guidance(preds, sigma))
@@ -185,6 +206,18 @@ class FairGuidance(Stacked, CFG):
         # `push` is in epsilon units; x0 = x - sigma * eps turns adding it to the guided
         # epsilon into subtracting sigma * push from the clean-image estimate
         return guided - sigma * push
+
+    def _prompted(self, preds: Mapping[str, torch.Tensor], sigma: float) -> torch.Tensor:
+        """The base's guidance with each sample's conditional estimate taken from its drawn
+        value's edit prompt (``mode=prompt``)."""
+        uncond = preds["uncond"]
+        shape = (-1,) + (1,) * (uncond.ndim - 1)
+        drawn = torch.zeros_like(uncond)
+        for k, value in enumerate(self.values):
+            chosen = (self._direction[k] > 0).to(uncond.device, uncond.dtype).view(shape)
+            drawn += chosen * preds[EDIT + value]
+        own = {b: preds[b] for b in self.base.branches if b in preds and b != BASE}
+        return self.base({**own, "cond": drawn}, sigma)
 
     def _first_flow_step(self, preds: Mapping[str, torch.Tensor], guided: torch.Tensor
                          ) -> torch.Tensor:  # fmt: skip
@@ -227,13 +260,16 @@ def _value_words(
 
 
 def _edit_prompt(template: str, text: str) -> str:
+    """The edit prompt of one value; a ``{prompt}`` field stays, for the model to fill with
+    each sample's own prompt (the edit then differs from the prompt by the value alone)."""
     if "{value}" not in template:
         raise OptionError(f"fair: edit_prompt {template!r} must contain {{value}}")
     try:
-        return template.format(value=text)
+        return template.format(value=text, prompt="{prompt}")
     except (KeyError, IndexError, ValueError) as exc:
         raise OptionError(
-            f"fair: edit_prompt {template!r} must use the field {{value}} only ({exc})"
+            f"fair: edit_prompt {template!r} may use the fields {{value}} and {{prompt}} only "
+            f"({exc})"
         ) from None
 
 

@@ -84,7 +84,9 @@ def test_each_layer_imports_only_the_layers_below(path):
         for target in targets:
             if source == RECIPES:
                 if target != RECIPES:
-                    assert rank(target) <= rank("conditions"), f"recipes import {module}"
+                    # a recipe trains a model family's networks (the text recipe runs SD 3's
+                    # folded attention), but never the sampling or generation above them
+                    assert rank(target) <= rank("models"), f"recipes import {module}"
                 continue
             assert target != RECIPES, (
                 f"{path.name} imports {module}: the core never imports recipes"

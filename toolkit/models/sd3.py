@@ -41,6 +41,7 @@ from toolkit.models.stable_diffusion import (
     vae_dtype,
     warn_truncated,
 )
+from toolkit.models.zero_tokens import FoldedZeros, unfold
 
 if TYPE_CHECKING:
     import torch
@@ -231,6 +232,8 @@ class StableDiffusion3(TextModel, NetworkModel):
         self.transformer, self.vae, self.clips, self.t5 = transformer, vae, list(clips), t5
         encoders = [encoder for encoder, _ in self.clips] + [t5[0] if t5 else None]
         self.prompts = PromptEmbeddings(self._encode, encoders)
+        #: without T5, its zero tokens travel as one (`toolkit.models.zero_tokens`)
+        self.zeros = None if t5 is not None else FoldedZeros(transformer, T5_LENGTH)
 
     @property
     def clip_length(self) -> int:
@@ -241,6 +244,14 @@ class StableDiffusion3(TextModel, NetworkModel):
 
     def forward(self, x_in: torch.Tensor, t: torch.Tensor, **inputs: torch.Tensor
                 ) -> torch.Tensor:  # fmt: skip
+        """The transformer's velocity; without T5, its zero tokens run folded into one where
+        nothing else touches the attention, else as the 256 copies the pipeline gives."""
+        if self.zeros is not None:
+            if self.zeros.foldable():
+                with self.zeros:
+                    return self.transformer(hidden_states=x_in, timestep=t, **inputs,
+                                            return_dict=False)[0]  # fmt: skip
+            inputs["encoder_hidden_states"] = unfold(inputs["encoder_hidden_states"], T5_LENGTH)
         return self.transformer(hidden_states=x_in, timestep=t, **inputs, return_dict=False)[0]
 
     def conditioning(self, batch: Sequence[SampleRequest],
@@ -250,13 +261,14 @@ class StableDiffusion3(TextModel, NetworkModel):
     def embed(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The transformer's ``encoder_hidden_states`` ``[B, L + 256, J]`` (the two CLIP
         encoders' penultimate hidden states side by side, zero-padded to the joint width
-        ``J``, then T5's 256 tokens, zeros without T5) and ``pooled_projections`` ``[B, P]``
-        (the two projections side by side) for `prompts`, as the pipeline's encode_prompt."""
+        ``J``, then T5's 256 tokens) and ``pooled_projections`` ``[B, P]`` (the two
+        projections side by side) for `prompts`, as the pipeline's encode_prompt. Without
+        T5 its tokens are zeros, given as one (``[B, L + 1, J]``: `forward` runs them)."""
         rows = self.prompts(prompts)
         clip, t5 = rows["clip"], rows.get("t5")
         joint = int(self.transformer.config.joint_attention_dim)
         if t5 is None:
-            t5 = clip.new_zeros(clip.shape[0], T5_LENGTH, joint)
+            t5 = clip.new_zeros(clip.shape[0], 1, joint)
         clip = torch.nn.functional.pad(clip, (0, joint - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2),
                 "pooled_projections": rows["pooled"]}  # fmt: skip

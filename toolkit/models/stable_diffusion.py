@@ -514,6 +514,10 @@ class PromptEmbeddings:
             self.released = False
 
 
+#: in a guidance's text branch, where each sample's own prompt goes
+PROMPT_FIELD = "{prompt}"
+
+
 class TextConditioning(Conditioning):
     """Branch inputs of a text model, ``{input name: [B, ...]}``: per-sample prompt
     embeddings (``cond``) and negative prompt embeddings (``uncond``; the empty prompt's when
@@ -523,7 +527,9 @@ class TextConditioning(Conditioning):
     unconditional branch never asks for); each branch moves to a device once.
 
     `extra` holds the inputs of a guidance's own `text_branches` (one prompt each, shared by
-    the whole batch), ``[1, ...]``; they are expanded to the batch here.
+    the whole batch), ``[1, ...]``; they are expanded to the batch here. A branch whose
+    prompt holds ``{prompt}`` is per sample instead: each sample's own prompt put in its
+    place (fair's ``"{prompt} on {value} paper"``), computed when first asked for.
     """
 
     def __init__(self, cond: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, Any]],
@@ -545,8 +551,14 @@ class TextConditioning(Conditioning):
         cond = embed([sample.prompt or "" for sample in batch])
         negatives = [sample.negative_prompt or "" for sample in batch]
         uncond = functools.partial(negative or embed, negatives)
-        extra = {name: embed([prompt]) for name, prompt in text_branches.items()}
-        return cls(cond, uncond, extra)
+        extra = {name: embed([prompt]) for name, prompt in text_branches.items()
+                 if PROMPT_FIELD not in prompt}  # fmt: skip
+        made = cls(cond, uncond, extra)
+        for name, prompt in text_branches.items():
+            if PROMPT_FIELD in prompt:
+                prompts = [prompt.replace(PROMPT_FIELD, sample.prompt or "") for sample in batch]
+                made.embeddings[name] = functools.partial(embed, prompts)
+        return made
 
     def inputs(self, branch: str, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
         key = (branch, batch, str(device))
