@@ -1,9 +1,9 @@
 """A tiny random CLIP model folder (`CLIPModel` + `CLIPProcessor`), built offline.
 
 No tokenizer files can be downloaded, so `tiny_tokenizer` builds a byte-level BPE vocabulary
-here (the tiny Stable Diffusion pipeline of `tiny_sd` uses it too): every byte, alone and
-word-final, the special tokens, and merges that make the given words single tokens (so
-prompts exercise real BPE merging).
+(`toolkit.recipes.text_model.word_tokenizer`; the tiny pipelines of `tiny_sd` and the others
+use it too): every byte, alone and word-final, the special tokens, and merges that make the
+given words single tokens (so prompts exercise real BPE merging).
 """
 
 from __future__ import annotations
@@ -14,38 +14,17 @@ from collections.abc import Sequence
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from toolkit.recipes.text_model import BOS, EOS, word_tokenizer
+
 WORDS = ("a", "an", "the", "photo", "drawing", "of", "light", "dark", "digit", "picture")
 MAX_LENGTH = 16
 IMAGE_SIZE = 32
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def _byte_chars() -> list[str]:
-    # GPT-2/CLIP's byte -> printable-character table: printable Latin-1 bytes stand for
-    # themselves, the rest are shifted past 255 in byte order
-    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-    shifted = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
 def tiny_tokenizer(words: Sequence[str] = WORDS, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
-    """A CLIPTokenizer over every byte, with `words` as single tokens."""
-    chars = _byte_chars()
-    tokens = chars + [c + "</w>" for c in chars]
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:
-            merges.append((symbols[0], symbols[1]))
-            symbols = [symbols[0] + symbols[1], *symbols[2:]]
-            tokens.append(symbols[0])
-    tokens = [*dict.fromkeys(tokens), BOS, EOS]
-    return CLIPTokenizer(
-        vocab={t: i for i, t in enumerate(tokens)},
-        merges=list(dict.fromkeys(merges)),
-        model_max_length=max_length,
-        pad_token=EOS,
-    )
+    """A CLIPTokenizer over every byte, with `words` as single tokens (the shipped text
+    model's own tokenizer recipe)."""
+    return word_tokenizer(words, max_length)
 
 
 def save_clip(path: pathlib.Path, seed: int = 0) -> pathlib.Path:

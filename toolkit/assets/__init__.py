@@ -1,8 +1,10 @@
-"""Files shipped with the package: the default generator and the attribute classifiers.
+"""Files shipped with the package: the generators and the attribute classifiers.
 
 ::
 
-    toolkit/assets/generator/                 the embedded default model (`dtk generate`)
+    toolkit/assets/generator/                 the embedded default model (`dtk generate`),
+                                              label-conditioned; also named ``digits``
+    toolkit/assets/text-generator/            the text-to-image model, named ``text-digits``
     toolkit/assets/classifiers/<attribute>/   model.safetensors + config.json + README.md,
                                               written by `dtk train-classifier`
 
@@ -18,6 +20,19 @@ from toolkit.errors import DtkError
 ROOT = pathlib.Path(__file__).resolve().parent
 CLASSIFIERS = ROOT / "classifiers"
 GENERATOR = ROOT / "generator"
+TEXT_GENERATOR = ROOT / "text-generator"
+#: what `--model` accepts besides a folder: the shipped generators by name
+MODELS = {"digits": GENERATOR, "text-digits": TEXT_GENERATOR}
+
+
+def model_path(model: str | pathlib.Path) -> pathlib.Path:
+    """`model` as a folder: a shipped generator's name (`MODELS`) names its folder unless a
+    folder of that name exists where dtk runs; anything else is a path."""
+    path = pathlib.Path(model)
+    shipped = MODELS.get(str(model))
+    if shipped is not None and not path.exists():
+        return shipped
+    return path
 
 
 def generator_path() -> pathlib.Path | None:

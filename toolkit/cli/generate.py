@@ -16,7 +16,8 @@ from toolkit.errors import DtkError
 @click.option(
     "--model",
     type=click.Path(path_type=pathlib.Path),
-    help="A local diffusers model folder (pipeline or UNet2DModel). Default: the shipped model.",
+    help="A local diffusers model folder (pipeline or UNet2DModel), or a shipped model's "
+    "name: digits (label-conditioned, the default) or text-digits (text-to-image).",
 )
 @click.option(
     "--condition",

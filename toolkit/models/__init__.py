@@ -47,7 +47,9 @@ __all__ = [
 def open_model(path: str | pathlib.Path) -> ModelFolder:
     """The folder's family, read from its configs (no torch, no weights); a folder of a
     family dtk does not load is refused in one line naming it."""
-    path = pathlib.Path(path)
+    from toolkit.assets import model_path
+
+    path = model_path(path)
     return FAMILIES[detect_family(path)](path)
 
 

@@ -44,6 +44,7 @@ from toolkit.data.images import encode_png
 from toolkit.data.output import atomic_write
 from toolkit.errors import DtkError
 from toolkit.lazy import lazy_import
+from toolkit.recipes import captions as texts
 
 if TYPE_CHECKING:
     import numpy as np
@@ -174,8 +175,11 @@ def _minority_shapes(train: np.ndarray, minority_share: float, seed: int) -> set
     return chosen
 
 
-def rows(split: str, minority_share: float = 0.05, seed: int = 0) -> list[dict[str, Any]]:
-    """The metadata rows of `split` (without file contents), ordered by source index."""
+def rows(
+    split: str, minority_share: float = 0.05, seed: int = 0, captions: bool = False
+) -> list[dict[str, Any]]:
+    """The metadata rows of `split` (without file contents), ordered by source index; with
+    `captions`, each has a ``text`` column too (`toolkit.recipes.captions`)."""
     if split not in SPLITS:
         raise DtkError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     check_share(minority_share)
@@ -189,7 +193,7 @@ def rows(split: str, minority_share: float = 0.05, seed: int = 0) -> list[dict[s
     else:
         shape_ids = test if split == "test" else train
         pairs = [(int(i), group) for i in shape_ids for group in GROUPS]
-    return [
+    records = [
         {
             "file_name": f"{target[i]}_{group}/{i:04d}.png",
             "digit": int(target[i]),
@@ -199,9 +203,17 @@ def rows(split: str, minority_share: float = 0.05, seed: int = 0) -> list[dict[s
         }
         for i, group in pairs
     ]
+    for record in records if captions else ():
+        # the caption depends on (seed, shape, group) only: the same in every split
+        key = [seed, record["source_index"], GROUPS.index(record["group"]), 1]
+        record[texts.COLUMN] = texts.caption(record["digit"], record["group"],
+                                             np.random.default_rng(key))  # fmt: skip
+    return records
 
 
-def describe(split: str, minority_share: float, seed: int, command: str) -> dict[str, Any]:
+def describe(
+    split: str, minority_share: float, seed: int, command: str, captions: bool = False
+) -> dict[str, Any]:
     """What ``dataset.json`` records: enough to make the same folder again."""
     import importlib.metadata
 
@@ -212,6 +224,7 @@ def describe(split: str, minority_share: float, seed: int, command: str) -> dict
         "seed": seed,
         "minority_share": minority_share if split == "train" else None,
         "minority_group": MINORITY_GROUP if split == "train" else None,
+        "captions": _captions_info() if captions else None,
         "holdout": {"per_digit": TEST_PER_DIGIT, "seed": HOLDOUT_SEED},
         "groups": {name: style.describe() for name, style in STYLES.items()},
         "image_size": IMAGE_SIZE,
@@ -222,7 +235,12 @@ def describe(split: str, minority_share: float, seed: int, command: str) -> dict
 
 
 #: dataset.json keys that must agree for a folder to be rewritten in place
-IDENTITY = ("name", "split", "seed", "minority_share")
+IDENTITY = ("name", "split", "seed", "minority_share", "captions")
+
+
+def _captions_info() -> dict[str, Any]:
+    return {"column": texts.COLUMN, "group_named": texts.GROUP_NAMED,
+            "neutral": list(texts.NEUTRAL), "named": list(texts.NAMED)}  # fmt: skip
 
 
 def write(
@@ -231,6 +249,7 @@ def write(
     minority_share: float = 0.05,
     seed: int = 0,
     *,
+    captions: bool = False,
     command: str | None = None,
     progress: bool = False,
 ) -> pandas.DataFrame:
@@ -246,10 +265,10 @@ def write(
     from tqdm.auto import tqdm
 
     out = pathlib.Path(out)
-    records = rows(split, minority_share, seed)  # validates split and share first
+    records = rows(split, minority_share, seed, captions)  # validates split and share first
     if command is None:
-        command = _command(out, split, minority_share, seed)
-    info = describe(split, minority_share, seed, command)
+        command = _command(out, split, minority_share, seed, captions)
+    info = describe(split, minority_share, seed, command, captions)
     _check_out(out, info)
     # written first too, so that an interrupted run is recognised and redone by its command
     atomic_write(out / "dataset.json", (json.dumps(info, indent=2) + "\n").encode())
@@ -257,7 +276,8 @@ def write(
                        disable=not progress):  # fmt: skip
         pixels = render(record["source_index"], record["group"], seed)
         atomic_write(out / record["file_name"], encode_png(pixels))
-    metadata = pandas.DataFrame.from_records(records, columns=list(COLUMNS))
+    columns = [*COLUMNS, *([texts.COLUMN] if captions else [])]
+    metadata = pandas.DataFrame.from_records(records, columns=columns)
     atomic_write(out / "metadata.csv", metadata.to_csv(index=False).encode())
     counts = metadata.groupby("group").size()
     info["counts"] = {g: int(counts.get(g, 0)) for g in GROUPS}
@@ -265,14 +285,16 @@ def write(
     return metadata
 
 
-def _command(out: pathlib.Path, split: str, minority_share: float, seed: int) -> str:
+def _command(
+    out: pathlib.Path, split: str, minority_share: float, seed: int, captions: bool
+) -> str:
     """The ``dtk data`` command that writes this folder, for ``dataset.json`` to record."""
     import shlex
 
     args = ["dtk", "data", NAME, str(out), "--split", split]
     if split == "train":
         args += ["--minority-share", str(minority_share)]
-    return shlex.join([*args, "--seed", str(seed)])
+    return shlex.join([*args, "--seed", str(seed), *(["--captions"] if captions else [])])
 
 
 def _check_out(out: pathlib.Path, info: dict[str, Any]) -> None:

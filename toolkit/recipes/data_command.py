@@ -42,6 +42,13 @@ def data_group() -> None:
     show_default=True,
     help="Picks the minority shapes and the paper grain (the held-out shapes never change).",
 )
+@click.option(
+    "--captions",
+    is_flag=True,
+    help="Add a 'text' column: one caption per image that always names the digit and names "
+    "the group in half the captions ('a handwritten seven', 'a seven on dark paper'), for "
+    "training a text-to-image model (dtk train --caption text).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def colored_digits_command(
@@ -50,6 +57,7 @@ def colored_digits_command(
     split: str,
     minority_share: float,
     seed: int,
+    captions: bool,
     quiet: bool,
 ) -> None:
     """scikit-learn's digits at 16x16 in two groups: 'light' (thin navy strokes on smooth
@@ -66,6 +74,7 @@ def colored_digits_command(
       dtk data colored-digits data/train-1pc --minority-share 0.01 --seed 1
       dtk data colored-digits data/test --split test
       dtk data colored-digits data/train-balanced --split train-balanced
+      dtk data colored-digits data/train-text --captions
     """
     from toolkit.recipes.colored_digits import write
 
@@ -74,7 +83,7 @@ def colored_digits_command(
     source = ctx.get_parameter_source("minority_share")
     if split != "train" and source == click.core.ParameterSource.COMMANDLINE:
         raise DtkError(f"--minority-share applies to --split train only, not {split}")
-    metadata = write(out, split, minority_share, seed, progress=not quiet)
+    metadata = write(out, split, minority_share, seed, captions=captions, progress=not quiet)
     counts = metadata["group"].value_counts()
     summary = ", ".join(f"{counts.get(g, 0)} {g}" for g in ("light", "dark"))
     click.echo(f"{len(metadata)} images ({summary}) in {out}", err=True)

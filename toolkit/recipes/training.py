@@ -1,10 +1,15 @@
-"""`dtk train`: a class-conditional diffusers ``UNet2DModel`` trained on a dataset folder.
+"""`dtk train`: a diffusers model trained on a dataset folder, by one of two recipes.
 
-Each attribute is dropped to "unspecified" independently with probability `p_drop` during
-training, so one model samples every subset of its attributes (and classifier-free guidance
-has its null label). Labels use the product encoding of `toolkit.conditions.labels`. Epsilon
-prediction, AdamW with a short warm-up, an EMA of the weights (the shipped weights), periodic
-checkpoints that `--resume` continues from, a wall-clock or step budget, one fixed seed.
+* ``--attribute``: a class-conditional ``UNet2DModel``. Each attribute is dropped to
+  "unspecified" independently with probability `p_drop` during training, so one model samples
+  every subset of its attributes (and classifier-free guidance has its null label). Labels use
+  the product encoding of `toolkit.conditions.labels`; epsilon prediction.
+* ``--caption``: a text-to-image Stable Diffusion 3 pipeline (`toolkit.recipes.text_model`):
+  an autoencoder first, then an MMDiT and two text encoders by rectified flow.
+
+Both share the loop: AdamW with a short warm-up, an EMA of the weights (the shipped
+weights), periodic checkpoints that `--resume` continues from, a wall-clock or step budget,
+one fixed seed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch  # this module is imported only to train
 
@@ -43,6 +48,10 @@ class TrainConfig:
     data: str
     attributes: list[str]
     out: str
+    #: the caption column: trains a text-to-image model (then no `attributes`)
+    caption: str | None = None
+    #: the text-to-image recipe's autoencoder steps, before the flow model's `steps`
+    vae_steps: int = 3000
     steps: int | None = 2000
     max_minutes: float | None = None
     batch_size: int = 128
@@ -96,10 +105,21 @@ class TrainConfig:
         self._check_channels()
 
     def _check_attributes(self) -> None:
-        """At least one attribute, each a column name given once."""
+        """At least one attribute, each a column name given once; or a caption column."""
         attributes = list(self.attributes)
+        if self.caption is not None:
+            if attributes:
+                raise DtkError("--caption trains a text-to-image model, --attribute a "
+                               "label-conditioned one: give one or the other")  # fmt: skip
+            if not isinstance(self.caption, str) or not self.caption:
+                raise DtkError(f"--caption must name a metadata column, got {self.caption!r}")
+            check_positive("--vae-steps", self.vae_steps)
+            return
         if not attributes:
-            raise DtkError("give at least one --attribute (a metadata column to condition on)")
+            raise DtkError(
+                "give --attribute (a metadata column to condition on) or --caption "
+                "(a caption column, for a text-to-image model)"
+            )
         for attribute in attributes:
             if not isinstance(attribute, str) or not attribute:
                 raise DtkError(f"--attribute must name a metadata column, got {attribute!r}")
@@ -203,16 +223,17 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     """Train and write a model folder `config.out` that `dtk generate` loads."""
     # 1. Refuse every mistake before any image is read or file written.
     out, checkpoint, state = _check_request(config, resume)
-    # 2. Read the images and their labels.
-    data = _Data.load(config)
+    # 2. Read the images and their labels or captions (the text recipe: its autoencoder too,
+    #    trained or taken from the checkpoint).
+    recipe = _recipe(config, checkpoint, progress)
     # 3. Build the networks, seeded; a resumed run takes up its checkpoint's state.
-    run = _Run.start(config, data.space)
+    run = _Run.start(config, recipe)
     if state is not None:
         run.restore(checkpoint, state)
     # 4. Optimizer steps until the budget is spent, with periodic checkpoints.
-    run.fit(data, checkpoint, progress=progress)
-    # 5. The model folder: the EMA weights, the label space, how they were made.
-    _write_model(out, run, data.space)
+    run.fit(checkpoint, progress=progress)
+    # 5. The model folder: the EMA weights, what they are conditioned on, how they were made.
+    _write_model(out, run)
     # 6. A last checkpoint, for a later --resume, unless step 4 has just written it.
     if not run.checkpoint_due():
         run.save_checkpoint(checkpoint)
@@ -235,25 +256,100 @@ def _check_request(
     if not resume and (out.exists() or checkpoint.exists()):
         raise DtkError(f"--out {out} (or its checkpoint) exists; choose another or pass --resume")
     state = _read_state(checkpoint, config) if resume else None
-    _check_values(read_metadata(config.data, config.attributes), config.data, config.attributes)
+    if config.caption is not None:
+        read_metadata(config.data, [config.caption])
+    else:
+        metadata = read_metadata(config.data, config.attributes)
+        _check_values(metadata, config.data, config.attributes)
     return out, checkpoint, state
 
 
-@dataclasses.dataclass
-class _Data:
-    """The training set as the loop samples it."""
+class Recipe(Protocol):
+    """What a kind of model brings to the shared loop: its data, its networks, its loss and
+    the folder it writes."""
 
+    def networks(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The trained network, fresh, and a twin for its moving average (the loop seeds
+        before, and copies the first's weights into the second after)."""
+
+    def loss(self, network: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
+        """The loss of one batch drawn from `g`."""
+
+    def write(self, folder: pathlib.Path, ema: torch.nn.Module) -> None:
+        """The model folder's files from the averaged weights, into the (empty) `folder`."""
+
+
+def _recipe(config: TrainConfig, checkpoint: pathlib.Path, progress: bool) -> Recipe:
+    if config.caption is not None:
+        from toolkit.recipes.text_model import TextRecipe
+
+        return TextRecipe.load(config, checkpoint, progress=progress)
+    return LabelRecipe.load(config)
+
+
+@dataclasses.dataclass
+class LabelRecipe:
+    """The class-conditional UNet: epsilon prediction under DDPM noise, labels dropped."""
+
+    config: TrainConfig
     x_all: torch.Tensor  # [N, 3, size, size] in [-1, 1], the range the noise schedule assumes
     codes: torch.Tensor  # [N, A]: each image's value index per attribute
     space: LabelSpace
+    scheduler: Any  # diffusers' DDPMScheduler: the noise levels
 
     @classmethod
-    def load(cls, config: TrainConfig) -> _Data:
+    def load(cls, config: TrainConfig) -> LabelRecipe:
         """Read once, at the model's size; the label space has each attribute's values."""
+        from diffusers import DDPMScheduler
+
         dataset = load_image_folder(config.data, config.attributes, size=config.size)
         space = label_space(dataset, config.attributes)
         codes = torch.stack([dataset.codes(a.name, a.values) for a in space.attributes], dim=1)
-        return cls(dataset.images * 2 - 1, codes, space)
+        scheduler = DDPMScheduler(
+            num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule
+        )
+        return cls(config, dataset.images * 2 - 1, codes, space, scheduler)
+
+    def networks(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """Two `build_unet` with a `FactorizedEmbedding` each, so that rare attribute
+        combinations share what is learned. Both UNets are built before either embedding:
+        the order of the draws that made the shipped weights."""
+        pair = [build_unet(self.config, self.space.num_labels) for _ in range(2)]
+        for unet in pair:
+            width = unet.class_embedding.embedding_dim
+            unet.class_embedding = FactorizedEmbedding(self.space, width)
+        return pair[0], pair[1]
+
+    def loss(self, network: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
+        x_t, t, labels, eps = self.noisy_batch(g)
+        return torch.nn.functional.mse_loss(network(x_t, t, class_labels=labels).sample, eps)
+
+    def noisy_batch(self, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Images noised to random timesteps: (noisy images, timesteps, labels, the noise).
+        The draws from `g` come in a fixed order (images, label drops, timesteps, noise)
+        that checkpoints, and the shipped weights, depend on."""
+        config = self.config
+        idx = torch.randint(0, len(self.x_all), (config.batch_size,), generator=g)
+        x0 = self.x_all[idx]
+        labels = _drop_labels(self.codes[idx], self.space, config.p_drop, g)
+        t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        return x_t, t, labels, eps
+
+    def write(self, folder: pathlib.Path, ema: torch.nn.Module) -> None:
+        """A ``DDPMPipeline`` folder, the per-attribute label embeddings summed into the plain
+        table diffusers has, and toolkit.json naming the attributes."""
+        from diffusers import DDPMPipeline
+
+        factorized = ema.class_embedding
+        ema.class_embedding = factorized.materialize()
+        try:
+            DDPMPipeline(unet=ema, scheduler=self.scheduler).save_pretrained(folder)
+        finally:
+            ema.class_embedding = factorized
+        (folder / "toolkit.json").write_text(json.dumps(self.space.to_json(), indent=2) + "\n")
 
 
 @dataclasses.dataclass
@@ -265,9 +361,9 @@ class _Run:
     """
 
     config: TrainConfig
-    unet: Any
-    ema: Any  # the moving average of `unet`'s weights: the weights the model folder gets
-    scheduler: Any  # diffusers' DDPMScheduler: the noise levels
+    recipe: Recipe
+    network: Any
+    ema: Any  # the moving average of `network`'s weights: the weights the model folder gets
     optimizer: torch.optim.Optimizer
     g: torch.Generator
     step: int = 0
@@ -276,39 +372,29 @@ class _Run:
     losses: list[float] = dataclasses.field(default_factory=list)  # this process's steps
 
     @classmethod
-    def start(cls, config: TrainConfig, space: LabelSpace) -> _Run:
-        """Seeded from `config.seed` (the initial weights, then `g`); the label embedding is
-        a `FactorizedEmbedding`, so that rare attribute combinations share what is learned."""
-        from diffusers import DDPMScheduler
-
+    def start(cls, config: TrainConfig, recipe: Recipe) -> _Run:
+        """Seeded from `config.seed`: the initial weights, then `g`."""
         torch.manual_seed(config.seed)
         g = torch.Generator().manual_seed(config.seed)
-        unet = build_unet(config, space.num_labels)
-        ema = build_unet(config, space.num_labels)
-        dim = unet.class_embedding.embedding_dim
-        unet.class_embedding = FactorizedEmbedding(space, dim)
-        ema.class_embedding = FactorizedEmbedding(space, dim)
-        ema.load_state_dict(unet.state_dict())
+        network, ema = recipe.networks()
+        ema.load_state_dict(network.state_dict())
         ema.requires_grad_(False)
-        scheduler = DDPMScheduler(
-            num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule
-        )
         optimizer = torch.optim.AdamW(
-            unet.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            network.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
-        return cls(config, unet, ema, scheduler, optimizer, g)
+        return cls(config, recipe, network, ema, optimizer, g)
 
     def restore(self, checkpoint: pathlib.Path, state: dict[str, Any]) -> None:
         """Weights, optimizer moments, `g`'s state and the step count from `checkpoint`."""
         from safetensors.torch import load_file
 
-        self.unet.load_state_dict(load_file(checkpoint / "model.safetensors"))
+        self.network.load_state_dict(load_file(checkpoint / "model.safetensors"))
         self.ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         self.g.set_state(torch.load(checkpoint / "rng.pt", weights_only=True))
         self.step, self.elapsed = state["step"], state["elapsed"]
 
-    def fit(self, data: _Data, checkpoint: pathlib.Path, *, progress: bool) -> None:
+    def fit(self, checkpoint: pathlib.Path, *, progress: bool) -> None:
         """Steps until `config.steps` are done or `config.max_minutes` have passed (earlier
         runs counted), with a checkpoint every `config.checkpoint_every` steps."""
         from tqdm.auto import tqdm
@@ -318,11 +404,11 @@ class _Run:
         bar = tqdm(total=config.steps, initial=self.step, desc="training", unit="step",
                    file=sys.stderr, disable=not progress)  # fmt: skip
         self.started = time.monotonic() - self.elapsed
-        self.unet.train()
+        self.network.train()
         while (config.steps is None or self.step < config.steps) and (
             budget is None or self.seconds() < budget
         ):
-            loss = self.optimizer_step(*self.noisy_batch(data))
+            loss = self.optimizer_step()
             self.update_ema()
             self.step += 1
             self.losses.append(loss)
@@ -332,33 +418,17 @@ class _Run:
                 self.save_checkpoint(checkpoint)
         bar.close()
 
-    def noisy_batch(self, data: _Data) -> tuple[torch.Tensor, ...]:
-        """Images noised to random timesteps: (noisy images, timesteps, labels, the noise).
-        The draws from `g` come in a fixed order (images, label drops, timesteps, noise)
-        that checkpoints, and the shipped weights, depend on."""
-        config, g = self.config, self.g
-        idx = torch.randint(0, len(data.x_all), (config.batch_size,), generator=g)
-        x0 = data.x_all[idx]
-        labels = _drop_labels(data.codes[idx], data.space, config.p_drop, g)
-        t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        return x_t, t, labels, eps
-
-    def optimizer_step(
-        self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor
-    ) -> float:
-        """One AdamW step on the epsilon-prediction loss (returned): the rate warms up
-        linearly over `config.warmup` steps, and the gradient norm is clipped to 1, so that
-        the first steps of a fresh network do not throw it off."""
+    def optimizer_step(self) -> float:
+        """One AdamW step on the recipe's loss (returned): the rate warms up linearly over
+        `config.warmup` steps, and the gradient norm is clipped to 1, so that the first steps
+        of a fresh network do not throw it off."""
         lr = self.config.lr * min(1.0, (self.step + 1) / max(1, self.config.warmup))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = torch.nn.functional.mse_loss(self.unet(x_t, t, class_labels=labels).sample, eps)
+        loss = self.recipe.loss(self.network, self.g)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
         self.optimizer.step()
         return loss.item()
 
@@ -367,7 +437,7 @@ class _Run:
         over the first steps, so that the average soon forgets the random initial weights."""
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            for p_ema, p in zip(self.ema.parameters(), self.unet.parameters()):
+            for p_ema, p in zip(self.ema.parameters(), self.network.parameters()):
                 p_ema.lerp_(p, 1 - decay)
 
     def seconds(self) -> float:
@@ -381,26 +451,20 @@ class _Run:
 
     def save_checkpoint(self, checkpoint: pathlib.Path) -> None:
         """Everything `restore` needs to continue this run exactly (see `_save_checkpoint`)."""
-        _save_checkpoint(checkpoint, self.unet, self.ema, self.optimizer, self.g, self.step,
+        _save_checkpoint(checkpoint, self.network, self.ema, self.optimizer, self.g, self.step,
                          self.seconds(), self.config)  # fmt: skip
 
 
-def _write_model(out: pathlib.Path, run: _Run, space: LabelSpace) -> None:
-    """The model folder `dtk generate` loads: the EMA weights, with the per-attribute label
-    embeddings summed into the plain table diffusers has. Written beside `out` and renamed
-    into it, so that a failure never leaves half a model there."""
-    from diffusers import DDPMPipeline
-
-    ema = run.ema
-    ema.eval()
-    factorized = ema.class_embedding
-    ema.class_embedding = factorized.materialize()
+def _write_model(out: pathlib.Path, run: _Run) -> None:
+    """The model folder `dtk generate` loads: the recipe's files from the EMA weights, and
+    training.json. Written beside `out` and renamed into it, so that a failure never leaves
+    half a model there."""
+    run.ema.eval()
     with _writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         try:
-            DDPMPipeline(unet=ema, scheduler=run.scheduler).save_pretrained(staging)
-            (staging / "toolkit.json").write_text(json.dumps(space.to_json(), indent=2) + "\n")
+            run.recipe.write(staging, run.ema)
             (staging / "training.json").write_text(json.dumps(_record(run), indent=2) + "\n")
             if out.exists():
                 shutil.rmtree(out)
@@ -408,7 +472,6 @@ def _write_model(out: pathlib.Path, run: _Run, space: LabelSpace) -> None:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    ema.class_embedding = factorized
 
 
 def _record(run: _Run) -> dict[str, Any]:
@@ -462,7 +525,7 @@ def _jsonable(config: TrainConfig) -> dict[str, Any]:
 
 def _save_checkpoint(
     folder: pathlib.Path,
-    unet: Any,
+    network: Any,
     ema: Any,
     optimizer: Any,
     g: torch.Generator,
@@ -482,7 +545,7 @@ def _save_checkpoint(
     state = {"step": step, "elapsed": elapsed, "config": _jsonable(config)}
     with _writing(folder):
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "model.safetensors", save(unet.state_dict()))
+        atomic_write(folder / "model.safetensors", save(network.state_dict()))
         atomic_write(folder / "ema.safetensors", save(ema.state_dict()))
         atomic_write(folder / "optimizer.pt", tensor_bytes(optimizer.state_dict()))
         atomic_write(folder / "rng.pt", tensor_bytes(g.get_state()))
