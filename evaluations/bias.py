@@ -39,6 +39,7 @@ from evaluations.results import (
     Calibration,
     ShareSummary,
 )
+from evaluations.suites import PROMPT, Suite, read_suite, summarize_suite
 from toolkit import natural_key
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ def audit_bias(
     generation: GenerationSettings | None = None,
     prompt: str | None = None,
     negative_prompt: str | None = None,
+    prompts_file: str | pathlib.Path | None = None,
     attributes: Sequence[str] = ("group",),
     classifier: str = "cnn",
     classifier_options: Mapping[str, Any] | None = None,
@@ -69,6 +71,7 @@ def audit_bias(
     reference: str | pathlib.Path | None = None,
     by: str | None = None,
     calibration: str | pathlib.Path | None = None,
+    human_labels: str | pathlib.Path | None = None,
     n_boot: int = 2000,
     progress: bool = True,
     report: bool = True,
@@ -81,29 +84,33 @@ def audit_bias(
     `target` is ``uniform``, shares (``light=0.5,dark=0.5``) or ``reference`` (the shares of
     the `reference` folder). `generation` says how the images are generated (a
     `toolkit.GenerationSettings`, or a mapping of its fields; default: its defaults);
-    a text-to-image model takes `prompt` and `negative_prompt`. The classifier plugin is
-    created per attribute with ``attribute=NAME`` and `classifier_options` (strings, as from
-    a command line, are converted by the plugin's option types).
+    a text-to-image model takes `prompt` and `negative_prompt`, or a suite of prompts in
+    `prompts_file` (`evaluations.suites`: `n` images per prompt, per-prompt shares, suite
+    figures). The classifier plugin is created per attribute with ``attribute=NAME`` and
+    `classifier_options` (strings, as from a command line, are converted by the plugin's
+    option types).
     """
     audit = _Audit(
         out=pathlib.Path(out), images=images, model=model, conditions=dict(conditions or {}),
         n=n, seed=seed, settings=toolkit.GenerationSettings.from_mapping(generation),
-        prompt=prompt, negative_prompt=negative_prompt,
+        prompt=prompt, negative_prompt=negative_prompt, prompts_file=prompts_file,
         attributes=list(dict.fromkeys(attributes)), classifier=classifier,
         classifier_options=dict(classifier_options or {}), min_confidence=min_confidence,
-        target=target, reference=reference, by=by, calibration=calibration, n_boot=n_boot,
+        target=target, reference=reference, by=by, calibration=calibration,
+        human_labels=human_labels, n_boot=n_boot,
         progress=progress,
     )  # fmt: skip
     # 1. every mistake a user can make, before an image is generated or read
     audit.check_options()
     classifiers = audit.classifiers()
+    by = audit.by  # a suite breaks the shares down by prompt
     # 2. the images: generated into OUT/samples (a rerun resumes them), or the given folder
     folder = audit.samples()
     pixels, table = load_images(folder, [by] if by else [])
     # 3. per attribute: classify, count, and compare with the target
     predictions = table[["file_name"] + ([by] if by else [])].copy()
     by_values = None if by is None else table[by].astype(str).tolist()
-    references = _Comparisons.load(audit)
+    references = _Comparisons.load(audit, folder, table)
     results = {
         attribute: audit.attribute(attribute, instance, pixels, by_values, predictions,
                                    references)
@@ -133,6 +140,7 @@ class _Audit:
     settings: GenerationSettings
     prompt: str | None
     negative_prompt: str | None
+    prompts_file: str | pathlib.Path | None
     attributes: list[str]
     classifier: str
     classifier_options: dict[str, Any]
@@ -141,8 +149,10 @@ class _Audit:
     reference: str | pathlib.Path | None
     by: str | None
     calibration: str | pathlib.Path | None
+    human_labels: str | pathlib.Path | None
     n_boot: int
     progress: bool
+    suite: Suite | None = None
 
     @property
     def target_is_reference(self) -> bool:
@@ -163,6 +173,22 @@ class _Audit:
                 f"the audited attribute {fixed[0]!r} is fixed by --condition; leave it "
                 "unspecified so the audit sees what the model does on its own"
             )
+        if self.prompts_file is not None:
+            self._check_suite()
+        if self.human_labels is not None and self.calibration is not None:
+            raise toolkit.DtkError("give --calibration or --human-labels, not both")
+
+    def _check_suite(self) -> None:
+        """A suite replaces --prompt and breaks the shares down by prompt itself."""
+        if self.prompt is not None:
+            raise toolkit.DtkError("give --prompt or --prompts-file, not both")
+        if self.by is not None:
+            raise toolkit.DtkError("--prompts-file breaks the shares down by prompt; leave "
+                                   "out --by")  # fmt: skip
+        self.suite = read_suite(self.prompts_file)
+        self.by = PROMPT
+        if self.images is not None:
+            _check_prompt_column(pathlib.Path(self.images), self.suite)
 
     def classifiers(self) -> dict[str, Any]:
         """One classifier per attribute, each checked to predict it, and the target checked
@@ -186,6 +212,14 @@ class _Audit:
         if self.images is not None:
             return pathlib.Path(self.images)
         folder = self.out / "samples"
+        if self.suite is not None:  # n images of each prompt, prompt by prompt
+            toolkit.generate(
+                self.model, out=folder, n=self.n * len(self.suite.prompts), seed=self.seed,
+                prompt=self.suite.sample_prompts(self.n), negative_prompt=self.negative_prompt,
+                settings=self.settings, conditions=self.conditions or None,
+                progress=self.progress,
+            )  # fmt: skip
+            return folder
         toolkit.generate(
             self.model, out=folder, n=self.n, seed=self.seed, prompt=self.prompt,
             negative_prompt=self.negative_prompt, settings=self.settings,
@@ -214,12 +248,18 @@ class _Audit:
             seed=self.seed,
         )  # fmt: skip
         used = provenance("attribute_classifier", self.classifier)
+        suite = None
+        if self.suite is not None:
+            suite = summarize_suite(self.suite, attribute, predicted, by_values or [], labels,
+                                    shares, n_boot=self.n_boot, seed=self.seed)  # fmt: skip
         audit = AttributeAudit.of(summary, by=self.breakdown(counts, shares),
-                                  calibration=checked, classifier=used)  # fmt: skip
+                                  calibration=checked, classifier=used, suite=suite)  # fmt: skip
         # the attribute names a file: made a safe name, so no --attribute can lead out of OUT
         stem = toolkit.safe_name(attribute)
         write_csv(self.out / f"counts_{stem}.csv", counts.rename_axis(attribute), index=True)
         write_csv(self.out / f"shares_{stem}.csv", metrics.shares_frame(audit))
+        if suite is not None:
+            write_csv(self.out / f"suite_{stem}.csv", suite.frame())
         return audit
 
     def intersection(self, results: Mapping[str, AttributeAudit],
@@ -265,12 +305,16 @@ class _Audit:
                       "conditions": self.conditions, "n": self.n, "seed": self.seed,
                       "generation": self.settings, "prompt": self.prompt,
                       "negative_prompt": self.negative_prompt}  # fmt: skip
+        if self.suite is not None:
+            source["prompts_file"] = shown_path(self.suite.path)
+            source["prompts"] = len(self.suite.prompts)
         return BiasConfig(
             out=str(self.out), attributes=self.attributes, classifier=self.classifier,
             classifier_options=self.classifier_options, min_confidence=self.min_confidence,
             target=self.target if isinstance(self.target, str) else dict(self.target),
             reference=shown_path(self.reference), by=self.by,
-            calibration=shown_path(self.calibration), bootstrap=self.n_boot, **source,
+            calibration=shown_path(self.calibration), bootstrap=self.n_boot,
+            human_labels=shown_path(self.human_labels), **source,
         )  # fmt: skip
 
 
@@ -284,13 +328,23 @@ class _Comparisons:
     calibration_data: tuple[torch.Tensor, pandas.DataFrame] | None
 
     @classmethod
-    def load(cls, audit: _Audit) -> _Comparisons:
-        return cls(
-            audit,
-            None if audit.reference is None else load_images(audit.reference),
-            None if audit.calibration is None else load_images(audit.calibration,
-                                                               audit.attributes),
-        )  # fmt: skip
+    def load(cls, audit: _Audit, folder: pathlib.Path, table: pandas.DataFrame) -> _Comparisons:
+        """The reference and the calibration images: a labeled folder, or the audited
+        images a person labeled (`human_labels`, on `folder`, whose images `table` lists)."""
+        calibration = None
+        if audit.calibration is not None:
+            calibration = load_images(audit.calibration, audit.attributes)
+        elif audit.human_labels is not None:
+            calibration = _human_labeled(pathlib.Path(audit.human_labels), folder, table,
+                                         audit.attributes)  # fmt: skip
+        reference = None if audit.reference is None else load_images(audit.reference)
+        return cls(audit, reference, calibration)
+
+    @property
+    def calibration_source(self) -> str | None:
+        if self.audit.human_labels is not None:
+            return f"human labels {shown_path(self.audit.human_labels)}"
+        return shown_path(self.audit.calibration)
 
     def reference_counts(self, attribute: str, classifier: Any, labels: list[str]
                          ) -> pandas.Series | None:  # fmt: skip
@@ -305,7 +359,42 @@ class _Comparisons:
             return None, None
         confusion, checked = _calibration(self.calibration_data, attribute, classifier, labels,
                                           self.audit.min_confidence)  # fmt: skip
-        return confusion, Calibration(folder=shown_path(self.audit.calibration), **checked)
+        return confusion, Calibration(folder=self.calibration_source, **checked)
+
+
+def _check_prompt_column(folder: pathlib.Path, suite: Suite) -> None:
+    """An audited folder under a suite records each image's prompt, one of the suite's."""
+    try:
+        prompts = set(toolkit.read_metadata(folder, [PROMPT])[PROMPT])
+    except toolkit.DtkError as exc:
+        raise toolkit.DtkError(f"--images with --prompts-file: {exc}") from None
+    foreign = sorted(prompts - set(suite.prompts))
+    if foreign:
+        raise toolkit.DtkError(f"--images: prompt {foreign[0]!r} is not in {suite.path}")
+
+
+def _human_labeled(path: pathlib.Path, folder: pathlib.Path, table: pandas.DataFrame,
+                  attributes: Sequence[str]) -> tuple[torch.Tensor, pandas.DataFrame]:  # fmt: skip
+    """The audited images a person labeled (``dtk eval label-sheet``'s answers: a CSV of
+    ``file_name`` and attribute columns, blank where they could not tell) with their labels,
+    as calibration images."""
+    import pandas
+
+    try:
+        answers = pandas.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise toolkit.DtkError(f"cannot read --human-labels {path}: {exc}") from None
+    missing = [c for c in ("file_name", *attributes) if c not in answers.columns]
+    if missing:
+        raise toolkit.DtkError(f"--human-labels {path} has no {missing[0]!r} column")
+    unknown = sorted(set(answers["file_name"]) - set(table["file_name"]))
+    if unknown:
+        raise toolkit.DtkError(f"--human-labels {path}: {unknown[0]!r} is not one of the "
+                               f"audited images in {folder}")  # fmt: skip
+    if answers.empty:
+        raise toolkit.DtkError(f"--human-labels {path} labels no image")
+    pixels = toolkit.read_images(folder, answers["file_name"].tolist())
+    return pixels, answers[["file_name", *attributes]]
 
 
 def _write(out: pathlib.Path, result: BiasResult, report: bool) -> None:
@@ -390,8 +479,15 @@ def _calibration(
     label the counts of each prediction (``unknown`` included), the accuracy of the confident
     predictions, and whether the matrix is the identity (then the correction is a no-op)."""
     pixels, table = data
-    truth = table[attribute].astype(str).tolist()
-    predicted, _, _ = _predict(classifier, pixels, min_confidence)
+    # a blank value is an image nobody could label (a human label sheet's "can't tell")
+    values = table[attribute].astype(str).str.strip().tolist()
+    labeled = [i for i, value in enumerate(values) if value]
+    truth = [values[i] for i in labeled]
+    foreign = sorted(set(truth) - set(labels), key=natural_key)
+    if foreign:
+        raise toolkit.DtkError(f"calibration: {attribute} value {foreign[0]!r} is not one of the "
+                               f"classifier's labels ({', '.join(labels)})")  # fmt: skip
+    predicted, _, _ = _predict(classifier, pixels[labeled], min_confidence)
     # unknown predictions are left out of the audited shares, so of the calibration too
     kept = [(t, p) for t, p in zip(truth, predicted) if p != UNKNOWN]
     if not kept:

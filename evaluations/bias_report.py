@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from evaluations import metrics
 from evaluations.intersections import cell_name
-from evaluations.plots import shares_plot
+from evaluations.plots import prompt_shares_plot, shares_plot
 from evaluations.report import Report, round_robin
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def add_attribute_section(
     report.table(_shares_with_accuracy(audit), caption=f"{attribute}: counts and shares")
     report.text(_accuracy_note(attribute, audit))
     report.table(metrics_frame(audit), caption="Distance from the target")
-    if audit.by:
+    if audit.by and audit.suite is None:  # a suite's table holds the per-prompt shares
         add_breakdown(report, attribute, audit.by)
     if audit.calibration is not None:
         add_calibration(report, attribute, audit)
@@ -116,6 +116,68 @@ def _accuracy_note(attribute: str, audit: AttributeAudit) -> str:
         "bias: its errors on that group's images move them into other values' shares (the "
         "corrected shares below undo what the calibration images show)."
     )
+
+
+def add_suite_section(report: Report, audit: AttributeAudit, image_root: pathlib.Path,
+                      predictions: pandas.DataFrame) -> None:  # fmt: skip
+    """A prompt suite's figures for one attribute: the mean skew and the share of skewed
+    prompts (overall and per grouping value), each prompt's shares in a plot and a table,
+    and galleries of the most and least skewed prompts."""
+    import pandas
+
+    from evaluations.suites import PROMPT, SKEWED
+
+    suite, attribute = audit.suite, audit.suite.attribute
+    overall = suite.overall
+    report.heading(f"Prompt suite: `{attribute}`", level=3)
+    report.text(
+        f"{len(suite.prompts)} prompts. A prompt's **skew** is the total variation distance "
+        f"of its {attribute} shares from the target (with two values: |p − target|); a "
+        f"prompt is **skewed** when one value takes at least {SKEWED:.0%} of its images. "
+        f"Mean skew: **{_figure(overall.mean_skew, '{:.3f}')}**; skewed prompts: "
+        f"**{_figure(overall.skewed_share, '{:.1%}')}** of {overall.prompts}. Intervals are "
+        "95% BCa, resampling each prompt's images (the prompts are fixed, the images are the "
+        "sample)."
+    )
+    label = min(audit.groups, key=lambda k: audit.groups[k].share or 0.0)
+    by = audit.by or {}
+    report.figure(prompt_shares_plot(
+        [p.prompt for p in suite.prompts],
+        [p.shares.get(label) for p in suite.prompts],
+        [by[p.prompt].groups[label].ci_low if p.prompt in by else None for p in suite.prompts],
+        [by[p.prompt].groups[label].ci_high if p.prompt in by else None
+         for p in suite.prompts],
+        target=suite.target[label], label=label, title=f"{attribute}: share {label} per prompt",
+    ), caption=f"Share of `{label}` (the least represented value) in each prompt's images, "
+       "with its 95% Wilson interval; the target dashed.", name=f"suite_{attribute}")  # fmt: skip
+    for column, values in suite.by_grouping.items():
+        rows = {value: {"prompts": f.prompts, "mean skew": _figure(f.mean_skew, "{:.3f}"),
+                        "skewed": _figure(f.skewed_share, "{:.1%}")}
+                for value, f in values.items()}  # fmt: skip
+        frame = pandas.DataFrame.from_dict(rows, orient="index").rename_axis(column)
+        report.table(frame, caption=f"{attribute}: the suite per {column}")
+    ranked = suite.frame().sort_values("skew", ascending=False, kind="stable")
+    report.table(ranked.set_index("prompt"), caption=f"{attribute}: each prompt, most skewed first")
+    for title, chosen in (("most", suite.most_skewed()), ("least", suite.least_skewed())):
+        gallery = {}
+        for prompt in chosen:
+            rows = predictions[predictions[PROMPT] == prompt.prompt].head(8)
+            gallery[f"{prompt.prompt} (skew {prompt.skew:.2f})"] = [
+                (image_root / f, str(t))
+                for f, t in zip(rows["file_name"], rows[f"{attribute}_predicted"])
+            ]
+        report.gallery(f"The {title} skewed prompts ({attribute})", gallery, max_per_group=8,
+                       note=f"Under each image: its predicted {attribute}.")  # fmt: skip
+
+
+def _figure(value: Any, number: str) -> str:
+    """A figure with its interval, as text (n/a where undefined)."""
+    if value.value is None:
+        return "n/a"
+    if value.ci_low is None or value.ci_high is None:
+        return number.format(value.value)
+    return (f"{number.format(value.value)} [{number.format(value.ci_low)}, "
+            f"{number.format(value.ci_high)}]")  # fmt: skip
 
 
 def add_breakdown(report: Report, attribute: str, by: Mapping[str, ShareSummary]) -> None:
@@ -176,6 +238,8 @@ def write_bias_report(out: pathlib.Path, result: BiasResult) -> None:
     report.text(f"Audited: {what}. Classifier: `{config.classifier}`.")
     for attribute, audit in result.attributes.items():
         add_attribute_section(report, attribute, audit)
+        if audit.suite is not None:
+            add_suite_section(report, audit, result.image_root, result.predictions)
         add_gallery(report, attribute, result.image_root, result.predictions, by=config.by)
     if result.intersection is not None:
         add_intersection_section(report, result.intersection)

@@ -66,13 +66,26 @@ def eval_group() -> None:
 
 
 @eval_group.command("bias")
-@click.option("--model", type=PATH, help="Generator folder to audit. Default: the shipped one.")
+@click.option(
+    "--model",
+    type=PATH,
+    help="Generator folder to audit, or a shipped model's name (digits, text-digits). "
+    "Default: digits.",
+)
 @click.option("--images", type=EXISTING, help="Audit this image folder instead of generating.")
 @click.option(
     "--condition", "conditions", multiple=True, metavar="KEY=VALUE",
     help="Fixed attribute for every generated sample (leave the audited attribute out).",
 )  # fmt: skip
-@click.option("-n", "--num", "n", type=int, default=400, show_default=True, help="Samples.")
+@click.option(
+    "-n",
+    "--num",
+    "n",
+    type=int,
+    default=400,
+    show_default=True,
+    help="Samples (per prompt with --prompts-file).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @toolkit.generation_options()
 @click.option(
@@ -83,6 +96,13 @@ def eval_group() -> None:
 )  # fmt: skip
 @classifier_options("Attribute-classifier plugin (created with attribute=NAME).")
 @click.option("--prompt", help="Prompt for every sample (text-to-image models).")
+@click.option(
+    "--prompts-file",
+    help="A prompt suite: a CSV with a 'prompt' column (other columns group the prompts), "
+    "or a shipped suite's name (digits-neutral, occupations). "
+    "-n images per prompt; per-prompt shares, the suite's mean skew and share of prompts "
+    "beyond 90/10 with intervals, the most and least skewed prompts.",
+)  # fmt: skip
 @click.option("--negative-prompt", help="Negative prompt (text-to-image models).")
 @click.option(
     "--min-confidence", type=float, default=0.7, show_default=True,
@@ -101,6 +121,11 @@ def eval_group() -> None:
     "--calibration", type=EXISTING,
     help="Labeled dataset folder: estimate the classifier's confusion matrix and report "
     "shares corrected for its errors.",
+)  # fmt: skip
+@click.option(
+    "--human-labels", type=click.Path(path_type=pathlib.Path, exists=True, dir_okay=False),
+    help="A person's labels of some audited images (dtk eval label-sheet's answers CSV: "
+    "file_name and attribute columns, blank where they could not tell), used as --calibration.",
 )  # fmt: skip
 @click.option("--bootstrap", "n_boot", type=int, default=2000, show_default=True)
 @click.option("--out", type=PATH, default=pathlib.Path("dtk-bias"), show_default=True)
@@ -123,6 +148,7 @@ def bias_command(**kw: Any) -> None:
           --classifier clip --classifier-option path=clip-folder \\
           --classifier-option labels=female,male --out audit
       dtk eval bias --guidance fair --by group --out audit-fair   # did fair guidance work?
+      dtk eval bias --model text-digits --prompts-file digits-neutral -n 200 --out suite
       dtk eval bias --model sd-folder --prompt "a photo of a doctor" \\
           --attribute gender --attribute skin_tone --classifier clip \\
           --classifier-option path=clip-folder --classifier-option words=words.toml \\
@@ -168,6 +194,131 @@ def _bias_summary(result: BiasResult) -> None:
         fd_text = "n/a" if fd is None else f"{fd:.3f}"
         click.echo(f"{attribute}: {'; '.join(parts)}; FD {fd_text}", err=True)
     click.echo(f"report: {pathlib.Path(result.config.out) / 'report.html'}", err=True)
+
+
+@eval_group.command("compare")
+@click.argument("audit_a", type=click.Path(path_type=pathlib.Path, exists=True))
+@click.argument("audit_b", type=click.Path(path_type=pathlib.Path, exists=True))
+@click.option(
+    "--attribute",
+    "attributes",
+    multiple=True,
+    help="Attribute to compare; repeatable. Default: every one both audited.",
+)
+@click.option(
+    "--label",
+    "focus",
+    help="The value whose share the tables show. Default: A's least represented.",
+)
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    help="What to call A and B in the report; give twice (default: A, B).",
+)
+@click.option(
+    "--correction",
+    type=click.Choice(["holm", "fdr_bh"]),
+    default="holm",
+    show_default=True,
+    help="Multiple-testing correction of the per-row p-values: Holm (family-wise "
+    "error) or Benjamini-Hochberg (false discovery rate).",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="A row differs when its corrected p-value is below this.",
+)
+@click.option(
+    "--counts-attribute",
+    default="value",
+    show_default=True,
+    help="The attribute's name for an AUDIT given as a counts CSV.",
+)
+@click.option("--bootstrap", "n_boot", type=int, default=2000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="The bootstrap's seed.")
+@click.option("--out", type=PATH, default=pathlib.Path("dtk-compare"), show_default=True)
+def compare_command(**kw: Any) -> None:
+    """Compare two bias audits, row by row: model A against model B, or a model with and
+    without a mitigation (run both audits with the same seeds and prompts).
+
+    AUDIT_A and AUDIT_B are `dtk eval bias` output folders (suite audits are compared per
+    prompt, --by audits per value, others as a whole), or CSV files of published counts
+    (a 'prompt' column and one column of counts per value). Per row: the share of --label
+    in each with Wilson intervals, the difference with Newcombe's interval, Fisher's exact
+    (two values) or chi-squared test with corrected p-values, each side's skew. Over the
+    rows: each mean skew and its change, with BCa intervals.
+
+    Writes OUT/comparison.json, OUT/comparison_<attribute>.csv, report.html and report.md.
+
+    \b
+    Examples:
+      dtk eval bias --model text-digits --prompts-file digits-neutral --out plain
+      dtk eval bias --model text-digits --prompts-file digits-neutral \\
+          --guidance fair --guidance-option values=dark,light --out fair
+      dtk eval compare plain fair --name unguided --name fair --out compare
+      dtk eval compare docs/examples/fair-diffusion/stable-diffusion.csv \\
+          docs/examples/fair-diffusion/fair-diffusion.csv --counts-attribute gender
+    """
+    from evaluations.compare import compare_audits
+
+    names = tuple(kw.pop("names")) or ("A", "B")
+    if len(names) != 2 or names[0] == names[1]:
+        raise toolkit.DtkError("--name takes two different names, one per audit (A, then B)")
+    result = compare_audits(kw.pop("audit_a"), kw.pop("audit_b"), kw.pop("out"),
+                            attributes=kw.pop("attributes"), names=names, **kw)  # fmt: skip
+    for attribute, c in result.attributes.items():
+        change = c.mean_skew_change
+        shown = "n/a" if change.value is None else (
+            f"{change.value:+.3f} [{change.ci_low:+.3f}, {change.ci_high:+.3f}]")  # fmt: skip
+        click.echo(f"{attribute}: mean skew {_number(c.mean_skew_a.value)} -> "
+                   f"{_number(c.mean_skew_b.value)} ({shown}); {len(c.significant())} of "
+                   f"{len(c.rows)} row(s) differ", err=True)  # fmt: skip
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+@eval_group.command("label-sheet")
+@click.argument("audit", type=EXISTING)
+@click.option(
+    "--n",
+    "n",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Images to label, stratified by the classifier's prediction.",
+)
+@click.option("--attribute", help="The attribute to label. Default: the audit's first.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which images are drawn.")
+@click.option("--out", type=PATH, default=pathlib.Path("dtk-label-sheet"), show_default=True)
+def label_sheet_command(**kw: Any) -> None:
+    """Write a sheet for a person to label a random sample of an audit's images, so the
+    classifier's accuracy per group is measured on the audited images themselves.
+
+    AUDIT is a `dtk eval bias` output folder. The sample is stratified by the classifier's
+    prediction (as many of each predicted value as there are, up to an equal share) and
+    shown in random order, without the predictions. Writes OUT/label-sheet.html (open it,
+    choose a value or "can't tell" under each image, press Save answers), a blank
+    OUT/label-sheet.csv for a spreadsheet instead, and OUT/label-sheet.json. Feed the
+    answers back with the audit's own options plus --human-labels.
+
+    \b
+    Examples:
+      dtk eval bias --out audit
+      dtk eval label-sheet audit --n 100 --out sheet
+      dtk eval bias --out audit --human-labels label-sheet-answers.csv
+    """
+    from evaluations.label_sheet import write_label_sheet
+
+    sheet = write_label_sheet(kw["audit"], kw["out"], n=kw["n"], attribute=kw["attribute"],
+                              seed=kw["seed"])  # fmt: skip
+    strata = ", ".join(f"{count} {value}" for value, count in sheet.strata.items())
+    click.echo(f"{len(sheet.files)} images ({strata}): {sheet.folder / 'label-sheet.html'}",
+               err=True)  # fmt: skip
 
 
 @click.command("synthesize")

@@ -23,6 +23,7 @@ from evaluations.results import Corrected, GroupShare, MetricValue, ShareSummary
 from toolkit import DtkError, natural_key
 
 __all__ = [
+    "bca_interval",
     "bias_amplification",
     "bootstrap_intervals",
     "confusion_matrix",
@@ -254,7 +255,7 @@ def bootstrap_intervals(
             shares = [_shares(sample, labels, axis) for sample in resampled]
             return _all_metrics(shares[0], target, shares[1] if len(shares) > 1 else None)[name]
 
-        intervals[name] = _bca(statistic, samples, float(point[name]), n_boot, confidence,
+        intervals[name] = bca_interval(statistic, samples, float(point[name]), n_boot, confidence,
                                seed)  # fmt: skip
     return intervals
 
@@ -269,7 +270,7 @@ def _shares(sample: np.ndarray, labels: int, axis: int) -> np.ndarray:
     return np.stack([(sample == j).mean(axis=axis) for j in range(labels)], axis=-1)
 
 
-def _bca(statistic: Any, samples: list[np.ndarray], point: float, n_boot: int,
+def bca_interval(statistic: Any, samples: list[np.ndarray], point: float, n_boot: int,
          confidence: float, seed: int) -> tuple[float, float]:  # fmt: skip
     """`statistic`'s BCa interval over `samples`; the point itself where the bootstrap
     distribution is degenerate (no interval can be computed), (inf, inf) where it is

@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter
 
-__all__ = ["accuracy_plot", "shares_plot"]
+__all__ = ["accuracy_plot", "comparison_plot", "prompt_shares_plot", "shares_plot"]
 
 SIZE = (6.0, 3.5)  # inches
 DPI = 100
@@ -30,6 +30,8 @@ BAR = "#9ecae1"
 EDGE = "#3182bd"
 TARGET = "#d62728"
 CORRECTED = "#2ca02c"
+#: a suite plot names its prompts on the axis up to this many
+NAMED_PROMPTS = 24
 PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3")
 RC = {
     "font.size": 9,
@@ -221,3 +223,81 @@ def _group_bars(ax: Any, summary: pandas.DataFrame, groups: list[str]) -> None:
         # an absent mean must not read as an accuracy of zero
         for where in at[~np.isfinite(mean)]:
             ax.text(where, 0.01, "n/a", ha="center", va="bottom", fontsize=7, color="0.4")
+
+
+def prompt_shares_plot(prompts: Sequence[str], shares: Sequence[Any], lows: Sequence[Any],
+                       highs: Sequence[Any], *, target: float, label: str,
+                       title: str = "") -> bytes:  # fmt: skip
+    """One value's share in each prompt's images with its 95% interval, prompts sorted by
+    that share, the target dashed: the spread of a suite's per-prompt skew at a glance.
+    Prompts are named on the axis while there are at most `NAMED_PROMPTS`."""
+    share = np.array([_number(v) for v in shares])
+    low, high = np.array([_number(v) for v in lows]), np.array([_number(v) for v in highs])
+    order = np.argsort(np.where(np.isfinite(share), share, np.inf), kind="stable")
+    names = [str(prompts[i]) for i in order]
+
+    def draw(fig: Figure) -> None:
+        ax = fig.add_subplot()
+        if title:
+            ax.set_title(title)
+        if not names:
+            _no_data(ax)
+            return
+        x = np.arange(len(names), dtype=float)
+        ax.plot(x, share[order], linestyle="none", marker="o", markersize=4, color=EDGE)
+        _interval_bars(ax, x, share[order], low[order], high[order], elinewidth=0.8, capsize=2)
+        ax.axhline(target, color=TARGET, linestyle="--", linewidth=1.5)
+        ax.set_ylim(-0.02, 1.02)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.set_ylabel(f"share {label}")
+        if len(names) <= NAMED_PROMPTS:
+            _tick_labels(ax, names)
+        else:
+            ax.set_xlabel(f"{len(names)} prompts, by share")
+            ax.set_xticks([])
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        fig.legend(handles=[
+            Line2D([], [], color=EDGE, marker="o", linestyle="none", label="prompt"),
+            Line2D([], [], color="black", marker="|", markersize=8, label="95% interval"),
+            Line2D([], [], color=TARGET, linestyle="--", label="target"),
+        ], loc="outside right upper", fontsize=8, frameon=False)  # fmt: skip
+
+    return _render(draw)
+
+
+def comparison_plot(rows: Sequence[str], shares_a: Sequence[Any], shares_b: Sequence[Any], *,
+                    target: float, label: str, names: tuple[str, str],
+                    title: str = "") -> bytes:  # fmt: skip
+    """One value's share per row in audit A and in audit B, joined by a line, rows sorted by
+    A's share, the target dashed: where a mitigation moved each prompt."""
+    a = np.array([_number(v) for v in shares_a])
+    b = np.array([_number(v) for v in shares_b])
+    order = np.argsort(np.where(np.isfinite(a), a, np.inf), kind="stable")
+    names_sorted = [str(rows[i]) for i in order]
+
+    def draw(fig: Figure) -> None:
+        ax = fig.add_subplot()
+        if title:
+            ax.set_title(title)
+        if not names_sorted:
+            _no_data(ax)
+            return
+        x = np.arange(len(order), dtype=float)
+        ax.vlines(x, a[order], b[order], colors="0.6", linewidth=0.8)
+        ax.plot(x, a[order], linestyle="none", marker="o", markersize=4, color=PALETTE[0],
+                label=names[0])  # fmt: skip
+        ax.plot(x, b[order], linestyle="none", marker="o", markersize=4, color=PALETTE[1],
+                label=names[1])  # fmt: skip
+        ax.axhline(target, color=TARGET, linestyle="--", linewidth=1.5, label="target")
+        ax.set_ylim(-0.02, 1.02)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.set_ylabel(f"share {label}")
+        if len(order) <= NAMED_PROMPTS:
+            _tick_labels(ax, names_sorted)
+        else:
+            ax.set_xlabel(f"{len(order)} rows, by {names[0]}'s share")
+            ax.set_xticks([])
+        ax.set_xlim(-0.6, len(order) - 0.4)
+        fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+
+    return _render(draw)

@@ -128,12 +128,15 @@ class Calibration:
 
 @dataclasses.dataclass
 class AttributeAudit(ShareSummary):
-    """One audited attribute: its `ShareSummary`, the same per value of ``--by``, the
-    classifier's calibration check, and which classifier plugin read the images."""
+    """One audited attribute: its `ShareSummary`, the same per value of ``--by`` (per prompt
+    under a suite), the classifier's calibration check, which classifier plugin read the
+    images, and a prompt suite's figures."""
 
     by: dict[str, ShareSummary] | None = None
     calibration: Calibration | None = None
     classifier: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: a prompt suite's figures (`evaluations.suites.SuiteSummary`)
+    suite: Any = None
 
     @classmethod
     def of(cls, summary: ShareSummary, **extra: Any) -> AttributeAudit:
@@ -147,6 +150,8 @@ class AttributeAudit(ShareSummary):
         if self.calibration is not None:
             data["calibration"] = self.calibration.to_json()
         data["classifier"] = dict(self.classifier)
+        if self.suite is not None:
+            data["suite"] = self.suite.to_json()
         return data
 
 
@@ -164,6 +169,8 @@ class BiasConfig:
     by: str | None
     calibration: str | None
     bootstrap: int
+    #: the audited images a person labeled, the calibration instead of `calibration`
+    human_labels: str | None = None
     images: str | None = None
     model: str | None = None
     conditions: dict[str, str] | None = None
@@ -172,6 +179,9 @@ class BiasConfig:
     generation: GenerationSettings | None = None
     prompt: str | None = None
     negative_prompt: str | None = None
+    #: a prompt suite: its file, and how many prompts it holds (`n` images each)
+    prompts_file: str | None = None
+    prompts: int | None = None
 
     @property
     def generated(self) -> bool:
@@ -185,7 +195,11 @@ class BiasConfig:
             generation.update({k: v for k, v in prompts.items() if v is not None})
             source = {"model": self.model, "conditions": self.conditions, "n": self.n,
                       "seed": self.seed, "generation": generation}  # fmt: skip
-        return jsonable({**source, **{key: getattr(self, key) for key in _BIAS_CONFIG_KEYS}})
+        if self.prompts_file is not None:
+            source.update(prompts_file=self.prompts_file, prompts=self.prompts)
+        extra = {} if self.human_labels is None else {"human_labels": self.human_labels}
+        return jsonable({**source, **{key: getattr(self, key) for key in _BIAS_CONFIG_KEYS},
+                         **extra})  # fmt: skip
 
 
 # the config keys after the source's, in results.json's order
