@@ -235,8 +235,8 @@ def bootstrap_intervals(
     label, a single prediction; a metric infinite in every replicate, as KL with a zero
     target share) the interval is the point itself; an empty count vector gives
     ``(nan, nan)``. Where no replicate falls below the point (a metric of 0: the target met
-    exactly), BCa cannot correct, and the percentile interval widened to hold the point is
-    given.
+    exactly), or BCa's interval would not hold the point, the percentile interval widened
+    to hold the point is given.
     """
     counts = np.asarray(counts, dtype=float)
     target = np.asarray(target, dtype=float)
@@ -292,11 +292,13 @@ def bca_interval(statistic: Any, samples: list[np.ndarray], point: float, n_boot
     replicates = result.bootstrap_distribution
     if np.ptp(replicates) == 0:  # every replicate the same: no interval to draw
         return point, point
-    if math.isfinite(low) and math.isfinite(high) and high > low:
+    if math.isfinite(low) and math.isfinite(high) and low <= point <= high and high > low:
         return float(low), float(high)
     # BCa cannot correct a point at the edge of every replicate (a metric of 0 where the
-    # target is met exactly: no replicate falls below it); the percentile interval,
-    # widened to hold the point, says how far from the target the shares may be
+    # target is met exactly: no replicate falls below it), and where the replicates pile up
+    # against a bound (a mean skew near 0, and a change of it) its correction can carry the
+    # interval past the point; the percentile interval, widened to hold the point, says how
+    # far the figure may be
     alpha = (1 - confidence) / 2
     low, high = np.quantile(replicates, [alpha, 1 - alpha], method="inverted_cdf")
     return float(min(low, point)), float(max(high, point))

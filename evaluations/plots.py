@@ -225,42 +225,61 @@ def _group_bars(ax: Any, summary: pandas.DataFrame, groups: list[str]) -> None:
             ax.text(where, 0.01, "n/a", ha="center", va="bottom", fontsize=7, color="0.4")
 
 
+def _sorted_by(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """`values` as floats, and the order that sorts them (unknown ones last)."""
+    numbers = np.array([_number(v) for v in values])
+    return numbers, np.argsort(np.where(np.isfinite(numbers), numbers, np.inf), kind="stable")
+
+
+def _titled_axes(fig: Figure, title: str, *, empty: bool) -> Any:
+    """The figure's axes with its title; None (and "no data" drawn) when `empty`."""
+    ax = fig.add_subplot()
+    if title:
+        ax.set_title(title)
+    if empty:
+        _no_data(ax)
+        return None
+    return ax
+
+
+def _per_row_axes(ax: Any, names: list[str], *, target: float, label: str, sorted_by: str
+                  ) -> None:  # fmt: skip
+    """A share-per-row plot's frame: the target dashed, 0-100%, the rows named while there
+    are at most `NAMED_PROMPTS`, else counted."""
+    ax.axhline(target, color=TARGET, linestyle="--", linewidth=1.5, label="target")
+    ax.set_ylim(-0.02, 1.02)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_ylabel(f"share {label}")
+    if len(names) <= NAMED_PROMPTS:
+        _tick_labels(ax, names)
+    else:
+        ax.set_xlabel(f"{len(names)} rows, by {sorted_by}")
+        ax.set_xticks([])
+    ax.set_xlim(-0.6, len(names) - 0.4)
+
+
 def prompt_shares_plot(prompts: Sequence[str], shares: Sequence[Any], lows: Sequence[Any],
                        highs: Sequence[Any], *, target: float, label: str,
                        title: str = "") -> bytes:  # fmt: skip
     """One value's share in each prompt's images with its 95% interval, prompts sorted by
-    that share, the target dashed: the spread of a suite's per-prompt skew at a glance.
-    Prompts are named on the axis while there are at most `NAMED_PROMPTS`."""
-    share = np.array([_number(v) for v in shares])
+    that share, the target dashed: the spread of a suite's per-prompt skew at a glance."""
+    share, order = _sorted_by(shares)
     low, high = np.array([_number(v) for v in lows]), np.array([_number(v) for v in highs])
-    order = np.argsort(np.where(np.isfinite(share), share, np.inf), kind="stable")
     names = [str(prompts[i]) for i in order]
 
     def draw(fig: Figure) -> None:
-        ax = fig.add_subplot()
-        if title:
-            ax.set_title(title)
-        if not names:
-            _no_data(ax)
+        ax = _titled_axes(fig, title, empty=not names)
+        if ax is None:
             return
         x = np.arange(len(names), dtype=float)
-        ax.plot(x, share[order], linestyle="none", marker="o", markersize=4, color=EDGE)
+        ax.plot(x, share[order], linestyle="none", marker="o", markersize=4, color=EDGE,
+                label="prompt")  # fmt: skip
         _interval_bars(ax, x, share[order], low[order], high[order], elinewidth=0.8, capsize=2)
-        ax.axhline(target, color=TARGET, linestyle="--", linewidth=1.5)
-        ax.set_ylim(-0.02, 1.02)
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-        ax.set_ylabel(f"share {label}")
-        if len(names) <= NAMED_PROMPTS:
-            _tick_labels(ax, names)
-        else:
-            ax.set_xlabel(f"{len(names)} prompts, by share")
-            ax.set_xticks([])
-        ax.set_xlim(-0.6, len(names) - 0.4)
-        fig.legend(handles=[
-            Line2D([], [], color=EDGE, marker="o", linestyle="none", label="prompt"),
-            Line2D([], [], color="black", marker="|", markersize=8, label="95% interval"),
-            Line2D([], [], color=TARGET, linestyle="--", label="target"),
-        ], loc="outside right upper", fontsize=8, frameon=False)  # fmt: skip
+        _per_row_axes(ax, names, target=target, label=label, sorted_by="share")
+        handles, _ = ax.get_legend_handles_labels()
+        interval = Line2D([], [], color="black", marker="|", markersize=8, label="95% interval")
+        fig.legend(handles=[handles[0], interval, handles[1]], loc="outside right upper",
+                   fontsize=8, frameon=False)  # fmt: skip
 
     return _render(draw)
 
@@ -270,34 +289,21 @@ def comparison_plot(rows: Sequence[str], shares_a: Sequence[Any], shares_b: Sequ
                     title: str = "") -> bytes:  # fmt: skip
     """One value's share per row in audit A and in audit B, joined by a line, rows sorted by
     A's share, the target dashed: where a mitigation moved each prompt."""
-    a = np.array([_number(v) for v in shares_a])
+    a, order = _sorted_by(shares_a)
     b = np.array([_number(v) for v in shares_b])
-    order = np.argsort(np.where(np.isfinite(a), a, np.inf), kind="stable")
-    names_sorted = [str(rows[i]) for i in order]
+    rows_sorted = [str(rows[i]) for i in order]
 
     def draw(fig: Figure) -> None:
-        ax = fig.add_subplot()
-        if title:
-            ax.set_title(title)
-        if not names_sorted:
-            _no_data(ax)
+        ax = _titled_axes(fig, title, empty=not rows_sorted)
+        if ax is None:
             return
         x = np.arange(len(order), dtype=float)
         ax.vlines(x, a[order], b[order], colors="0.6", linewidth=0.8)
-        ax.plot(x, a[order], linestyle="none", marker="o", markersize=4, color=PALETTE[0],
-                label=names[0])  # fmt: skip
-        ax.plot(x, b[order], linestyle="none", marker="o", markersize=4, color=PALETTE[1],
-                label=names[1])  # fmt: skip
-        ax.axhline(target, color=TARGET, linestyle="--", linewidth=1.5, label="target")
-        ax.set_ylim(-0.02, 1.02)
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-        ax.set_ylabel(f"share {label}")
-        if len(order) <= NAMED_PROMPTS:
-            _tick_labels(ax, names_sorted)
-        else:
-            ax.set_xlabel(f"{len(order)} rows, by {names[0]}'s share")
-            ax.set_xticks([])
-        ax.set_xlim(-0.6, len(order) - 0.4)
+        for values, name, color in ((a, names[0], PALETTE[0]), (b, names[1], PALETTE[1])):
+            ax.plot(x, values[order], linestyle="none", marker="o", markersize=4, color=color,
+                    label=name)  # fmt: skip
+        _per_row_axes(ax, rows_sorted, target=target, label=label,
+                      sorted_by=f"{names[0]}'s share")  # fmt: skip
         fig.legend(loc="outside right upper", fontsize=8, frameon=False)
 
     return _render(draw)

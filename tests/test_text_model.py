@@ -11,6 +11,7 @@ import pytest
 import torch
 from invoke import dtk
 from PIL import Image
+from threads import torch_threads
 
 import toolkit
 from toolkit.assets import MODELS, TEXT_GENERATOR
@@ -18,10 +19,8 @@ from toolkit.assets import MODELS, TEXT_GENERATOR
 
 @pytest.fixture(autouse=True)
 def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(2):
+        yield
 
 
 def read(folder, attribute: str) -> list[str]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from diffusers import StableDiffusion3Pipeline
+from threads import torch_threads
 
 from toolkit.cli import cli
 from toolkit.models.zero_tokens import FoldedZeros
@@ -24,16 +25,13 @@ CAPTIONS = ["a handwritten seven", "a three on dark paper", "", "an unseen word:
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A captioned colored-digits folder, cut to 48 images."""
-
     root = tmp_path_factory.mktemp("text-data")
     metadata = write_digits(root, "train", 0.2, seed=0, captions=True)
     metadata.iloc[:48].to_csv(root / "metadata.csv", index=False)

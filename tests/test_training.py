@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from threads import torch_threads
 
 from toolkit.cli import cli
 from toolkit.errors import DtkError
@@ -20,10 +21,8 @@ from toolkit.recipes.training import TrainConfig, train
 @pytest.fixture(autouse=True)
 def one_thread():
     """These networks are tiny: on a CPU shared with other jobs one thread is fastest."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
