@@ -145,6 +145,10 @@ def test_a_resumed_text_run_continues_the_same_run(data, tmp_path):
                  "vae/diffusion_pytorch_model"):  # fmt: skip
         a = (straight / f"{part}.safetensors").read_bytes()
         assert a == (resumed / f"{part}.safetensors").read_bytes(), part
+    # the same configs too: nothing of where the checkpoint was leaks into the folder
+    for part in ("vae", "transformer", "text_encoder"):
+        config = (resumed / part / "config.json").read_text()
+        assert config == (straight / part / "config.json").read_text(), part
 
 
 @pytest.mark.parametrize(

@@ -287,7 +287,13 @@ def _autoencoder(config: Any, saved: pathlib.Path, images: torch.Tensor, progres
     from diffusers import AutoencoderKL
 
     if (saved / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(saved).eval().requires_grad_(False)
+        from diffusers.configuration_utils import FrozenDict
+
+        vae = AutoencoderKL.from_pretrained(saved).eval().requires_grad_(False)
+        # from_pretrained records where it read from, which the model folder must not ship
+        vae._internal_dict = FrozenDict({k: v for k, v in vae.config.items()
+                                         if k != "_name_or_path"})  # fmt: skip
+        return vae
     vae = train_vae(images, steps=config.vae_steps, batch_size=config.batch_size,
                     seed=config.seed, progress=progress)  # fmt: skip
     saved.parent.mkdir(parents=True, exist_ok=True)
