@@ -257,7 +257,9 @@ def compare_command(**kw: Any) -> None:
     Examples:
       dtk eval bias --model text-digits --prompts-file digits-neutral --out plain
       dtk eval bias --model text-digits --prompts-file digits-neutral \\
-          --guidance fair --guidance-option values=dark,light --out fair
+          --guidance fair --guidance-option values=dark,light \\
+          --guidance-option "edit_prompt={prompt} on {value} paper" \\
+          --guidance-option mode=prompt --out fair
       dtk eval compare plain fair --name unguided --name fair --out compare
       dtk eval compare docs/examples/fair-diffusion/stable-diffusion.csv \\
           docs/examples/fair-diffusion/fair-diffusion.csv --counts-attribute gender
