@@ -34,8 +34,8 @@ import toolkit
 from evaluations import metrics
 from evaluations.audit_folder import Audit
 from evaluations.common import jsonable, now, versions, write_csv, write_json
-from evaluations.results import MetricValue
-from evaluations.suites import interval, mean_skew
+from evaluations.results import GroupShare, MetricValue
+from evaluations.suites import interval, mean_skew, skew
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,8 +51,8 @@ class RowComparison:
     row: str
     counts_a: dict[str, int]
     counts_b: dict[str, int]
-    share_a: GroupInterval
-    share_b: GroupInterval
+    share_a: GroupShare  # the focus value's, in A
+    share_b: GroupShare
     difference: MetricValue
     skew_a: float | None
     skew_b: float | None
@@ -62,13 +62,6 @@ class RowComparison:
     @property
     def changed(self) -> float:
         return abs(self.difference.value) if self.difference.value is not None else -1.0
-
-
-@dataclasses.dataclass
-class GroupInterval:
-    share: float | None
-    ci_low: float | None
-    ci_high: float | None
 
 
 @dataclasses.dataclass
@@ -241,22 +234,23 @@ def _compare_row(row: str, sa: np.ndarray, sb: np.ndarray, labels: list[str], fo
     j = labels.index(focus)
     counts_a = np.bincount(sa, minlength=len(labels))
     counts_b = np.bincount(sb, minlength=len(labels))
-    share_a, share_b = _wilson(counts_a[j], len(sa)), _wilson(counts_b[j], len(sb))
+    share_a = focus_share(int(counts_a[j]), len(sa), float(t[j]))
+    share_b = focus_share(int(counts_b[j]), len(sb), float(t[j]))
     return RowComparison(
         row, dict(zip(labels, counts_a.tolist())), dict(zip(labels, counts_b.tolist())),
         share_a, share_b, newcombe(share_a, share_b),
-        _skew(counts_a, t), _skew(counts_b, t), homogeneity_p(counts_a, counts_b),
+        skew(counts_a, t), skew(counts_b, t), homogeneity_p(counts_a, counts_b),
     )  # fmt: skip
 
 
-def _wilson(count: int, total: int) -> GroupInterval:
-    if total == 0:
-        return GroupInterval(None, None, None)
+def focus_share(count: int, total: int, target: float) -> GroupShare:
+    """One value's share of `total` known predictions with its Wilson interval (None, and
+    the whole range, without predictions), as any audit's shares."""
     low, high = metrics.wilson_interval(count, total)
-    return GroupInterval(count / total, float(low), float(high))
+    return GroupShare(count, count / total if total else None, low, high, target)
 
 
-def newcombe(a: GroupInterval, b: GroupInterval) -> MetricValue:
+def newcombe(a: GroupShare, b: GroupShare) -> MetricValue:
     """``b - a`` with Newcombe's hybrid score interval from the two Wilson intervals."""
     if a.share is None or b.share is None:
         return MetricValue(None, None, None)
@@ -264,11 +258,6 @@ def newcombe(a: GroupInterval, b: GroupInterval) -> MetricValue:
     low = d - math.hypot(b.share - b.ci_low, a.ci_high - a.share)
     high = d + math.hypot(b.ci_high - b.share, a.share - a.ci_low)
     return MetricValue(d, low, high)
-
-
-def _skew(counts: np.ndarray, t: np.ndarray) -> float | None:
-    total = counts.sum()
-    return None if total == 0 else float(metrics.total_variation(counts / total, t))
 
 
 def homogeneity_p(counts_a: Any, counts_b: Any) -> float | None:
@@ -334,11 +323,11 @@ def _mean_skews(
     a, b = [sa for sa, _ in both], [sb for _, sb in both]
     k = len(a)
 
-    def skew(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
+    def mean(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
         return mean_skew(resampled, target, axis)
 
     def change(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
-        return skew(*resampled[k:], axis=axis) - skew(*resampled[:k], axis=axis)
+        return mean(*resampled[k:], axis=axis) - mean(*resampled[:k], axis=axis)
 
-    return (interval(skew, a, n_boot, seed), interval(skew, b, n_boot, seed),
+    return (interval(mean, a, n_boot, seed), interval(mean, b, n_boot, seed),
             interval(change, a + b, n_boot, seed))  # fmt: skip

@@ -14,13 +14,13 @@ per true value, corrected shares), exactly as a labeled `--calibration` folder w
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 from typing import Any
 
 import toolkit
 from evaluations.audit_folder import Audit
 from evaluations.common import write_csv, write_json
+from evaluations.report import templates
 
 SHEET, BLANK, ANSWERS = "label-sheet.html", "label-sheet.csv", "label-sheet-answers.csv"
 #: the side, in pixels, images are shown at (small images are scaled up, pixelated)
@@ -62,8 +62,9 @@ def write_label_sheet(
     files = chosen["file_name"].tolist()
     out.mkdir(parents=True, exist_ok=True)
     items = [_item(audit.image_root, f, k) for k, f in enumerate(files)]
-    page = _template().render(attribute=attribute, values=values, audit=str(audit.folder),
-                              seed=seed, answers_name=ANSWERS, items=items)  # fmt: skip
+    sheet = templates().get_template("label_sheet.html")
+    page = sheet.render(attribute=attribute, values=values, audit=str(audit.folder), seed=seed,
+                        answers_name=ANSWERS, items=items)  # fmt: skip
     toolkit.atomic_write(out / SHEET, page.encode("utf-8"))
     write_csv(out / BLANK, pandas.DataFrame({"file_name": files, attribute: [""] * len(files)}))
     write_json(out / "label-sheet.json", {
@@ -107,16 +108,3 @@ def _item(root: pathlib.Path, file_name: str, key: int) -> dict[str, Any]:
         factor = max(1, SHOWN // max(image.size))
         image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
     return {"file_name": file_name, "key": key, "png": toolkit.encode_png(image)}
-
-
-@functools.cache
-def _template() -> Any:
-    import base64
-
-    import jinja2
-
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("evaluations", "templates"),
-                                     autoescape=True, undefined=jinja2.StrictUndefined)  # fmt: skip
-    environment.filters["data_uri"] = (
-        lambda png: "data:image/png;base64," + base64.b64encode(png).decode("ascii"))  # fmt: skip
-    return environment.get_template("label_sheet.html")

@@ -203,8 +203,9 @@ def _contact_sheet(images: Sequence[Image.Image], captions: Sequence[str] = ()) 
 
 
 @functools.cache
-def _template() -> Any:
-    """templates/report.html, autoescaped, with the filters its macros use."""
+def templates() -> Any:
+    """The Jinja2 environment of evaluations/templates (the report, the label sheet):
+    autoescaped, with the filters their macros use."""
     import jinja2
 
     environment = jinja2.Environment(loader=jinja2.PackageLoader("evaluations", "templates"),
@@ -215,7 +216,12 @@ def _template() -> Any:
         paragraphs=_paragraphs, data_uri=_data_uri, png_size=_png_size,
         gallery_note=_gallery_note,
     )  # fmt: skip
-    return environment.get_template("report.html")
+    return environment
+
+
+def _template() -> Any:
+    """templates/report.html."""
+    return templates().get_template("report.html")
 
 
 def _render(macro: str, *args: Any) -> str:

@@ -199,12 +199,10 @@ def summarize_suite(
     samples = _samples(suite, predicted, prompts, labels)
     rows = []
     for k, prompt in enumerate(suite.prompts):
-        sample = samples[k]
-        shares = (None if not len(sample) else
-                  [float((sample == j).mean()) for j in range(len(labels))])  # fmt: skip
-        skew = None if shares is None else float(metrics.total_variation(np.array(shares), t))
-        rows.append(PromptSkew(prompt, len(sample),
-                               dict(zip(labels, shares or [None] * len(labels))), skew,
+        counts = np.bincount(samples[k], minlength=len(labels))
+        total = int(counts.sum())
+        shares = [float(c / total) if total else None for c in counts]
+        rows.append(PromptSkew(prompt, total, dict(zip(labels, shares)), skew(counts, t),
                                {c: v[k] for c, v in suite.groupings.items()}))  # fmt: skip
     figures = _SuiteFigures(t, n_boot, seed)
     by_grouping = {
@@ -229,6 +227,13 @@ def _samples(suite: Suite, predicted: Sequence[str], prompts: Sequence[str],
         if label in index:  # unknown predictions are left out, as in every share
             per_prompt[prompt].append(index[label])
     return [np.array(per_prompt[p], dtype=np.int64) for p in suite.prompts]
+
+
+def skew(counts: np.ndarray, target: np.ndarray) -> float | None:
+    """A prompt's (or any row's) skew: the total variation of its `counts`' shares from
+    `target`; None without counts."""
+    total = counts.sum()
+    return None if total == 0 else float(metrics.total_variation(counts / total, target))
 
 
 def label_shares(sample: np.ndarray, labels: int, axis: int = -1) -> np.ndarray:
@@ -274,12 +279,12 @@ class _SuiteFigures:
             return SuiteFigures(0, nothing, nothing)
         labels = len(self.target)
 
-        def skew(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
+        def mean(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
             return mean_skew(resampled, self.target, axis)
 
         def skewed(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
             top = [label_shares(s, labels, axis).max(axis=-1) for s in resampled]
             return (np.stack(top, axis=-1) >= SKEWED).mean(axis=-1)
 
-        return SuiteFigures(len(measured), interval(skew, measured, self.n_boot, self.seed),
+        return SuiteFigures(len(measured), interval(mean, measured, self.n_boot, self.seed),
                             interval(skewed, measured, self.n_boot, self.seed))  # fmt: skip

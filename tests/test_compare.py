@@ -46,12 +46,12 @@ def test_holm_and_newcombe_give_the_textbook_values():
     assert compare.holm([0.01, 0.04, 0.03, 0.005]).tolist() == pytest.approx(
         [0.03, 0.06, 0.06, 0.02])  # fmt: skip
     # Newcombe (1998), table II, example (a): 56/70 against 48/80, method 10
-    a = compare._wilson(48, 80)
-    b = compare._wilson(56, 70)
+    a = compare.focus_share(48, 80, 0.5)
+    b = compare.focus_share(56, 70, 0.5)
     d = compare.newcombe(a, b)
     assert (d.value, round(d.ci_low, 4), round(d.ci_high, 4)) == (pytest.approx(0.2), 0.0524,
                                                                  0.3339)  # fmt: skip
-    assert compare.newcombe(compare._wilson(0, 0), b) == MetricValue(None, None, None)
+    assert compare.newcombe(compare.focus_share(0, 0, 0.5), b) == MetricValue(None, None, None)
     assert compare.homogeneity_p([5, 0], [5, 0]) == 1.0  # one value seen: nothing differs
     assert compare.homogeneity_p([0, 0], [5, 3]) is None
 

@@ -16,6 +16,7 @@ from diffusers import StableDiffusion3Pipeline
 from threads import torch_threads
 
 from toolkit.cli import cli
+from toolkit.models.sd3 import T5_LENGTH
 from toolkit.models.zero_tokens import FoldedZeros
 from toolkit.recipes import text_model
 from toolkit.recipes.colored_digits import write as write_digits
@@ -60,7 +61,7 @@ def test_the_training_forward_is_the_pipelines(tmp_path):
         ours = network(latents, sigmas, text_model.tokenize(tokenizer, CAPTIONS))
         embeds, _, pooled, _ = pipe.encode_prompt(CAPTIONS, None, None,
                                                   do_classifier_free_guidance=False)  # fmt: skip
-        assert embeds.shape[1] == text_model.MAX_LENGTH + text_model.T5_TOKENS
+        assert embeds.shape[1] == text_model.MAX_LENGTH + T5_LENGTH
         theirs = pipe.transformer(
             hidden_states=latents, encoder_hidden_states=embeds, pooled_projections=pooled,
             timestep=sigmas * 1000,

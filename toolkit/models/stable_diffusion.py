@@ -551,13 +551,15 @@ class TextConditioning(Conditioning):
         cond = embed([sample.prompt or "" for sample in batch])
         negatives = [sample.negative_prompt or "" for sample in batch]
         uncond = functools.partial(negative or embed, negatives)
-        extra = {name: embed([prompt]) for name, prompt in text_branches.items()
-                 if PROMPT_FIELD not in prompt}  # fmt: skip
-        made = cls(cond, uncond, extra)
+        shared, per_sample = {}, {}
         for name, prompt in text_branches.items():
             if PROMPT_FIELD in prompt:
                 prompts = [prompt.replace(PROMPT_FIELD, sample.prompt or "") for sample in batch]
-                made.embeddings[name] = functools.partial(embed, prompts)
+                per_sample[name] = functools.partial(embed, prompts)
+            else:
+                shared[name] = embed([prompt])
+        made = cls(cond, uncond, shared)
+        made.embeddings.update(per_sample)
         return made
 
     def inputs(self, branch: str, batch: int, device: torch.device) -> dict[str, torch.Tensor]:

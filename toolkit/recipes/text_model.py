@@ -32,12 +32,11 @@ from typing import Any
 
 import torch  # this module is imported only to train
 
+from toolkit.models.sd3 import T5_LENGTH
 from toolkit.models.zero_tokens import FoldedZeros
 
 #: the prompt length the tokenizers pad to: captions are a few words
 MAX_LENGTH = 16
-#: what the SD3 pipeline feeds the transformer for a missing T5 (``max_sequence_length``)
-T5_TOKENS = 256
 LATENT_CHANNELS = 4
 #: the two CLIP encoders' widths and projections; the transformer's text width is their sum
 CLIP_WIDTHS, CLIP_PROJECTIONS = (64, 64), (32, 32)
@@ -151,7 +150,7 @@ class TextNetwork(torch.nn.Module):
         with T5's zero tokens run as one (`toolkit.models.zero_tokens`)."""
         clip, pooled = self.encode(ids)
         context = torch.cat([clip, clip.new_zeros(clip.shape[0], 1, clip.shape[-1])], dim=1)
-        with FoldedZeros(self.transformer, copies=T5_TOKENS):
+        with FoldedZeros(self.transformer, copies=T5_LENGTH):
             return self.transformer(
                 hidden_states=latents, encoder_hidden_states=context,
                 pooled_projections=pooled, timestep=sigmas * 1000,

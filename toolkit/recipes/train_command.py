@@ -54,8 +54,8 @@ if TYPE_CHECKING:
     type=float,
     default=0.15,
     show_default=True,
-    help="Chance of dropping each attribute to 'unspecified' (classifier-free training), "
-    "in [0, 1).",
+    help="Chance of dropping each attribute to 'unspecified', or the caption to the empty "
+    "prompt (classifier-free training), in [0, 1).",
 )
 @click.option(
     "--beta-schedule",
