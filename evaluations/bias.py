@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import toolkit
-from evaluations import metrics
+from evaluations import fidelity, metrics
 from evaluations.common import (
     load_images,
     now,
@@ -205,6 +205,11 @@ class _Audit:
             if not self.target_is_reference:
                 toolkit.target_distribution(self.target, instance.labels, what="--target")
             made[attribute] = instance
+        if self.images is not None:  # synthetic images: not by the classifier that chose them
+            mine = {a: fidelity.identity(self.classifier, self.classifier_options, a)
+                    for a in made}  # fmt: skip
+            fidelity.check_independent(mine, fidelity.filtered_by(self.images),
+                                       what="--classifier")  # fmt: skip
         return made
 
     def samples(self) -> pathlib.Path:

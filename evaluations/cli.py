@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import pandas
 
     from evaluations.demo import DemoResult
+    from evaluations.fidelity import Fidelity
     from evaluations.results import BiasResult
 
 PATH = click.Path(path_type=pathlib.Path)
@@ -343,7 +344,13 @@ def label_sheet_command(**kw: Any) -> None:
     "--filters", default="label_consistency,memorization", show_default=True,
     help="Comma-separated synthesis filters ('' for none).",
 )  # fmt: skip
-@click.option("--consistency-threshold", type=float, default=0.5, show_default=True)
+@click.option(
+    "--consistency-threshold", type=float,
+    help="The probability label_consistency's classifier must give each requested value. "
+    f"Default: {defaults.SYNTHESIS_CONSISTENCY_THRESHOLD} with a label-conditioned model "
+    "(what makes the accepted images as readable as real ones to an independent judge), "
+    f"{defaults.TEXT_CONSISTENCY_THRESHOLD} with a text-to-image model.",
+)  # fmt: skip
 @click.option("--memorization-threshold", type=float, default=0.03, show_default=True)
 @click.option(
     "--max-rounds", type=int, default=8, show_default=True,
@@ -361,6 +368,22 @@ def label_sheet_command(**kw: Any) -> None:
     "words fill the template's fields instead of the values; metadata keeps the values.",
 )  # fmt: skip
 @classifier_options("Attribute-classifier plugin of the label_consistency filter.")
+@click.option(
+    "--judge", default="auto", show_default=True,
+    help="Attribute-classifier plugin that reads the accepted images afterwards, and real "
+    "ones of the same cells (fidelity, in results.json and the report); never the filter's "
+    "own classifier. auto: the shipped mlp judges where the filter is the shipped cnn; "
+    "none: no judge.",
+)  # fmt: skip
+@click.option(
+    "--judge-option", multiple=True, metavar="KEY=VALUE",
+    help="Option of the judge plugin, e.g. path=judge-folder. Repeatable.",
+)  # fmt: skip
+@click.option(
+    "--judge-data", type=EXISTING,
+    help="Real labeled images the judge reads for comparison (ones it did not learn from). "
+    "Default: the colored-digits test split with the default data, else --data.",
+)  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 @toolkit.generation_options(
     steps_help=f"{defaults.SYNTHESIS_STEPS} with a label-conditioned model; a text-to-image "
@@ -378,6 +401,11 @@ def synthesize_command(**kw: Any) -> None:
     conditioned on its class and group. The label_consistency filter makes the attribute
     classifiers confirm both values; memorization rejects near copies of training images.
     Rejected samples are regenerated with new seeds, up to --max-rounds.
+
+    An independent judge (--judge; by default the shipped mlp classifiers, another family
+    than the cnn filters) then reads the accepted images and real ones of the same cells:
+    the share read as requested, synthetic against real, with intervals. The filter's own
+    classifier would pass every accepted image.
 
     Writes OUT/synthetic/ (a dataset folder, column synthetic=True), OUT/combined.csv (real +
     synthetic, ready for training), plan.csv, results.json, report.html and report.md.
@@ -403,6 +431,8 @@ def synthesize_command(**kw: Any) -> None:
     generation = _settings(kw)
     kw["classifier_options"] = parse_key_values(kw.pop("classifier_option"),
                                                 what="--classifier-option")  # fmt: skip
+    kw["judge_options"] = parse_key_values(kw.pop("judge_option"), what="--judge-option")
+    kw["judge"] = None if kw["judge"] in ("none", "") else kw["judge"]
     quiet, out, by = kw.pop("quiet"), kw.pop("out"), kw.pop("by") or None
     result = synthesize(out, by=by, filters=filters, generation=generation,
                         progress=not quiet, on_plan=_show_plan, **kw)  # fmt: skip
@@ -412,6 +442,17 @@ def synthesize_command(**kw: Any) -> None:
         f"synthetic data in {out / 'synthetic'}, manifest {out / 'combined.csv'}",
         err=True,
     )
+    if result.fidelity is not None:
+        click.echo(_fidelity_line(result.fidelity), err=True)
+
+
+def _fidelity_line(fidelity: Fidelity) -> str:
+    """The judge's overall reading per attribute, synthetic against real, in one line."""
+    parts = [f"{r.attribute} {r.synthetic.share:.3f} vs {r.real.share:.3f} real "
+             f"({r.difference.value:+.3f} [{r.difference.ci_low:+.3f}, "
+             f"{r.difference.ci_high:+.3f}])"
+             for r in fidelity.overall() if r.difference.value is not None]  # fmt: skip
+    return f"judged by {fidelity.judge} as requested: " + "; ".join(parts)
 
 
 def _check_synthesize(kw: dict[str, Any]) -> None:
@@ -423,7 +464,8 @@ def _check_synthesize(kw: dict[str, Any]) -> None:
     # each round takes the seeds after the previous round's and retries at most what that
     # round made, so a run uses at most planned x rounds seeds (planned is --budget if given)
     toolkit.check_seed(kw["seed"], (kw["budget"] or 1) * kw["max_rounds"], what="--seed")
-    toolkit.check_fraction("--consistency-threshold", kw["consistency_threshold"])
+    if kw["consistency_threshold"] is not None:
+        toolkit.check_fraction("--consistency-threshold", kw["consistency_threshold"])
     toolkit.check_fraction("--memorization-threshold", kw["memorization_threshold"],
                            high=math.inf)  # fmt: skip
 

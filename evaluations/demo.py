@@ -93,6 +93,9 @@ class Headline:
     synthesis_shortfall: int
     #: per downstream method
     cnn: dict[str, MethodFigures]
+    #: per attribute, the share of synthetic and of real images the independent judge read
+    #: as requested, and the difference (None without a judge)
+    fidelity: dict[str, dict[str, float | None]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -178,7 +181,7 @@ def run_demo(
     # 4. the missing minority data, with synthesis's own step count
     made = laps.time("synthesis", synthesis.synthesize, out / "synthesize", data=train,
                      generation=settings.replace(steps=defaults.SYNTHESIS_STEPS),
-                     budget=budget, progress=progress)  # fmt: skip
+                     budget=budget, judge_data=test, progress=progress)  # fmt: skip
     # 5. does it make a digit classifier fairer?
     downstream = laps.time("downstream", evaluate_downstream, out / "downstream", train, test,
                            out / "synthesize" / "synthetic", seeds=seeds, threads=1,
@@ -249,7 +252,12 @@ def headline(
         synthetic_images=synthesis.accepted,
         synthesis_shortfall=synthesis.shortfall,
         cnn={row["method"]: MethodFigures.of(row) for row in rows},
-    )
+        fidelity=None if synthesis.fidelity is None else {
+            r.attribute: {"synthetic": r.synthetic.share, "real": r.real.share,
+                          "difference": r.difference.value}
+            for r in synthesis.fidelity.overall()
+        },
+    )  # fmt: skip
 
 
 def _pct(value: Any) -> str:
@@ -293,7 +301,8 @@ def summary_lines(head: Headline) -> list[str]:
         f"{_pct(generated.ci_high)}); with `fair` guidance towards a uniform target, "
         f"{_pct(guided.share)}.",
         f"Synthesis added {head.synthetic_images} filtered images"
-        + (f" ({short} short of the plan)." if short else ", meeting the plan."),
+        + (f" ({short} short of the plan)." if short else ", meeting the plan.")
+        + _fidelity_words(head.fidelity),
     ]
     real, synthetic = head.cnn.get("real"), head.cnn.get("synthetic")
     if real and synthetic:
@@ -304,6 +313,15 @@ def summary_lines(head: Headline) -> list[str]:
             f"{_pct(synthetic.gap_reduction)} (95% interval {_pct(low)} to {_pct(high)})."
         )
     return lines
+
+
+def _fidelity_words(fidelity: dict[str, dict[str, float | None]] | None) -> str:
+    """What the independent judge read, in a sentence (empty without one)."""
+    if not fidelity:
+        return ""
+    parts = [f"{a} {_pct(f['synthetic'])} of them against {_pct(f['real'])} of real images"
+             for a, f in fidelity.items() if f["synthetic"] is not None]  # fmt: skip
+    return " An independent judge read as requested the " + "; the ".join(parts) + "."
 
 
 def add_summary(report: Report, result: DemoResult) -> None:

@@ -18,6 +18,7 @@ the same command resumes where it stopped and reproduces the same images.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import toolkit
 from evaluations import defaults
+from evaluations import fidelity as judging
 from evaluations.common import (
     jsonable,
     now,
@@ -39,10 +41,13 @@ from toolkit import natural_key
 if TYPE_CHECKING:
     import pandas
 
+    from evaluations.fidelity import Fidelity
     from toolkit import GenerationSettings
 
 DEFAULT_FILTERS = ("label_consistency", "memorization")
 ALL = "all"  # the one class when there is no --by
+#: dataset.json's name in a folder `dtk data colored-digits` wrote
+COLORED_DIGITS = "colored-digits"
 
 
 def class_column(by: str | None, attribute: str) -> str:
@@ -89,6 +94,10 @@ class SynthesisConfig:
     words: dict[str, Any] | None
     classifier: str
     classifier_options: dict[str, Any]
+    #: the independent judge of fidelity (None: no judge), and its reference images
+    judge: str | None = None
+    judge_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    judge_data: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -113,6 +122,9 @@ class SynthesisResult:
     rejections: dict[str, int]
     plan: pandas.DataFrame = dataclasses.field(repr=False, compare=False)
     synthetic: pandas.DataFrame = dataclasses.field(repr=False, compare=False)
+    #: the independent judge's reading of the accepted images against real ones (None
+    #: without a judge, or when nothing was accepted)
+    fidelity: Fidelity | None = None
 
     def to_json(self) -> dict[str, Any]:
         return jsonable({
@@ -121,6 +133,7 @@ class SynthesisResult:
             "accepted": self.accepted, "shortfall": self.shortfall,
             "rounds": [dataclasses.asdict(r) for r in self.rounds],
             "rejections": self.rejections, "plan": self.plan.to_dict(orient="records"),
+            "fidelity": None if self.fidelity is None else self.fidelity.to_json(),
         })  # fmt: skip
 
 
@@ -198,7 +211,7 @@ def synthesize(
     target: str | Mapping[str, float] = "balanced",
     budget: int | None = None,
     filters: Sequence[str] = DEFAULT_FILTERS,
-    consistency_threshold: float = 0.5,
+    consistency_threshold: float | None = None,
     memorization_threshold: float = 0.03,
     max_rounds: int = 8,
     seed: int = 0,
@@ -208,6 +221,9 @@ def synthesize(
     words: str | pathlib.Path | None = None,
     classifier: str = "cnn",
     classifier_options: Mapping[str, Any] | None = None,
+    judge: str | None = "auto",
+    judge_options: Mapping[str, Any] | None = None,
+    judge_data: str | pathlib.Path | None = None,
     progress: bool = True,
     report: bool = True,
     on_plan: Callable[[pandas.DataFrame], None] | None = None,
@@ -230,21 +246,30 @@ def synthesize(
     (``gender=female`` may read "woman"); conditions and metadata keep the values.
     `label_consistency` then checks `attribute` with the classifier plugin `classifier` and
     `classifier_options` (e.g. ``clip`` with its path and labels, or the same words file).
+
+    `judge` (an attribute-classifier plugin, with `judge_options`) then reads every accepted
+    image's requested values, and the same cells' real images in `judge_data`
+    (`evaluations.fidelity`); it must not be the filter's classifier. ``"auto"``: the
+    shipped ``mlp`` judges where the filter is the shipped ``cnn``, else none; None: no
+    judge. `judge_data` defaults to the colored-digits test split (written to
+    ``OUT/judge-reference``) with the default data, else to `data`.
     """
     job = _Synthesis(
         out=pathlib.Path(out), data=data, model=model, attribute=attribute, by=by,
         target=target, budget=budget, filters=list(filters),
-        consistency_threshold=consistency_threshold,
+        consistency_threshold=_consistency_threshold(consistency_threshold, prompt_template),
         memorization_threshold=memorization_threshold, max_rounds=max_rounds, seed=seed,
         settings=synthesis_settings(generation, text=prompt_template is not None),
         prompt_template=prompt_template,
         negative_prompt=negative_prompt, words=words, classifier=classifier,
-        classifier_options=dict(classifier_options or {}), progress=progress,
+        classifier_options=dict(classifier_options or {}), judge=judge,
+        judge_options=dict(judge_options or {}), judge_data=judge_data, progress=progress,
     )  # fmt: skip
-    # 1. the options, the model's attributes, the words and the filters: checked before the
-    #    first file is written (the default data, or else plan.csv)
+    # 1. the options, the model's attributes, the words, the filters and the judge: checked
+    #    before the first file is written (the default data, or else plan.csv)
     job.check_options()
     cells = job.model_cells()
+    job.check_judge()
     # 2. the real data and the plan, checked against the model and the words file
     metadata = job.real_data()
     plan = job.plan(metadata, cells)
@@ -252,13 +277,24 @@ def synthesize(
         on_plan(plan)
     # 3. generate, filter, and retry what the filters rejected
     rounds = job.generate(plan)
-    # 4. the synthetic dataset folder, combined.csv, plan.csv with the outcome, results.json
+    # 4. the synthetic dataset folder, combined.csv, plan.csv with the outcome, what the
+    #    judge read, results.json
     result = job.write(plan, metadata, rounds)
     if report:
         from evaluations.synthesis_report import write_synthesis_report
 
         write_synthesis_report(job.out, result)
     return result
+
+
+def _consistency_threshold(threshold: float | None, prompt_template: str | None) -> float:
+    """`threshold`, by default `defaults.SYNTHESIS_CONSISTENCY_THRESHOLD` with a label model
+    and `defaults.TEXT_CONSISTENCY_THRESHOLD` with a text-to-image one."""
+    if threshold is not None:
+        return threshold
+    if prompt_template is None:
+        return defaults.SYNTHESIS_CONSISTENCY_THRESHOLD
+    return defaults.TEXT_CONSISTENCY_THRESHOLD
 
 
 def synthesis_settings(generation: GenerationSettings | Mapping[str, Any] | None,
@@ -320,12 +356,20 @@ class _Synthesis:
     words: str | pathlib.Path | None
     classifier: str
     classifier_options: dict[str, Any]
+    judge: str | None
+    judge_options: dict[str, Any]
+    judge_data: str | pathlib.Path | None
     progress: bool
     #: attribute -> value -> its words in prompts (from the words file)
     spoken: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     shares: dict[str, float] = dataclasses.field(default_factory=dict)
     #: whether the filters are known to start (checked before the first file is written)
     filters_checked: bool = False
+    #: the judge's classifier per attribute, and their identities (`fidelity.identity`)
+    judges: dict[str, Any] = dataclasses.field(default_factory=dict)
+    judge_identities: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: whether the real data is the default (colored digits), decided before it is written
+    default_data: bool = False
 
     @property
     def text(self) -> bool:
@@ -375,6 +419,36 @@ class _Synthesis:
             )
         classes = list(space.attribute(self.by).values) if self.by else None
         return _Cells(list(space.attribute(self.attribute).values), classes)
+
+    def judged(self) -> list[str]:
+        """The attributes a judge reads: those label_consistency checks (a text model's
+        prompts alone say its class)."""
+        return [self.attribute] + ([self.by] if self.by and not self.text else [])
+
+    def filter_identities(self) -> dict[str, str]:
+        """The filter's classifier per attribute it checks (`fidelity.identity`)."""
+        if "label_consistency" not in self.filters:
+            return {}
+        return {a: judging.identity(self.classifier, self.classifier_options, a)
+                for a in self.judged()}  # fmt: skip
+
+    def check_judge(self) -> None:
+        """Resolve ``auto``, load the judges and refuse one that is the filter's classifier."""
+        self.default_data = self.data is None
+        if self.judge == "auto":
+            shipped = toolkit.judge_attributes()
+            own_filter = self.classifier == "cnn" and "path" not in self.classifier_options
+            ready = own_filter and not self.text and set(self.judged()) <= set(shipped)
+            self.judge = judging.DEFAULT_JUDGE if ready else None
+        if self.judge is None:
+            if self.judge_data is not None or self.judge_options:
+                raise toolkit.DtkError("--judge-data and --judge-option need a --judge")
+            return
+        self.judges, self.judge_identities = judging.make_judges(
+            self.judge, self.judge_options, self.judged()
+        )
+        judging.check_independent(self.judge_identities, self.filter_identities(),
+                                  what="--judge")  # fmt: skip
 
     def consistency(self) -> dict[str, Any] | None:
         """The label_consistency filter's options (a text model's classes are checked by its
@@ -498,6 +572,10 @@ class _Synthesis:
             else pandas.DataFrame()
         )
         write_csv(self.out / "synthetic" / "rejected.csv", rejected)
+        # which classifiers filtered these images: an audit of them must not use those
+        write_json(self.out / "synthetic" / judging.FILTERED,
+                   {"name": "synthetic", "command": "synthesize",
+                    "filtered_by": self.filter_identities()})  # fmt: skip
         combined = _combined(self.out, self.data, metadata, synthetic, self.attribute, self.by)
         write_csv(self.out / "combined.csv", combined)
         achieved = _achieved(plan, synthetic, self.attribute, self.by)
@@ -507,9 +585,49 @@ class _Synthesis:
             planned=int(plan["generate"].sum()), accepted=len(synthetic),
             shortfall=rounds.shortfall, rounds=rounds.rounds,
             rejections=_rejection_reasons(rejected), plan=achieved, synthetic=synthetic,
+            fidelity=self.fidelity(synthetic),
         )  # fmt: skip
         write_json(self.out / "results.json", result.to_json())
         return result
+
+    def fidelity(self, synthetic: pandas.DataFrame) -> Fidelity | None:
+        """The judge's reading of the accepted images against the same cells' real images
+        (None without a judge or accepted images)."""
+        if not self.judges or synthetic.empty:
+            return None
+        reference = self.judge_reference()
+        seed = self.colored_digits_seed()
+        if seed is not None and self.judge_data is None:
+            toolkit.write_colored_digits(reference, "test", seed=seed, progress=self.progress)
+        cells = [*([self.by] if self.by else []), self.attribute]
+        return judging.measure_fidelity(
+            toolkit.load_image_folder(self.out / "synthetic", cells),
+            toolkit.load_image_folder(reference, cells), self.judges, judge=self.judge,
+            judge_options=self.judge_options, identities=self.judge_identities, cells=cells,
+        )  # fmt: skip
+
+    def judge_reference(self) -> pathlib.Path:
+        """Real labeled images for the judge: `judge_data`; with colored digits for data,
+        their test split (shapes neither the generator nor the shipped judges saw), written
+        to ``OUT/judge-reference``; else the real data."""
+        if self.judge_data is not None:
+            return pathlib.Path(self.judge_data)
+        if self.colored_digits_seed() is not None:
+            return self.out / "judge-reference"
+        return pathlib.Path(self.data)
+
+    def colored_digits_seed(self) -> int | None:
+        """The seed of the colored-digits data (the default, or a folder `dtk data
+        colored-digits` wrote), None for other data."""
+        if self.default_data:
+            return 0
+        try:
+            info = json.loads((pathlib.Path(self.data) / "dataset.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(info, dict) or info.get("name") != COLORED_DIGITS:
+            return None
+        return int(info.get("seed", 0))
 
     def config(self) -> SynthesisConfig:
         from evaluations.report import shown_path
@@ -524,7 +642,9 @@ class _Synthesis:
             memorization_threshold=self.memorization_threshold, max_rounds=self.max_rounds,
             seed=self.seed, generation=self.settings, prompt_template=self.prompt_template,
             negative_prompt=self.negative_prompt, words=words, classifier=self.classifier,
-            classifier_options=self.classifier_options,
+            classifier_options=self.classifier_options, judge=self.judge,
+            judge_options=self.judge_options,
+            judge_data=None if self.judge is None else shown_path(self.judge_reference()),
         )  # fmt: skip
 
     def plugins(self) -> list[dict[str, str]]:

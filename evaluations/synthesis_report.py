@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 from evaluations.report import Report, round_robin
 
 if TYPE_CHECKING:
+    import pandas
+
+    from evaluations.fidelity import Fidelity
     from evaluations.synthesis import SynthesisResult
 
 
@@ -48,8 +51,47 @@ def add_synthesis_section(
             [{"filter": k, "rejected": v} for k, v in result.rejections.items()]
         )
         report.table(frame, caption="Rejections by filter (a sample may fail both)")
+    if result.fidelity is not None:
+        add_fidelity_section(report, result.fidelity, level=level)
     if len(result.synthetic):
         add_synthetic_gallery(report, out, result)
+
+
+def add_fidelity_section(report: Report, fidelity: Fidelity, *, level: int) -> None:
+    """What the independent judge read: synthetic against real, overall and per cell."""
+    report.heading("Fidelity, read by an independent judge", level=level)
+    verdict = "within" if fidelity.matched else "**not** within"
+    report.text(
+        f"The judge `{fidelity.judge}` (not the filter's classifier, which passed every "
+        "accepted image by construction) read each accepted image, and the real images of "
+        f"the same cells in `{fidelity.reference}`. Shown: the share read as requested, "
+        "with 95% Wilson intervals, and synthetic minus real with Newcombe's interval. "
+        f"Overall, the synthetic share is {verdict} {fidelity.tolerance:.2f} of the real one "
+        "for every attribute (point estimates). A judge's errors on real images are its "
+        "own, not the synthesizer's: what counts is the difference."
+    )
+    frame = fidelity.frame()
+    shown = frame[["attribute", "cell"]].assign(
+        synthetic=[_interval(r, "synthetic") for _, r in frame.iterrows()],
+        synthetic_n=frame["synthetic_n"],
+        real=[_interval(r, "real") for _, r in frame.iterrows()],
+        real_n=frame["real_n"],
+        difference=[_interval(r, "difference", signed=True) for _, r in frame.iterrows()],
+    )
+    overall = shown[shown["cell"] == "all"]
+    report.table(overall.drop(columns="cell").reset_index(drop=True),
+                 caption="Read as requested, overall")  # fmt: skip
+    cells = shown[shown["cell"] != "all"].reset_index(drop=True)
+    if len(cells) > 1:
+        report.table(cells, caption="Read as requested, per cell")
+
+
+def _interval(row: pandas.Series, name: str, signed: bool = False) -> str:
+    value, low, high = row[name], row[f"{name}_low"], row[f"{name}_high"]
+    if value is None or value != value:  # None, or NaN where a cell has no real images
+        return "n/a"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    return f"{fmt.format(value)} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
 def add_synthetic_gallery(report: Report, out: pathlib.Path, result: SynthesisResult) -> None:

@@ -35,6 +35,15 @@ def test_demo_runs_every_stage_and_writes_one_report(tmp_path):
     assert asked["group"].value_counts().to_dict() == {"light": 20, "dark": 20}
     assert head["fair_guidance_minority_share"]["share"] is not None
     assert head["synthetic_images"] + head["synthesis_shortfall"] == 60
+    # the synthetic images as the independent judges read them, against the test split's
+    judged = json.loads((out / "synthesize" / "results.json").read_text())["fidelity"]
+    assert judged["reference"] == str(out / "data" / "test")
+    overall = {r["attribute"]: r for r in judged["rows"] if r["cell"] == "all"}
+    assert set(head["fidelity"]) == {"group", "digit"}
+    for attribute, figures in head["fidelity"].items():
+        assert figures["synthetic"] == overall[attribute]["synthetic"]
+        assert figures["real"] == overall[attribute]["real"]
+    assert "An independent judge read as requested the group" in (out / "report.md").read_text()
     for method in ("real", "oversample", "jitter", "synthetic", "pretrain_finetune"):
         assert head[f"cnn_{method}"]["gap"] is not None, method
     assert set(saved["seconds"]) == {"data", "audit", "fair guidance", "synthesis", "downstream"}

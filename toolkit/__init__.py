@@ -148,6 +148,8 @@ _LAZY = {
     "quantile_draw": ("toolkit.conditions.targets", "quantile_draw"),
     "seeded_uniform": ("toolkit.conditions.targets", "seeded_uniform"),
     "classifier_path": ("toolkit.assets", "classifier_path"),
+    "judge_path": ("toolkit.assets", "judge_path"),
+    "judge_attributes": ("toolkit.assets", "judge_attributes"),
     # a network's structure, for plugins that hook its blocks (step caches)
     "transformer_blocks": ("toolkit.models.blocks", "transformer_blocks"),
     "is_unet": ("toolkit.models.blocks", "is_unet"),
@@ -210,6 +212,8 @@ __all__ = [
     "image_grid",
     "inside",
     "is_unet",
+    "judge_attributes",
+    "judge_path",
     "label_space",
     "lazy_import",
     "load_classifier",

@@ -6,7 +6,10 @@
                                               label-conditioned; also named ``digits``
     toolkit/assets/text-generator/            the text-to-image model, named ``text-digits``
     toolkit/assets/classifiers/<attribute>/   model.safetensors + config.json + README.md,
-                                              written by `dtk train-classifier`
+                                              written by `dtk train-classifier` (small CNNs:
+                                              the synthesis filters' classifiers)
+    toolkit/assets/judges/<attribute>/        the same, small MLPs: the independent judges
+                                              that audit what the CNNs filtered
 
 Each asset's README.md holds the exact commands and seeds that produced it.
 """
@@ -19,6 +22,7 @@ from toolkit.errors import DtkError
 
 ROOT = pathlib.Path(__file__).resolve().parent
 CLASSIFIERS = ROOT / "classifiers"
+JUDGES = ROOT / "judges"
 GENERATOR = ROOT / "generator"
 TEXT_GENERATOR = ROOT / "text-generator"
 #: what `--model` accepts besides a folder: the shipped generators by name
@@ -41,20 +45,32 @@ def generator_path() -> pathlib.Path | None:
     return GENERATOR if shipped else None
 
 
-def classifier_attributes() -> list[str]:
-    """The attributes a shipped classifier predicts (``digit``, ``group``)."""
-    if not CLASSIFIERS.is_dir():
+def classifier_attributes(folder: pathlib.Path = CLASSIFIERS) -> list[str]:
+    """The attributes a shipped classifier predicts (``digit``, ``group``); with
+    ``folder=JUDGES``, those a shipped judge predicts."""
+    if not folder.is_dir():
         return []
-    return sorted(p.name for p in CLASSIFIERS.iterdir() if (p / "config.json").is_file())
+    return sorted(p.name for p in folder.iterdir() if (p / "config.json").is_file())
 
 
-def classifier_path(attribute: str) -> pathlib.Path:
-    """The folder of the shipped classifier for `attribute`."""
-    shipped = classifier_attributes()
+def classifier_path(attribute: str, folder: pathlib.Path = CLASSIFIERS) -> pathlib.Path:
+    """The folder of the shipped classifier (``folder=JUDGES``: judge) for `attribute`."""
+    shipped = classifier_attributes(folder)
     if attribute not in shipped:
+        what = "judge" if folder == JUDGES else "classifier"
         raise DtkError(
-            f"no shipped classifier for attribute {attribute!r}; shipped: "
+            f"no shipped {what} for attribute {attribute!r}; shipped: "
             f"{', '.join(shipped) or '(none)'} "
             "(or give path=FOLDER written by dtk train-classifier)"
         )
-    return CLASSIFIERS / attribute
+    return folder / attribute
+
+
+def judge_attributes() -> list[str]:
+    """The attributes a shipped judge predicts (``digit``, ``group``)."""
+    return classifier_attributes(JUDGES)
+
+
+def judge_path(attribute: str) -> pathlib.Path:
+    """The folder of the shipped judge (a small MLP) for `attribute`."""
+    return classifier_path(attribute, JUDGES)

@@ -1,4 +1,8 @@
-"""Small CNN attribute classifiers: training (`dtk train-classifier`), saving and loading.
+"""Small attribute classifiers: training (`dtk train-classifier`), saving and loading.
+
+Two families: ``small-cnn`` (convolutions; the shipped classifiers the synthesis filters
+use) and ``small-mlp`` (fully connected layers on the pixels; the shipped judges that
+audit what the CNNs filtered: a different family makes different mistakes).
 
 A classifier folder holds ``model.safetensors`` and ``config.json``::
 
@@ -7,8 +11,8 @@ A classifier folder holds ``model.safetensors`` and ``config.json``::
      "training": {"command": "dtk train-classifier ...", "seed": 0, ...},
      "eval": {"data": "...", "accuracy": 0.99, ...} or null}
 
-The built-in ``cnn`` attribute-classifier plugin serves such folders (the shipped ones by
-default). Images are float ``[B, C, H, W]`` in [0, 1]; other sizes are resized.
+The built-in ``cnn`` and ``mlp`` attribute-classifier plugins serve such folders (the
+shipped ones by default). Images are float ``[B, C, H, W]`` in [0, 1]; other sizes are resized.
 """
 
 from __future__ import annotations
@@ -35,16 +39,27 @@ else:
 
 FORMAT = "dtk-attribute-classifier"
 ARCHITECTURE = "small-cnn"
+#: the other family: fully connected, no notion of neighbouring pixels
+MLP_ARCHITECTURE = "small-mlp"
+#: `train_classifier`'s ``architecture`` names -> the names config.json records
+ARCHITECTURES = {"cnn": ARCHITECTURE, "mlp": MLP_ARCHITECTURE}
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
 
 def build_network(architecture: dict[str, Any]) -> torch.nn.Module:
+    """The network config.json's ``architecture`` describes (`ARCHITECTURES`)."""
+    builders = {ARCHITECTURE: _cnn, MLP_ARCHITECTURE: _mlp}
+    name = architecture.get("name")
+    if name not in builders:
+        raise DtkError(f"unknown classifier architecture {name!r}")
+    return builders[name](architecture)
+
+
+def _cnn(architecture: dict[str, Any]) -> torch.nn.Module:
     """conv-conv-pool-conv-pool, then a linear layer over the flattened features."""
     from torch import nn
 
-    if architecture.get("name") != ARCHITECTURE:
-        raise DtkError(f"unknown classifier architecture {architecture.get('name')!r}")
     c1, c2, c3 = architecture["channels"]
     size = architecture["image_size"]
     return nn.Sequential(
@@ -63,6 +78,19 @@ def build_network(architecture: dict[str, Any]) -> torch.nn.Module:
         nn.Dropout(architecture.get("dropout", 0.0)),
         nn.Linear(c3 * (size // 4) ** 2, architecture["num_labels"]),
     )
+
+
+def _mlp(architecture: dict[str, Any]) -> torch.nn.Module:
+    """The flattened pixels through GELU hidden layers (dropout after each), then linear."""
+    from torch import nn
+
+    width = architecture["in_channels"] * architecture["image_size"] ** 2
+    layers: list[nn.Module] = [nn.Flatten()]
+    for hidden in architecture["hidden"]:
+        layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(architecture["dropout"])]
+        width = hidden
+    layers.append(nn.Linear(width, architecture["num_labels"]))
+    return nn.Sequential(*layers)
 
 
 class TrainedClassifier:
@@ -227,12 +255,18 @@ def train_classifier(
     label_smoothing: float = 0.1,
     image_size: int = 16,
     channels: Sequence[int] = (16, 32, 48),
+    architecture: str = "cnn",
+    hidden: Sequence[int] = (512, 128),
+    dropout: float | None = None,
     eval_data: str | pathlib.Path | None = None,
     eval_by: Sequence[str] = (),
     command: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train a small CNN to predict `attribute` from the images of dataset folder `data`.
+    """Train a small classifier to predict `attribute` from the images of dataset folder
+    `data`: `architecture` ``cnn`` (three convolutions `channels` wide) or ``mlp`` (hidden
+    layers `hidden` wide); `dropout` before the CNN's last layer (default 0.2) or after each
+    of the MLP's hidden layers (default 0.3).
 
     AdamW with a one-cycle learning rate and label smoothing; `augment` names the
     augmentations applied to every batch, in `AUGMENTATIONS` order (`shift`, `recolor`,
@@ -247,7 +281,7 @@ def train_classifier(
     out = pathlib.Path(out)
     _check_optimizer(epochs, batch_size, lr, weight_decay, label_smoothing)
     check_seed(seed, what="--seed")
-    channels = _checked_network(image_size, channels)
+    network_kind = _checked_architecture(architecture, image_size, channels, hidden, dropout)
     augment = _checked_augment(augment)
     eval_by = _checked_columns(attribute, eval_data, eval_by)
     check_writable(out)
@@ -259,16 +293,16 @@ def train_classifier(
         evaluation = load_image_folder(eval_data, [attribute, *eval_by], size=image_size)
     targets = dataset.codes(attribute, labels)
     # 3. Build the network. The seed fixes its initial weights, then batches and augmentation.
-    architecture = _architecture(image_size, channels, len(labels))
+    described = network_kind | {"num_labels": len(labels)}
     torch.manual_seed(seed)  # the initial weights
-    network = build_network(architecture)
+    network = build_network(described)
     generator = torch.Generator().manual_seed(seed)  # batches and augmentation
     # 4. Train.
     recipe = _Recipe(epochs, batch_size, lr, weight_decay, label_smoothing, augment)
     seconds = _fit(network, dataset.images, targets, recipe, generator,
                    desc=f"training {attribute}", progress=progress)  # fmt: skip
     # 5. Record how it was made, and measure it on the evaluation images.
-    config = _config(attribute, labels, architecture, recipe, seed=seed, data=data,
+    config = _config(attribute, labels, described, recipe, seed=seed, data=data,
                      images=len(dataset), seconds=seconds, command=command)  # fmt: skip
     network.eval()
     if evaluation is not None:
@@ -302,17 +336,35 @@ def _check_optimizer(
     check_fraction("label_smoothing", label_smoothing)
 
 
-def _checked_network(image_size: int, channels: Sequence[int]) -> list[int]:
-    """The network's widths as a list, once the image size suits its two poolings."""
+def _checked_architecture(
+    architecture: str,
+    image_size: int,
+    channels: Sequence[int],
+    hidden: Sequence[int],
+    dropout: float | None,
+) -> dict[str, Any]:
+    """What `build_network` builds, as config.json records it (less ``num_labels``), once
+    the family is known and its widths and the image size suit it."""
+    if architecture not in ARCHITECTURES:
+        raise DtkError(
+            f"unknown --architecture {architecture!r}; choose one of: {', '.join(ARCHITECTURES)}"
+        )
     whole = isinstance(image_size, int) and not isinstance(image_size, bool)
-    if not whole or image_size < 4 or image_size % 4:  # the network pools twice
-        raise DtkError(f"--image-size must be a positive multiple of 4, got {image_size}")
-    channels = list(channels)
-    if len(channels) != 3:
-        raise DtkError(f"channels takes three widths (one per convolution), got {channels}")
-    for width in channels:
-        check_positive("each of channels", width)
-    return channels
+    cnn = architecture == "cnn"
+    if not whole or image_size < 4 or (cnn and image_size % 4):  # the CNN pools twice
+        needs = "a positive multiple of 4" if cnn else "at least 4"
+        raise DtkError(f"--image-size must be {needs}, got {image_size}")
+    widths, what = (list(channels), "channels") if cnn else (list(hidden), "hidden")
+    if cnn and len(widths) != 3:
+        raise DtkError(f"channels takes three widths (one per convolution), got {widths}")
+    if not widths:
+        raise DtkError("hidden takes at least one width")
+    for width in widths:
+        check_positive(f"each of {what}", width)
+    dropout = (0.2 if cnn else 0.3) if dropout is None else dropout
+    check_fraction("dropout", dropout, open_high=True)
+    return {"name": ARCHITECTURES[architecture], "in_channels": 3, "image_size": image_size,
+            what: widths, "dropout": dropout}  # fmt: skip
 
 
 def _checked_augment(augment: str | Sequence[str]) -> list[str]:
@@ -364,18 +416,6 @@ def _labels(
         if unknown:
             raise DtkError(f"{eval_data}: {attribute} values {unknown} are not in {labels}")
     return labels
-
-
-def _architecture(image_size: int, channels: list[int], num_labels: int) -> dict[str, Any]:
-    """What `build_network` builds, as config.json records it (and `load_classifier` reads)."""
-    return {
-        "name": ARCHITECTURE,
-        "in_channels": 3,
-        "image_size": image_size,
-        "channels": list(channels),
-        "dropout": 0.2,
-        "num_labels": num_labels,
-    }
 
 
 def _fit(
