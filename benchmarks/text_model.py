@@ -9,6 +9,9 @@
 3. **Compare**: `dtk eval compare` of the two audits: the per-prompt change with
    Holm-corrected p-values, and the change in mean skew with its interval.
 4. **Asked for a group**: prompts that name the group ("a seven on dark paper").
+5. **A second reading**: both suites' images read again by the independent ``mlp`` group
+   judge (another family than the ``cnn`` the audits use; it reads the palette, which the
+   ``cnn`` was trained blind to): each prompt's `dark` share by both, and where they differ.
 
 Run: ``python benchmarks/text_model.py [--out build/text-model] [--n 200]`` (about 8
 minutes on 2 CPU cores at n = 200). Prints markdown tables; writes
@@ -73,6 +76,16 @@ def suite_audit(out: pathlib.Path, n: int, guidance: dict[str, Any] | None) -> d
     return figures
 
 
+def judged(out: pathlib.Path, samples: pathlib.Path) -> pandas.DataFrame:
+    """Each prompt's `dark` share as the independent ``mlp`` group judge reads the images of
+    an audit (`samples`)."""
+    result = audit_bias(out, images=samples, prompts_file="digits-neutral",
+                        attributes=["group"], classifier="mlp", progress=False)  # fmt: skip
+    by = result.attributes["group"].by
+    return pandas.DataFrame([{"prompt": p, "dark (mlp)": by[p].groups["dark"].share}
+                             for p in read_suite("digits-neutral").prompts])  # fmt: skip
+
+
 def asked_for_group(out: pathlib.Path, n: int) -> pandas.DataFrame:
     rows = []
     for prompt in GROUP_PROMPTS:
@@ -101,6 +114,11 @@ def main() -> None:
     table["p (Holm)"] = [r.p_corrected for r in group.rows]
     asked = asked_for_group(args.out / "asked", args.n)
     within = (table["dark fair"] - 0.5).abs().max()
+    second = judged(args.out / "plain-mlp", args.out / "plain" / "samples").merge(
+        judged(args.out / "fair-mlp", args.out / "fair" / "samples"), on="prompt",
+        suffixes=(" unguided", " fair"))  # fmt: skip
+    second = table[["prompt", "dark unguided", "dark fair"]].merge(second, on="prompt")
+    judge_within = (second["dark (mlp) fair"] - 0.5).abs()
     summary = {
         "n_per_prompt": args.n,
         "unguided": {"mean_skew": plain["suite"].overall.mean_skew.__dict__,
@@ -112,11 +130,17 @@ def main() -> None:
         "unguided_dark_share": plain["dark"],
         "mean_skew_change": group.mean_skew_change.__dict__,
         "prompts_changed": len(group.significant()),
+        "mlp_judge": {"prompts_within_0.05": int((judge_within <= 0.05).sum()),
+                      "max_distance_from_target": float(judge_within.max()),
+                      "largest_disagreement": float(
+                          (second["dark fair"] - second["dark (mlp) fair"]).abs().max())},
         "minutes": (time.perf_counter() - started) / 60,
     }  # fmt: skip
     print(markdown(table))
     print()
     print(markdown(asked))
+    print()
+    print(markdown(second))
     print()
     print(json.dumps(summary, indent=2))
     print(f"\nfair: every prompt's dark share within {within:.3f} of 0.5 (target 0.05); digit "
