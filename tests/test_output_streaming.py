@@ -18,7 +18,7 @@ import pandas
 import pytest
 
 from toolkit import DtkError
-from toolkit.data import csv_rows, output
+from toolkit.data import atomic, csv_rows, output
 from toolkit.data.output import IndexSet, OutputFolder
 
 
@@ -214,7 +214,7 @@ def test_a_failed_block_logs_nothing_of_its_batch(tmp_path):
 
 
 def test_without_syncfs_each_image_and_folder_is_fsynced_before_the_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(output, "_libc_syncfs", lambda: None)
+    monkeypatch.setattr(atomic, "_libc_syncfs", lambda: None)
     synced = []
     fsync = os.fsync
 
@@ -234,7 +234,7 @@ def test_without_syncfs_each_image_and_folder_is_fsynced_before_the_log(tmp_path
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="syncfs is Linux's")
 def test_syncfs_is_there_on_linux(tmp_path):
-    assert output._syncfs(tmp_path)
+    assert atomic._syncfs(tmp_path)
 
 
 # -- memory flat in n ----------------------------------------------------------------------

@@ -60,6 +60,23 @@ from toolkit.errors import DtkError
     "--grid", type=click.Path(path_type=pathlib.Path), help="Also write a contact-sheet PNG."
 )
 @click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["imagefolder", "webdataset", "parquet"]),
+    default="imagefolder",
+    show_default=True,
+    help="imagefolder: a PNG per image in class folders. webdataset: tar shards "
+    "(OUT/train-PART-NNNNNN.tar, <key>.png and <key>.json per sample). parquet: Parquet "
+    "shards with an image column and every metadata column. All three load with datasets' "
+    "load_dataset(FORMAT, data_dir=OUT).",
+)
+@click.option(
+    "--shard-size",
+    type=int,
+    help="webdataset and parquet: images per shard (default 1000; a shard also closes at "
+    "1 GiB). A killed run costs the shard being filled.",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Check everything and print the plan (model, samples, plugins, output); load no "
@@ -70,9 +87,10 @@ def generate_command(**kw: Any) -> None:
     """Generate a dataset of images with any registered sampler, schedule, guidance
     and filters.
 
-    The output folder holds class subfolders of PNGs, metadata.csv (one row per image),
-    rejected.csv and run.json; it loads with datasets' "imagefolder". Rerunning the same
-    command (or with a larger -n) resumes without redoing or duplicating a sample.
+    The output folder holds class subfolders of PNGs (or, with --format, WebDataset or
+    Parquet shards), metadata.csv (one row per image), rejected.csv and run.json; it loads
+    with datasets' "imagefolder" (or "webdataset", "parquet"). Rerunning the same command
+    (or with a larger -n) resumes without redoing or duplicating a sample.
     Sample i starts from seed+i, so it does not depend on --batch-size or --shard.
 
     \b
@@ -87,6 +105,7 @@ def generate_command(**kw: Any) -> None:
           --guidance-option attribute=gender --guidance-option values=female,male
       dtk generate -n 1000000 --dry-run                    # the plan, nothing run
       torchrun --nproc-per-node 4 $(which dtk) generate -n 50000 --out big
+      dtk generate -n 100000 --format webdataset --out shards   # 100 tar shards
     """
     from toolkit.conditions.labels import parse_conditions
     from toolkit.generation.plan import make_plan
@@ -97,7 +116,7 @@ def generate_command(**kw: Any) -> None:
         model=kw["model"], out=kw["out"], conditions=parse_conditions(kw["conditions"]),
         prompt=prompt, negative_prompt=negative, n=n, seed=kw["seed"],
         settings=settings_from_cli(kw), shard=kw["shard"], grid=kw["grid"], wait=kw["wait"],
-        progress=not kw["quiet"],
+        progress=not kw["quiet"], format=kw["fmt"], shard_size=kw["shard_size"],
     )  # fmt: skip
     plan = make_plan(request)
     if kw["dry_run"]:

@@ -14,7 +14,9 @@ record reaches its log only after its image is durable (`PartWriter`: once a bat
 whole batch); a rerun skips done samples and redoes the rest, so nothing is lost or
 duplicated. Merging and resuming stream the logs: their memory does not grow with the
 number of samples beyond a few bytes each. Both ``datasets.load_dataset("imagefolder",
-data_dir=OUT)`` and torchvision's ``ImageFolder`` read the folder.
+data_dir=OUT)`` and torchvision's ``ImageFolder`` read the folder. The images may be in
+WebDataset or Parquet shards instead of class folders (`toolkit.data.shards`): the logs,
+CSVs and guarantees are the same, with the shard as the unit a kill costs.
 """
 
 from __future__ import annotations
@@ -23,22 +25,19 @@ import collections
 import contextlib
 import csv
 import dataclasses
-import errno
-import functools
 import hashlib
 import io
 import itertools
 import json
 import os
 import pathlib
-import sys
-import tempfile
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import IO, TYPE_CHECKING, Any
 
 from toolkit.data import csv_rows, locking
+from toolkit.data.atomic import atomic_write, make_durable, replacing
 from toolkit.data.images import encode_png
 from toolkit.data.paths import inside
 from toolkit.errors import DtkError
@@ -50,104 +49,6 @@ if TYPE_CHECKING:
 PARTS = pathlib.Path(".dtk") / "parts"
 LOCKS = pathlib.Path(".dtk") / "locks"
 WRITTEN = ("ok", "tagged", "blank")  # statuses whose image is on disk
-
-
-def _file_mode() -> int:
-    # mkstemp makes 0600 files; a dataset should get the usual mode (0666 less the umask)
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _file_mode()
-
-
-def atomic_write(path: pathlib.Path, data: bytes, *, durable: bool = True) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half;
-    on disk before it is renamed into place, unless not `durable` (the caller then makes it
-    durable later: `PartWriter` does, a batch of images at once)."""
-    with _replacing(path, durable=durable) as handle:
-        handle.write(data)
-
-
-@contextlib.contextmanager
-def _replacing(path: pathlib.Path, *, durable: bool = True) -> Iterator[IO[bytes]]:
-    """A temporary file beside `path`, to write; renamed to `path` (after an fsync, if
-    `durable`) when the block ends, removed if it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def make_durable(paths: Sequence[pathlib.Path]) -> None:
-    """Put the files `paths`, and their names, on disk before returning.
-
-    On Linux one ``syncfs`` of the filesystem holding them does it for any number of files,
-    at the cost of about one fsync (one journal commit instead of one per file); elsewhere
-    each file and each folder holding one is fsynced.
-    """
-    folders = {path.parent for path in paths}
-    # a syncfs per filesystem: a class folder could be a mount point
-    filesystems = {os.stat(folder).st_dev: folder for folder in folders}
-    if all(_syncfs(folder) for folder in filesystems.values()):
-        return
-    for path in paths:
-        _fsync(path)
-    for folder in folders:
-        _fsync(folder)
-
-
-def _syncfs(folder: pathlib.Path) -> bool:
-    """``syncfs`` on `folder`'s filesystem; False where the C library or kernel has none."""
-    syncfs = _libc_syncfs()
-    if syncfs is None:
-        return False
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        if syncfs(fd) != 0:
-            import ctypes
-
-            code = ctypes.get_errno()
-            if code == errno.ENOSYS:
-                return False
-            raise OSError(code, f"syncfs: {os.strerror(code)}", str(folder))
-    finally:
-        os.close(fd)
-    return True
-
-
-@functools.cache
-def _libc_syncfs() -> Callable[[int], int] | None:
-    # Python has no os.syncfs; glibc and musl have had one since 2011
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    syncfs.argtypes, syncfs.restype = [ctypes.c_int], ctypes.c_int
-    return syncfs
-
-
-def _fsync(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OutputFolder:
@@ -314,26 +215,50 @@ class OutputFolder:
         """Indices whose sample is finished: recorded, and its image (if any) on disk; only
         those `below` a bound when given (a run's `n`: the set takes a bit per index up to
         the largest)."""
-        done = IndexSet()
+        done, shards = IndexSet(), {}
         for _, _, record in self._logged():
             index = record["index"]
-            finished = record["status"] not in WRITTEN or self.path(record["file_name"]).is_file()
+            finished = record["status"] not in WRITTEN or self.stored(record, shards)
             if below is None or index < below:
                 done.put(index, finished)
         return done
 
     @contextlib.contextmanager
-    def part_writer(self, part: str) -> Iterator[PartWriter]:
-        """Append to `part`'s log (the caller holds `part`'s lock); what the caller wrote
-        since its last `PartWriter.flush` is flushed when the block ends, not if it fails
-        (those samples are redone)."""
+    def part_writer(self, part: str, fmt: str = "imagefolder",
+                    shard_size: int | None = None) -> Iterator[Any]:  # fmt: skip
+        """Append to `part`'s log (the caller holds `part`'s lock), writing images in format
+        `fmt` (`toolkit.data.shards`); what the caller wrote since its last ``flush`` is
+        flushed when the block ends, not if it fails (those samples are redone)."""
+        from toolkit.data import shards
+
         path = self.part_file(part)
         path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(path)
         with open(path, "a", encoding="utf-8") as handle:
-            writer = PartWriter(self, handle)
-            yield writer
-            writer.flush()
+            if fmt == "imagefolder":
+                writer: Any = PartWriter(self, handle)
+            else:
+                writer = shards.ShardWriter(self, handle, part, fmt,
+                                            shard_size or shards.SHARD_SIZE)  # fmt: skip
+            try:
+                yield writer
+            except BaseException:
+                if fmt != "imagefolder":
+                    writer.abandon()
+                raise
+            writer.close()
+
+    def stored(self, record: Mapping[str, Any], shards: dict[str, bool] | None = None) -> bool:
+        """Whether a written record's image is on disk: its file, or the shard it names
+        (`shards` caches which shards exist)."""
+        shard = record.get("shard")
+        if shard is None:
+            return self.path(record["file_name"]).is_file()
+        if shards is None:
+            return self.path(shard).is_file()
+        if shard not in shards:
+            shards[shard] = self.path(shard).is_file()
+        return shards[shard]
 
     # -- merging -------------------------------------------------------------------------
 
@@ -438,6 +363,10 @@ class PartWriter:
         self._lines.append(json.dumps(record, default=str) + "\n")
         return record
 
+    def close(self) -> None:
+        """The end of the run: what is waiting is flushed."""
+        self.flush()
+
     def flush(self) -> None:
         """Make the images written since the last flush durable, then log their records
         (and the records of samples without an image) durably, in that order."""
@@ -511,9 +440,11 @@ class _LogIndex:
     @classmethod
     def scan(cls, folder: OutputFolder) -> _LogIndex:
         """Index `folder`'s part logs, refusing damage as `OutputFolder._logged` does."""
-        logs = cls(folder._parts())
+        logs, shards = cls(folder._parts()), {}
         for part, offset, record in folder._logged():
             written = record["status"] in WRITTEN
+            if written and "shard" in record and not folder.stored(record, shards):
+                continue  # logged, then killed before its shard was renamed: not done
             signature = csv_rows.signature(record)
             logs.index.append(record["index"])
             logs.part.append(part)
@@ -592,7 +523,7 @@ class _LogIndex:
 def _write_csv(path: pathlib.Path, columns: csv_rows.Columns,
                records: Iterable[Mapping[str, Any]]) -> None:  # fmt: skip
     """`csv_rows.write` to a temporary file, fsynced and renamed to `path`."""
-    with _replacing(path) as raw:
+    with replacing(path) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
         csv_rows.write(text, columns, records)
         text.flush()

@@ -42,6 +42,8 @@ def generate(
     grid: str | pathlib.Path | None = None,
     wait: bool = False,
     progress: bool = True,
+    format: str = "imagefolder",
+    shard_size: int | None = None,
     settings: GenerationSettings | None = None,
     **options: Any,
 ) -> pandas.DataFrame:
@@ -69,6 +71,10 @@ def generate(
     ``cfg`` at the family's scale for a prompt (SD: 7.5), ``none`` for Flux, an LCM or an
     unconditional request.
 
+    `format` stores the images as an ``imagefolder`` (a PNG per file, the default),
+    ``webdataset`` tar shards or ``parquet`` shards of `shard_size` images
+    (`toolkit.data.shards`).
+
     Sample ``i`` starts from
     ``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i))``.
     One run at a time writes a folder (or a shard of it): another run of the same part is
@@ -82,7 +88,8 @@ def generate(
         model=model, out=out, conditions=conditions, prompt=prompt,
         negative_prompt=negative_prompt, n=n, seed=seed,
         settings=GenerationSettings.from_mapping(settings or options),
-        shard=shard, grid=grid, wait=wait, progress=progress,
+        shard=shard, grid=grid, wait=wait, progress=progress, format=format,
+        shard_size=shard_size,
     )  # fmt: skip
     plan = make_plan(request)
     if run(plan) is None:  # a torchrun rank that did not merge

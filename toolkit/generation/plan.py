@@ -217,7 +217,9 @@ class Plan:
             f"batches   {settings.batch_size} samples each, {settings.dtype} on "
             f"{settings.device}"
             + (f", shard {self.shard.index}/{self.shard.count}" if self.shard.count > 1 else ""),
-            f"output    {self.out}" + (f", grid {self.grid}" if self.grid else ""),
+            f"output    {self.out}"
+            + _format_words(self.request)
+            + (f", grid {self.grid}" if self.grid else ""),
         ]
         return "\n".join(lines)
 
@@ -342,9 +344,24 @@ def _check_settings(settings: GenerationSettings, registry: Registry
     return sampler, schedule, filters
 
 
+def _format_words(request: GenerationRequest) -> str:
+    """How the dry run names a sharded format ('' for an imagefolder)."""
+    if request.format == "imagefolder":
+        return ""
+    from toolkit.data.shards import SHARD_SIZE
+
+    return f" ({request.format}, shards of {request.shard_size or SHARD_SIZE} images)"
+
+
 def _check_outputs(request: GenerationRequest) -> tuple[pathlib.Path, pathlib.Path | None]:
+    from toolkit.data.shards import check_format
+
     out = pathlib.Path(request.out)
     check_writable(out)
+    check_format(request.format, request.shard_size)
+    if request.shard_size is not None and request.format == "imagefolder":
+        raise DtkError("--shard-size is for --format webdataset and parquet: an imagefolder "
+                       "holds one file per image")  # fmt: skip
     if request.grid is None:
         return out, None
     grid = pathlib.Path(request.grid)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 #: run.json keys that must agree for a rerun to resume an existing folder (``n`` may grow)
 IDENTITY = ("model", "model_options", "size", "loras", "conditions", "prompt",
             "negative_prompt", "seed", "sampler", "schedule", "steps", "guidance", "guides",
-            "filters", "on_flag", "dtype", "step_cache")  # fmt: skip
+            "filters", "on_flag", "dtype", "step_cache", "format")  # fmt: skip
 #: a sample's status: its image is written (`WRITTEN`), or it is listed in rejected.csv
 #: (``dropped``/``refused`` by a filter, ``failed``: its values were not finite)
 STATUSES = ("ok", "tagged", "blank", "dropped", "refused", "failed")
@@ -68,6 +68,12 @@ def run_record(plan: Plan, versions: Mapping[str, str]) -> dict[str, Any]:
         **({"step_cache": plan.step_cache.describe()} if plan.step_cache else {}),
         # likewise only guide models a guidance loads (autoguidance's), hashed
         **({"guides": {b: g.describe() for b, g in plan.guides.items()}} if plan.guides else {}),
+        # likewise only a sharded format: a folder is one format; the shard size may change
+        **(
+            {"format": request.format, "shard_size": request.shard_size}
+            if request.format != "imagefolder"
+            else {}
+        ),
     }
 
 

@@ -109,3 +109,7 @@ class GenerationRequest:
     #: wait for another run holding the folder instead of stopping
     wait: bool = False
     progress: bool = True
+    #: how the images are stored (`toolkit.data.shards.FORMATS`): one PNG per file, or
+    #: WebDataset or Parquet shards of `shard_size` images (None: `shards.SHARD_SIZE`)
+    format: str = "imagefolder"
+    shard_size: int | None = None

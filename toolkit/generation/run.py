@@ -100,7 +100,9 @@ def run(plan: Plan) -> Merged | None:
         total = _count_pending(plan, done, runner.shard)
         progress = _progress(total, plan.request.progress and runner.shard.is_main,
                              runner.shard)  # fmt: skip
-        with folder.part_writer(runner.shard.name) as writer, torch.inference_mode():
+        writer = folder.part_writer(runner.shard.name, plan.request.format,
+                                    plan.request.shard_size)  # fmt: skip
+        with writer as writer, torch.inference_mode():
             for window in _windows(runner, plan.pending(done, runner.shard)):
                 _encode_prompts(runner, window)
                 for batch in window.batches:
@@ -305,16 +307,25 @@ def _warn_failed(runner: Runner, total: int) -> None:
 
 def _write_grid(folder: OutputFolder, plan: Plan) -> None:
     """The contact sheet of the first 64 images metadata.csv lists."""
-    files = [folder.path(f) for f in _first_files(folder, 64)]
-    if plan.grid is not None and files:
-        atomic_write(plan.grid, contact_sheet(files))
+    import io
+
+    from toolkit.data.shards import read_images
+
+    rows = _first_rows(folder, 64)
+    if plan.grid is None or not rows:
+        return
+    if rows[0].get("shard"):  # a sharded format: the images are read out of their shards
+        images: list[Any] = [io.BytesIO(b) for b in read_images(folder.root, rows)]
+    else:
+        images = [folder.path(row["file_name"]) for row in rows]
+    atomic_write(plan.grid, contact_sheet(images))
 
 
-def _first_files(folder: OutputFolder, count: int) -> list[str]:
-    """The first `count` file names of metadata.csv, read a row at a time (it may list
+def _first_rows(folder: OutputFolder, count: int) -> list[dict[str, str]]:
+    """The first `count` rows of metadata.csv, read a row at a time (it may list
     millions)."""
     with open(folder.root / "metadata.csv", encoding="utf-8", newline="") as handle:
-        return [row["file_name"] for row in itertools.islice(csv.DictReader(handle), count)]
+        return list(itertools.islice(csv.DictReader(handle), count))
 
 
 def _progress(total: int, enabled: bool, shard: Shard) -> Any:
