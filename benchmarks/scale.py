@@ -7,6 +7,9 @@
    ``imagefolder`` at `--n` / 10 images (target: under 5% for the shards).
 3. **datasets loads it**: ``datasets.load_dataset("webdataset", data_dir=OUT)`` on the
    large run has `--n` rows.
+4. **Ray**: ``--engine ray --workers 2`` on a local Ray instance against the local engine,
+   `--n` / 10 images each, wall time with start-up: the throughput ratio, and whether every
+   sample's sha256 equals the local run's at one thread per process (what each worker has).
 
 Run: ``python benchmarks/scale.py [--n 20000] [--out build/scale]`` (about 8 minutes on 2
 CPU cores at n = 20,000). Prints a markdown table and the ratios; writes
@@ -65,12 +68,39 @@ def measure(out: pathlib.Path, n: int, fmt: str) -> dict:
             "write_share": figures["write_seconds"] / figures["seconds"]}  # fmt: skip
 
 
+def engine_run(out: pathlib.Path, n: int, *args: str, threads: str | None = None) -> dict:
+    """``dtk generate`` as a user runs it (start-up included): wall time and the sha256s."""
+    import os
+    import time
+
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": threads} if threads else {})}
+    started = time.perf_counter()
+    subprocess.run(["dtk", "generate", "-n", str(n), "--format", "webdataset", "--out",
+                    str(out), "-q", *args], check=True, env=env)  # fmt: skip
+    seconds = time.perf_counter() - started
+    sha = pandas.read_csv(out / "metadata.csv").set_index("index")["sha256"]
+    return {"seconds": seconds, "sha256": sha}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("build/scale"))
     parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--engines-only", action="store_true",
+                        help="only part 4 (Ray against local)")  # fmt: skip
     args = parser.parse_args()
     small = args.n // 10
+    summary: dict = {}
+    if not args.engines_only:
+        summary = formats(args, small)
+    engines(args, small, summary)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def formats(args: argparse.Namespace, small: int) -> dict:
+    """Parts 1 to 3: memory, write overhead, datasets."""
     rows = [measure(args.out / fmt, small, fmt) for fmt in ("imagefolder", "webdataset",
                                                             "parquet")]  # fmt: skip
     large = measure(args.out / "webdataset-large", args.n, "webdataset")
@@ -95,8 +125,24 @@ def main() -> None:
         print(f"write overhead, {fmt}, n = {small}: {share:.1%}")
     print(f"write overhead, webdataset, n = {args.n}: {large['write_share']:.1%} (target < 5%)")
     print(f"datasets.load_dataset('webdataset') rows: {len(loaded)} (target: {args.n})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def engines(args: argparse.Namespace, small: int, summary: dict) -> None:
+    """Part 4: Ray's two workers against the local engine."""
+    local = engine_run(args.out / "engine-local", small)
+    local_one = engine_run(args.out / "engine-local-1", small, threads="1")
+    ray = engine_run(args.out / "engine-ray", small, "--engine", "ray", "--workers", "2")
+    summary["ray"] = {
+        "n": small, "local_seconds": local["seconds"], "ray_seconds": ray["seconds"],
+        "throughput_ratio": local["seconds"] / ray["seconds"],
+        "identical_to_local_at_one_thread": bool(ray["sha256"].equals(local_one["sha256"])),
+        "identical_to_local_at_default_threads": int((ray["sha256"] == local["sha256"]).sum()),
+    }  # fmt: skip
+    print(f"ray, 2 workers, n = {small}: {ray['seconds']:.1f} s against {local['seconds']:.1f} "
+          f"s local: throughput ratio {summary['ray']['throughput_ratio']:.2f}; every sha256 "
+          f"equal to the local run at one thread: "
+          f"{summary['ray']['identical_to_local_at_one_thread']}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -71,6 +71,21 @@ from toolkit.errors import DtkError
     "load_dataset(FORMAT, data_dir=OUT).",
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process (or torchrun's ranks). ray: a Ray Data actor pool, one model "
+    "load per actor, writing from the workers; needs pip install 'diffusion-toolkit[ray]'.",
+)
+@click.option("--workers", type=int, help="--engine ray: actors in the pool (default 1).")
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    help="--engine ray: the cluster to join (as ray.init takes it: auto, ray://HOST:10001); "
+    "default: start a local one.",
+)
+@click.option(
     "--shard-size",
     type=int,
     help="webdataset and parquet: images per shard (default 1000; a shard also closes at "
@@ -106,6 +121,7 @@ def generate_command(**kw: Any) -> None:
       dtk generate -n 1000000 --dry-run                    # the plan, nothing run
       torchrun --nproc-per-node 4 $(which dtk) generate -n 50000 --out big
       dtk generate -n 100000 --format webdataset --out shards   # 100 tar shards
+      dtk generate -n 100000 --format webdataset --engine ray --workers 8 --out shards
     """
     from toolkit.conditions.labels import parse_conditions
     from toolkit.generation.plan import make_plan
@@ -117,14 +133,15 @@ def generate_command(**kw: Any) -> None:
         prompt=prompt, negative_prompt=negative, n=n, seed=kw["seed"],
         settings=settings_from_cli(kw), shard=kw["shard"], grid=kw["grid"], wait=kw["wait"],
         progress=not kw["quiet"], format=kw["fmt"], shard_size=kw["shard_size"],
+        engine=kw["engine"], workers=kw["workers"], ray_address=kw["ray_address"],
     )  # fmt: skip
     plan = make_plan(request)
     if kw["dry_run"]:
         click.echo(plan.describe())
         return
-    from toolkit.generation.run import run
+    from toolkit.generation.generate import execute
 
-    merged = run(plan)  # counts only: the metadata stays on disk
+    merged = execute(plan)  # counts only: the metadata stays on disk
     click.echo(f"{merged.images if merged else 0} images in {kw['out']}", err=True)
 
 

@@ -224,11 +224,12 @@ class OutputFolder:
         return done
 
     @contextlib.contextmanager
-    def part_writer(self, part: str, fmt: str = "imagefolder",
-                    shard_size: int | None = None) -> Iterator[Any]:  # fmt: skip
+    def part_writer(self, part: str, fmt: str = "imagefolder", shard_size: int | None = None,
+                    shard: str | None = None) -> Iterator[Any]:  # fmt: skip
         """Append to `part`'s log (the caller holds `part`'s lock), writing images in format
         `fmt` (`toolkit.data.shards`); what the caller wrote since its last ``flush`` is
-        flushed when the block ends, not if it fails (those samples are redone)."""
+        flushed when the block ends, not if it fails (those samples are redone). `shard`
+        names the one shard every image goes to (`shards.ShardWriter`'s `name`)."""
         from toolkit.data import shards
 
         path = self.part_file(part)
@@ -239,7 +240,7 @@ class OutputFolder:
                 writer: Any = PartWriter(self, handle)
             else:
                 writer = shards.ShardWriter(self, handle, part, fmt,
-                                            shard_size or shards.SHARD_SIZE)  # fmt: skip
+                                            shard_size or shards.SHARD_SIZE, shard)  # fmt: skip
             try:
                 yield writer
             except BaseException:
@@ -247,6 +248,14 @@ class OutputFolder:
                     writer.abandon()
                 raise
             writer.close()
+
+    def add_to_run(self, **fields: Any) -> None:
+        """Add `fields` to run.json (what only the run learns, such as the sigmas a worker
+        computed), atomically; its identity keys are not to be among them."""
+        with self._exclusive():
+            run = self.read_run() or {}
+            text = json.dumps({**run, **fields}, indent=2, default=str) + "\n"
+            atomic_write(self.run_file, text.encode())
 
     def stored(self, record: Mapping[str, Any], shards: dict[str, bool] | None = None) -> bool:
         """Whether a written record's image is on disk: its file, or the shard it names

@@ -94,9 +94,12 @@ class ShardWriter:
     """
 
     def __init__(self, folder: OutputFolder, handle: Any, part: str, fmt: str,
-                 shard_size: int = SHARD_SIZE) -> None:  # fmt: skip
+                 shard_size: int = SHARD_SIZE, name: str | None = None) -> None:  # fmt: skip
         self.folder, self.handle, self.part, self.fmt = folder, handle, part, fmt
         self.shard_size = shard_size
+        #: every image into this one shard, whatever its size (`toolkit.generation.ray`: a
+        #: shard named for its samples, so a retried batch writes the same shard again)
+        self.name = name
         self._lines: list[str] = []
         self._open: _Shard | None = None
         self._next = self._first_free_number()
@@ -110,8 +113,8 @@ class ShardWriter:
         if self._full():  # a batch may straddle shards
             self._close_shard()
         if self._open is None:
-            name = shard_name(self.fmt, self.part, self._next)
-            self._next += 1
+            name = self.name or shard_name(self.fmt, self.part, self._next)
+            self._next += self.name is None
             self._open = _SHARDS[self.fmt](self.folder.path(name))
         record = {**record, "sha256": hashlib.sha256(data).hexdigest(), "shard": self._open.name}
         self._open.add(record, data)
@@ -125,8 +128,10 @@ class ShardWriter:
 
     def _full(self) -> bool:
         shard = self._open
-        return shard is not None and (
-            len(shard.records) >= self.shard_size or shard.bytes >= MAX_SHARD_BYTES
+        return (
+            self.name is None
+            and shard is not None
+            and (len(shard.records) >= self.shard_size or shard.bytes >= MAX_SHARD_BYTES)
         )
 
     def close(self) -> None:

@@ -19,7 +19,18 @@ from toolkit.generation.run import run
 if TYPE_CHECKING:
     import pandas
 
+    from toolkit.data.output import Merged
     from toolkit.generation.distributed import Shard
+    from toolkit.generation.plan import Plan
+
+
+def execute(plan: Plan) -> Merged | None:
+    """Run `plan` with its engine: `run` (local) or `toolkit.generation.ray_engine`."""
+    if plan.request.engine == "ray":
+        from toolkit.generation.ray_engine import run_ray
+
+        return run_ray(plan)
+    return run(plan)
 
 
 def default_model() -> pathlib.Path | None:
@@ -44,6 +55,9 @@ def generate(
     progress: bool = True,
     format: str = "imagefolder",
     shard_size: int | None = None,
+    engine: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
     settings: GenerationSettings | None = None,
     **options: Any,
 ) -> pandas.DataFrame:
@@ -73,7 +87,9 @@ def generate(
 
     `format` stores the images as an ``imagefolder`` (a PNG per file, the default),
     ``webdataset`` tar shards or ``parquet`` shards of `shard_size` images
-    (`toolkit.data.shards`).
+    (`toolkit.data.shards`). ``engine="ray"`` generates with a Ray Data actor pool of
+    `workers` on the cluster at `ray_address` (default: a local one), the same bytes per
+    sample (`toolkit.generation.ray_engine`).
 
     Sample ``i`` starts from
     ``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i))``.
@@ -89,10 +105,10 @@ def generate(
         negative_prompt=negative_prompt, n=n, seed=seed,
         settings=GenerationSettings.from_mapping(settings or options),
         shard=shard, grid=grid, wait=wait, progress=progress, format=format,
-        shard_size=shard_size,
+        shard_size=shard_size, engine=engine, workers=workers, ray_address=ray_address,
     )  # fmt: skip
     plan = make_plan(request)
-    if run(plan) is None:  # a torchrun rank that did not merge
+    if execute(plan) is None:  # a torchrun rank that did not merge
         import pandas
 
         return pandas.DataFrame()

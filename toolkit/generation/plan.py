@@ -355,10 +355,12 @@ def _format_words(request: GenerationRequest) -> str:
 
 def _check_outputs(request: GenerationRequest) -> tuple[pathlib.Path, pathlib.Path | None]:
     from toolkit.data.shards import check_format
+    from toolkit.generation.engines import check_engine
 
     out = pathlib.Path(request.out)
     check_writable(out)
     check_format(request.format, request.shard_size)
+    check_engine(request)
     if request.shard_size is not None and request.format == "imagefolder":
         raise DtkError("--shard-size is for --format webdataset and parquet: an imagefolder "
                        "holds one file per image")  # fmt: skip

@@ -113,3 +113,8 @@ class GenerationRequest:
     #: WebDataset or Parquet shards of `shard_size` images (None: `shards.SHARD_SIZE`)
     format: str = "imagefolder"
     shard_size: int | None = None
+    #: ``local`` (this process, or torchrun's ranks), or ``ray``: an actor pool of `workers`
+    #: on the Ray cluster at `ray_address` (None: a local one) (`toolkit.generation.ray_engine`)
+    engine: str = "local"
+    workers: int | None = None
+    ray_address: str | None = None

@@ -89,7 +89,8 @@ def run(plan: Plan) -> Merged | None:
     """Generate what `plan` asks for into its folder (see the module docstring); returns
     how many images (this run's and any earlier run's in the folder) and rejected samples
     the merge listed, or None on a torchrun rank that does not merge. The metadata stays in
-    metadata.csv: a run's memory does not grow with n (`toolkit.generate` reads it back)."""
+    metadata.csv: a run's memory does not grow with n (`toolkit.generate` reads it back).
+    The local engine's; `toolkit.generation.generate.execute` picks the plan's."""
     runner = _start(plan)
     folder = OutputFolder(plan.out)
     with folder.hold(runner.shard.name, wait=plan.request.wait):

@@ -1,0 +1,146 @@
+"""``--engine ray``: a local Ray instance with 2 CPU workers writes the local engine's bytes
+per sample, in every format; a worker killed mid-run costs its chunk, and a rerun ends with
+exactly n samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+
+import pandas
+import pytest
+from invoke import dtk
+from threads import torch_threads
+from tiny_models import save_pipeline
+
+from toolkit.errors import DtkError
+from toolkit.generation import engines
+
+DTK = shutil.which("dtk")
+COMMON = ["--condition", "digit=1", "--steps", "3", "--batch-size", "4", "-n", "24"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_pipeline(tmp_path_factory.mktemp("models") / "cond", conditional=True)
+
+
+def png_members(shards):
+    """The PNG members of tar shards, as many times as they occur."""
+    names = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            names += [m.name for m in tar.getmembers() if m.name.endswith(".png")]
+    return names
+
+
+def ray_run(model, out, *args, timeout=300):
+    """The real executable: Ray's processes start and end with it."""
+    return subprocess.run([DTK, "generate", "--model", str(model), *COMMON, "--engine", "ray",
+                           "--workers", "2", "--out", str(out), "-q", *args],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def local(model, tmp_path_factory):
+    """The local engine's run, at one thread as each Ray worker has (on a CPU the sums of a
+    convolution depend on how many threads split them)."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    with torch_threads(1):
+        result = dtk("generate", "--model", model, *COMMON, "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    return pandas.read_csv(out / "metadata.csv").set_index("index")["sha256"]
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "webdataset"])
+def test_two_workers_write_the_local_engines_bytes(model, local, tmp_path, fmt):
+    out = tmp_path / fmt
+    extra = [] if fmt == "imagefolder" else ["--format", fmt, "--shard-size", "8"]
+    result = ray_run(model, out, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.strip() == "24 images in " + str(out)  # Ray's own chatter kept out
+    metadata = pandas.read_csv(out / "metadata.csv").set_index("index")
+    assert list(metadata.index) == list(range(24))
+    pandas.testing.assert_series_equal(metadata["sha256"], local)
+    parts = sorted(p.name for p in (out / ".dtk" / "parts").iterdir())
+    # each actor its own part log (one may have taken every chunk)
+    assert 1 <= len(parts) <= 2 and all(p.startswith("ray-") for p in parts)
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["sigmas"]) == 4
+    if fmt == "webdataset":
+        shards = sorted(out.glob("train-ray-*.tar"))
+        assert len(shards) == 3  # a chunk of 8 each
+        assert sorted(png_members(shards)) == [f"{i:09d}.png" for i in range(24)]
+    # a rerun finds everything done: nothing is generated, nothing changes
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()
+              and ".dtk" not in p.parts and p.name not in ("metadata.csv", "rejected.csv",
+                                                           "run.json")}  # fmt: skip
+    again = ray_run(model, out, *extra)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.name in before}
+    assert after == before
+
+
+def test_a_killed_worker_costs_its_chunk_and_a_rerun_ends_with_exactly_n(model, tmp_path):
+    slow = [*COMMON, "--steps", "60", "--format", "webdataset", "--shard-size", "4"]
+    reference = tmp_path / "local"
+    with torch_threads(1):
+        result = dtk("generate", "--model", model, *slow, "--out", reference, "-q")
+    assert result.exit_code == 0, result.output
+    local = pandas.read_csv(reference / "metadata.csv").set_index("index")["sha256"]
+
+    out = tmp_path / "out"
+    args = [DTK, "generate", "--model", str(model), *slow, "--engine", "ray", "--workers", "2",
+            "--out", str(out), "-q"]  # fmt: skip
+    driver = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    parts = out / ".dtk" / "parts"
+    deadline, killed = time.monotonic() + 240, None
+    while time.monotonic() < deadline and driver.poll() is None and killed is None:
+        for log in parts.glob("ray-*.jsonl") if parts.is_dir() else []:
+            if log.read_text().count("\n") >= 1:  # this worker logged a chunk: kill it
+                killed = int(log.stem.rsplit("-", 1)[1])
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    assert killed is not None, "no worker logged a chunk before the run ended"
+    driver.communicate(timeout=300)  # Ray restarts the actor, or the run fails: either way
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    metadata = pandas.read_csv(out / "metadata.csv").set_index("index")
+    pandas.testing.assert_series_equal(metadata["sha256"], local)
+    keys = png_members(out.glob("train-*.tar"))
+    assert sorted(keys) == [f"{i:09d}.png" for i in range(24)]  # each sample once
+    assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--engine", "ray", "--shard", "0/2"], "--engine ray spreads the samples itself"),
+    (["--engine", "ray", "--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "2"], "--workers and --ray-address are for --engine ray"),
+])  # fmt: skip
+def test_engine_mistakes_are_one_line_and_write_nothing(model, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = dtk("generate", "--model", model, "-n", 2, "--out", out, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_without_ray_the_engine_says_how_to_get_it(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("no ray here")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(DtkError, match=r"pip install 'diffusion-toolkit\[ray\]'"):
+        engines.import_ray()

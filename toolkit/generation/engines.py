@@ -1,0 +1,42 @@
+"""The engines a run can use, checked without importing them: ``local`` (this process, or
+torchrun's ranks: `toolkit.generation.run`) and ``ray`` (`toolkit.generation.ray_engine`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from toolkit.errors import DtkError
+
+if TYPE_CHECKING:
+    from toolkit.generation.request import GenerationRequest
+
+ENGINES = ("local", "ray")
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise DtkError(
+            "--engine ray needs Ray: pip install 'diffusion-toolkit[ray]' (or 'ray[data]')"
+        ) from None
+    return ray
+
+
+def check_engine(request: GenerationRequest) -> None:
+    """What ``--engine`` can check before the folder is touched."""
+    from toolkit.generation.distributed import torchrun_world
+
+    if request.engine not in ENGINES:
+        raise DtkError(f"unknown --engine {request.engine!r}; choose one of: {', '.join(ENGINES)}")
+    if request.engine == "local":
+        if request.workers is not None or request.ray_address is not None:
+            raise DtkError("--workers and --ray-address are for --engine ray")
+        return
+    if request.shard is not None:
+        raise DtkError("--engine ray spreads the samples itself; leave out --shard")
+    if torchrun_world() > 1:
+        raise DtkError("--engine ray runs from one process, not under torchrun")
+    if request.workers is not None and request.workers < 1:
+        raise DtkError(f"--workers must be at least 1, got {request.workers}")
+    import_ray()
