@@ -392,6 +392,7 @@ def label_sheet_command(**kw: Any) -> None:
     "the filters check); a text-to-image model's own (cfg 7.5 for SD, none for Flux and LCM)",
     filters=False,
 )
+@toolkit.engine_options
 @click.option("--out", type=PATH, default=pathlib.Path("dtk-synthetic"), show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def synthesize_command(**kw: Any) -> None:

@@ -224,6 +224,9 @@ def synthesize(
     judge: str | None = "auto",
     judge_options: Mapping[str, Any] | None = None,
     judge_data: str | pathlib.Path | None = None,
+    engine: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
     progress: bool = True,
     report: bool = True,
     on_plan: Callable[[pandas.DataFrame], None] | None = None,
@@ -253,6 +256,9 @@ def synthesize(
     shipped ``mlp`` judges where the filter is the shipped ``cnn``, else none; None: no
     judge. `judge_data` defaults to the colored-digits test split (written to
     ``OUT/judge-reference``) with the default data, else to `data`.
+
+    `engine` (``local`` or ``ray``, with `workers` and `ray_address`) is how each round is
+    generated (`toolkit.generate`): the same images either way.
     """
     job = _Synthesis(
         out=pathlib.Path(out), data=data, model=model, attribute=attribute, by=by,
@@ -263,7 +269,9 @@ def synthesize(
         prompt_template=prompt_template,
         negative_prompt=negative_prompt, words=words, classifier=classifier,
         classifier_options=dict(classifier_options or {}), judge=judge,
-        judge_options=dict(judge_options or {}), judge_data=judge_data, progress=progress,
+        judge_options=dict(judge_options or {}), judge_data=judge_data,
+        engine={"engine": engine, "workers": workers, "ray_address": ray_address},
+        progress=progress,
     )  # fmt: skip
     # 1. the options, the model's attributes, the words, the filters and the judge: checked
     #    before the first file is written (the default data, or else plan.csv)
@@ -359,6 +367,8 @@ class _Synthesis:
     judge: str | None
     judge_options: dict[str, Any]
     judge_data: str | pathlib.Path | None
+    #: how each round generates: toolkit.generate's engine, workers and ray_address
+    engine: dict[str, Any]
     progress: bool
     #: attribute -> value -> its words in prompts (from the words file)
     spoken: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
@@ -544,7 +554,7 @@ class _Synthesis:
                        "negative_prompt": self.negative_prompt}  # fmt: skip
         kept = toolkit.generate(self.model, out=folder, conditions=pending, n=len(pending),
                                 seed=seed, settings=settings, progress=self.progress,
-                                **prompts)  # fmt: skip
+                                **prompts, **self.engine)  # fmt: skip
         if "status" in kept.columns:  # an empty frame when every sample was rejected
             kept = kept[kept["status"] == "ok"]
         return kept.assign(round=index, folder=str(folder)), _rejected(folder).assign(round=index)

@@ -144,3 +144,32 @@ def test_without_ray_the_engine_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(DtkError, match=r"pip install 'diffusion-toolkit\[ray\]'"):
         engines.import_ray()
+
+
+def test_synthesize_rounds_on_ray_accept_the_local_images(tmp_path):
+    """`dtk synthesize --engine ray`: every round on the actor pool; the same accepted
+    images, byte for byte, as the local engine at one thread."""
+    from folders import copy_subset
+
+    import toolkit
+
+    full = tmp_path / "full"
+    toolkit.write_colored_digits(full, "train", minority_share=0.05)
+    metadata = toolkit.read_metadata(full)
+    keep = pandas.concat(
+        metadata[(metadata.digit == "0") & (metadata.group == g)].head(n)
+        for g, n in (("light", 8), ("dark", 2))
+    )  # fmt: skip
+    data = copy_subset(full, keep, tmp_path / "small")
+    common = ["synthesize", "--data", str(data), "--steps", "6", "--judge", "none", "-q"]
+    with torch_threads(1):
+        result = dtk(*common, "--out", tmp_path / "local")
+    assert result.exit_code == 0, result.output
+    ray = subprocess.run([DTK, *common, "--engine", "ray", "--workers", "2", "--out",
+                          str(tmp_path / "ray")], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert ray.returncode == 0, ray.stderr[-3000:]
+    ours, theirs = (pandas.read_csv(tmp_path / name / "synthetic" / "metadata.csv")
+                    for name in ("ray", "local"))  # fmt: skip
+    assert len(ours) == len(theirs) == 6
+    assert list(ours["sha256"]) == list(theirs["sha256"])

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from toolkit import defaults
-from toolkit.cli.options import generation_options, settings_from_cli
+from toolkit.cli.options import engine_options, generation_options, settings_from_cli
 from toolkit.errors import DtkError
 
 
@@ -70,21 +70,7 @@ from toolkit.errors import DtkError
     "shards with an image column and every metadata column. All three load with datasets' "
     "load_dataset(FORMAT, data_dir=OUT).",
 )
-@click.option(
-    "--engine",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="local: this process (or torchrun's ranks). ray: a Ray Data actor pool, one model "
-    "load per actor, writing from the workers; needs pip install 'diffusion-toolkit[ray]'.",
-)
-@click.option("--workers", type=int, help="--engine ray: actors in the pool (default 1).")
-@click.option(
-    "--ray-address",
-    metavar="ADDR",
-    help="--engine ray: the cluster to join (as ray.init takes it: auto, ray://HOST:10001); "
-    "default: start a local one.",
-)
+@engine_options
 @click.option(
     "--shard-size",
     type=int,

@@ -178,3 +178,21 @@ def _filter_options(pairs: tuple[str, ...], filters: tuple[str, ...]) -> dict:
             name, option = filters[0], key
         result.setdefault(name, {})[option] = value
     return result
+
+
+def engine_options(function: Any) -> Any:
+    """``--engine``, ``--workers`` and ``--ray-address`` (`toolkit.generation.engines`)."""
+    function = click.option(
+        "--ray-address", metavar="ADDR",
+        help="--engine ray: the cluster to join (as ray.init takes it: auto, "
+        "ray://HOST:10001); default: start a local one.",
+    )(function)  # fmt: skip
+    function = click.option(
+        "--workers", type=int, help="--engine ray: actors in the pool (default 1)."
+    )(function)
+    return click.option(
+        "--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+        help="local: this process (or torchrun's ranks). ray: a Ray Data actor pool, one "
+        "model load per actor, writing from the workers; needs pip install "
+        "'diffusion-toolkit[ray]'.",
+    )(function)  # fmt: skip
