@@ -179,8 +179,12 @@ def test_a_killed_sharded_run_resumes_to_exactly_n_samples(model, tmp_path):
     (["--shard-size", "8"], "--shard-size is for --format webdataset and parquet"),
     (["--format", "webdataset", "--shard-size", "0"], "--shard-size must be a whole number >= 1"),
     (["--format", "zip"], "'zip' is not one of"),
+    (["--engine", "ray", "--shard", "0/2"], "--engine ray spreads the samples itself"),
+    (["--engine", "ray", "--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "2"], "--workers and --ray-address are for --engine ray"),
 ])  # fmt: skip
-def test_format_mistakes_are_one_line_and_write_nothing(model, tmp_path, args, message):
+def test_format_and_engine_mistakes_are_one_line_and_write_nothing(model, tmp_path, args,
+                                                                   message):  # fmt: skip
     out = tmp_path / "out"
     result = dtk("generate", "--model", model, "-n", 2, "--out", out, *args)
     assert result.exit_code == 2, result.output

@@ -118,19 +118,6 @@ def test_a_killed_worker_costs_its_chunk_and_a_rerun_ends_with_exactly_n(model, 
     assert not list(out.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--engine", "ray", "--shard", "0/2"], "--engine ray spreads the samples itself"),
-    (["--engine", "ray", "--workers", "0"], "--workers must be at least 1"),
-    (["--workers", "2"], "--workers and --ray-address are for --engine ray"),
-])  # fmt: skip
-def test_engine_mistakes_are_one_line_and_write_nothing(model, tmp_path, args, message):
-    out = tmp_path / "out"
-    result = dtk("generate", "--model", model, "-n", 2, "--out", out, *args)
-    assert result.exit_code == 2, result.output
-    assert message in result.output and "Traceback" not in result.output
-    assert not out.exists()
-
-
 def test_without_ray_the_engine_says_how_to_get_it(monkeypatch):
     import builtins
 
