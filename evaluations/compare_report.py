@@ -8,7 +8,7 @@ import pathlib
 from typing import TYPE_CHECKING
 
 from evaluations.plots import comparison_plot
-from evaluations.report import Report
+from evaluations.report import Report, shown_interval
 
 if TYPE_CHECKING:
     from evaluations.compare import AttributeComparison, Audit, ComparisonResult
@@ -83,8 +83,4 @@ def _galleries(report: Report, c: AttributeComparison, a: Audit, b: Audit, by: s
 
 
 def _value(value) -> str:
-    if value.value is None:
-        return "n/a"
-    if value.ci_low is None:
-        return f"{value.value:.3f}"
-    return f"{value.value:.3f} [{value.ci_low:.3f}, {value.ci_high:.3f}]"
+    return shown_interval(value.value, value.ci_low, value.ci_high)

@@ -181,30 +181,27 @@ def measure_fidelity(
     import numpy as np
     import torch
 
-    real = _same_cells(synthetic.metadata, reference.metadata, cells)
-    real_index = torch.as_tensor(np.flatnonzero(real))
+    synthetic_cells = _cell_names(synthetic.metadata, cells)
+    every_real = _cell_names(reference.metadata, cells)
+    # the real images in the synthetic data's cells
+    real = every_real.isin(set(synthetic_cells)).to_numpy()
     if not real.any():
         raise toolkit.DtkError(f"{reference.root} has no real images in the synthetic data's "
                                f"cells ({', '.join(cells)}): nothing to compare with")  # fmt: skip
+    real_cells = every_real[real].reset_index(drop=True)
+    real_images = reference.images[torch.as_tensor(np.flatnonzero(real))]
     rows = []
     for attribute, classifier in judges.items():
         synthetic_ok = _read_as_requested(classifier, synthetic.images,
                                           synthetic.metadata[attribute])  # fmt: skip
-        real_ok = _read_as_requested(classifier, reference.images[real_index],
+        real_ok = _read_as_requested(classifier, real_images,
                                      reference.metadata[attribute][real])  # fmt: skip
-        real_cells = _cell_names(reference.metadata[real], cells)
-        synthetic_cells = _cell_names(synthetic.metadata, cells)
         rows.append(_row(attribute, ALL, synthetic_ok, real_ok))
         for cell in sorted(set(synthetic_cells), key=toolkit.natural_key):
             rows.append(_row(attribute, cell, synthetic_ok[synthetic_cells == cell],
                              real_ok[real_cells == cell]))  # fmt: skip
     return Fidelity(judge, dict(judge_options), dict(identities), shown_path(reference.root),
                     tolerance, rows)  # fmt: skip
-
-
-def _same_cells(synthetic: pandas.DataFrame, real: pandas.DataFrame, cells: Sequence[str]) -> Any:
-    """A mask (numpy) of the real rows whose cell (values of `cells`) a synthetic row has."""
-    return _cell_names(real, cells).isin(set(_cell_names(synthetic, cells))).to_numpy()
 
 
 def _cell_names(frame: pandas.DataFrame, cells: Sequence[str]) -> pandas.Series:

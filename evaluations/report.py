@@ -365,6 +365,19 @@ class _Config:
 # ---------------------------------------------------------------------------- helpers
 
 
+def shown_interval(value: float | None, low: float | None, high: float | None, *,
+                   signed: bool = False) -> str:  # fmt: skip
+    """A figure and its interval as reports show them, ``0.123 [0.100, 0.150]`` (`signed`:
+    ``+0.012 [-0.010, +0.021]``); the figure alone without an interval, and ``n/a`` without
+    a figure (None, or NaN from a table)."""
+    if value is None or value != value:
+        return "n/a"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    if low is None or high is None:
+        return fmt.format(value)
+    return f"{fmt.format(value)} [{fmt.format(low)}, {fmt.format(high)}]"
+
+
 def shown_path(path: str | os.PathLike[str] | None) -> str | None:
     """`path` as a report and its results.json show it: as the user gave it (relative to
     where the command ran, or absolute if they typed it so), except a file of the installed

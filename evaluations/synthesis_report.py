@@ -6,7 +6,7 @@ import dataclasses
 import pathlib
 from typing import TYPE_CHECKING
 
-from evaluations.report import Report, round_robin
+from evaluations.report import Report, round_robin, shown_interval
 
 if TYPE_CHECKING:
     import pandas
@@ -87,11 +87,8 @@ def add_fidelity_section(report: Report, fidelity: Fidelity, *, level: int) -> N
 
 
 def _interval(row: pandas.Series, name: str, signed: bool = False) -> str:
-    value, low, high = row[name], row[f"{name}_low"], row[f"{name}_high"]
-    if value is None or value != value:  # None, or NaN where a cell has no real images
-        return "n/a"
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    return f"{fmt.format(value)} [{fmt.format(low)}, {fmt.format(high)}]"
+    # NaN where a cell has no real images: n/a
+    return shown_interval(row[name], row[f"{name}_low"], row[f"{name}_high"], signed=signed)
 
 
 def add_synthetic_gallery(report: Report, out: pathlib.Path, result: SynthesisResult) -> None:

@@ -102,8 +102,11 @@ class ShardWriter:
         self.name = name
         self._lines: list[str] = []
         self._open: _Shard | None = None
-        self._next = self._first_free_number()
-        self._remove_leftovers()
+        # numbering (a scan of the part log) only where shards are numbered, not per chunk
+        self._next = 0
+        if name is None:
+            self._next = self._first_free_number()
+            self._remove_leftovers()
 
     def write(self, record: dict[str, Any], pixels: np.ndarray | None) -> dict[str, Any]:
         if pixels is None:  # refused, dropped or failed: a record and no image
