@@ -120,8 +120,12 @@ class OutputFolder:
             yield
 
     def _undo_claim(self, part: str, existed: bool) -> None:
+        # only the run that claimed the folder undoes the claim; any other (a Ray worker
+        # whose process ends, say) leaves at once, without waiting on the folder's lock
+        if not self._claimed_new:
+            return
         with self._exclusive():
-            if not self._claimed_new or self._any_record():
+            if self._any_record():
                 return
             if self._others_active(part):
                 return

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 #: samples per chunk of an imagefolder run, rounded to whole batches
 IMAGEFOLDER_CHUNK = 256
+#: CPUs Ray reserves for each actor, and torch's threads in it: fixed, because on a CPU a
+#: convolution's sums (so a sample's bytes) depend on how many threads split them
+WORKER_CPUS = 1
 
 
 def chunk_size(plan: Plan) -> int:
@@ -129,8 +132,9 @@ def _stream(ray: Any, plan: Plan, chunks: list[np.ndarray], terminal: Any) -> li
     items = ray.data.from_items([{"indices": c} for c in chunks],
                                 override_num_blocks=len(chunks))  # fmt: skip
     results = items.map_batches(
-        GenerationWorker, fn_constructor_kwargs={"request": worker_request}, batch_size=1,
-        concurrency=workers, num_gpus=gpus, num_cpus=1,
+        GenerationWorker, batch_size=1, concurrency=workers, num_gpus=gpus,
+        num_cpus=WORKER_CPUS,
+        fn_constructor_kwargs={"request": worker_request, "threads": WORKER_CPUS},
     )  # fmt: skip
     sigmas: list[float] = []
     total = sum(len(c) for c in chunks)
@@ -154,7 +158,7 @@ def _start_ray(ray: Any, request: GenerationRequest) -> None:
     if request.ray_address is not None:
         options["address"] = request.ray_address
     else:
-        options["num_cpus"] = max(request.workers or 1, 1) + 1
+        options["num_cpus"] = (request.workers or 1) * WORKER_CPUS + 1  # and the driver
     # Ray reports its own progress and advice; dtk's bar and errors are what the user reads
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -191,15 +195,13 @@ class GenerationWorker:
     """One actor of the pool: the plan made again here and the model loaded once; each call
     generates one chunk into this actor's part log (and the chunk's shard)."""
 
-    def __init__(self, request: GenerationRequest) -> None:
+    def __init__(self, request: GenerationRequest, threads: int) -> None:
         import torch
 
         from toolkit.generation.plan import make_plan
         from toolkit.generation.run import _start
 
-        cpus = _assigned_cpus()
-        if cpus:
-            torch.set_num_threads(cpus)
+        torch.set_num_threads(threads)
         self.plan = make_plan(request)
         self.runner = _start(self.plan)
         self.folder = OutputFolder(self.plan.out)
@@ -226,12 +228,3 @@ class GenerationWorker:
                         _run_batch(self.runner, [self.plan.samples[i] for i in part], writer)
         sigmas = [float(s) for s in self.runner.sigmas]
         return {"count": np.array([len(indices)]), "sigmas": np.array([sigmas])}
-
-
-def _assigned_cpus() -> int:
-    try:
-        import ray
-
-        return int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
-    except Exception:  # outside Ray (tests call the worker directly)
-        return 0
