@@ -108,7 +108,9 @@ def audit_bias(
     folder = audit.samples()
     pixels, table = load_images(folder, [by] if by else [])
     # 3. per attribute: classify, count, and compare with the target
-    predictions = table[["file_name"] + ([by] if by else [])].copy()
+    # a sharded folder's rows keep where their images are (galleries, label sheets)
+    located = [c for c in ("shard", "index") if c in table.columns]
+    predictions = table[["file_name", *located] + ([by] if by else [])].copy()
     by_values = None if by is None else table[by].astype(str).tolist()
     references = _Comparisons.load(audit, folder, table)
     results = {
@@ -398,7 +400,8 @@ def _human_labeled(path: pathlib.Path, folder: pathlib.Path, table: pandas.DataF
                                f"audited images in {folder}")  # fmt: skip
     if answers.empty:
         raise toolkit.DtkError(f"--human-labels {path} labels no image")
-    pixels = toolkit.read_images(folder, answers["file_name"].tolist())
+    labeled = answers[["file_name"]].merge(table, on="file_name", how="left")
+    pixels = toolkit.read_dataset_images(folder, labeled)
     return pixels, answers[["file_name", *attributes]]
 
 

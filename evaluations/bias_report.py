@@ -8,6 +8,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import toolkit
 from evaluations import metrics
 from evaluations.intersections import cell_name
 from evaluations.plots import prompt_shares_plot, shares_plot
@@ -162,10 +163,10 @@ def add_suite_section(report: Report, audit: AttributeAudit, image_root: pathlib
         gallery = {}
         for prompt in chosen:
             rows = predictions[predictions[PROMPT] == prompt.prompt].head(8)
-            gallery[f"{prompt.prompt} (skew {prompt.skew:.2f})"] = [
-                (image_root / f, str(t))
-                for f, t in zip(rows["file_name"], rows[f"{attribute}_predicted"])
-            ]
+            captions = rows[f"{attribute}_predicted"].astype(str)
+            gallery[f"{prompt.prompt} (skew {prompt.skew:.2f})"] = list(
+                zip(toolkit.image_sources(image_root, rows), captions)
+            )
         report.gallery(f"The {title} skewed prompts ({attribute})", gallery, max_per_group=8,
                        note=f"Under each image: its predicted {attribute}.")  # fmt: skip
 
@@ -267,10 +268,8 @@ def add_gallery(
     gallery = {}
     for label, rows in predictions.groupby(column, sort=True):
         rows = round_robin(rows, by)
-        gallery[label] = [
-            (image_root / f, f"{t} ({float(c):.2f})")
-            for f, t, c in zip(rows["file_name"], rows[top], rows[confidence])
-        ]
+        captions = [f"{t} ({float(c):.2f})" for t, c in zip(rows[top], rows[confidence])]
+        gallery[label] = list(zip(toolkit.image_sources(image_root, rows), captions))
     note = (
         "Under each image: the classifier's most probable label and, in brackets, its "
         "probability; `unknown` images fell below the confidence threshold."

@@ -393,6 +393,7 @@ def label_sheet_command(**kw: Any) -> None:
     filters=False,
 )
 @toolkit.engine_options
+@toolkit.format_options
 @click.option("--out", type=PATH, default=pathlib.Path("dtk-synthetic"), show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def synthesize_command(**kw: Any) -> None:
@@ -410,13 +411,16 @@ def synthesize_command(**kw: Any) -> None:
 
     Writes OUT/synthetic/ (a dataset folder, column synthetic=True), OUT/combined.csv (real +
     synthetic, ready for training), plan.csv, results.json, report.html and report.md.
-    Rerunning the same command resumes.
+    With --format webdataset or parquet, the rounds and OUT/synthetic hold shards, and
+    combined.csv names each sharded row's shard and index. Rerunning the same command
+    resumes.
 
     \b
     Examples:
       dtk synthesize --out synth                       # balance the colored-digits groups
       dtk synthesize --data my-data --model my-gen --attribute group --by label --out synth
       dtk synthesize --budget 500 --target light=0.6,dark=0.4 --out synth
+      dtk synthesize --budget 100000 --format webdataset --engine ray --workers 8 --out synth
       dtk synthesize --model sd-folder --data photos --attribute gender --by occupation \\
           --prompt-template "a photo of a {gender} {occupation}" --classifier clip \\
           --classifier-option path=clip-folder --classifier-option labels=female,male
@@ -435,6 +439,7 @@ def synthesize_command(**kw: Any) -> None:
     kw["judge_options"] = parse_key_values(kw.pop("judge_option"), what="--judge-option")
     kw["judge"] = None if kw["judge"] in ("none", "") else kw["judge"]
     quiet, out, by = kw.pop("quiet"), kw.pop("out"), kw.pop("by") or None
+    kw["format"] = kw.pop("fmt")
     result = synthesize(out, by=by, filters=filters, generation=generation,
                         progress=not quiet, on_plan=_show_plan, **kw)  # fmt: skip
     shortfall = f", {result.shortfall} short of the plan" if result.shortfall else ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING
 
+import toolkit
 from evaluations.plots import comparison_plot
 from evaluations.report import Report, shown_interval
 
@@ -74,10 +75,10 @@ def _galleries(report: Report, c: AttributeComparison, a: Audit, b: Audit, by: s
     for row in moved:
         for audit in (a, b):
             rows = audit.predictions[audit.predictions[by] == row.row].head(8)
-            gallery[f"{row.row} — {audit.name}"] = [
-                (audit.image_root / f, str(p))
-                for f, p in zip(rows["file_name"], rows[f"{c.attribute}_predicted"])
-            ]
+            captions = rows[f"{c.attribute}_predicted"].astype(str)
+            gallery[f"{row.row} — {audit.name}"] = list(
+                zip(toolkit.image_sources(audit.image_root, rows), captions)
+            )
     report.gallery(f"The rows that moved most ({c.attribute})", gallery, max_per_group=8,
                    note=f"Under each image: its predicted {c.attribute}.")  # fmt: skip
 

@@ -61,7 +61,8 @@ def write_label_sheet(
     chosen, strata = _stratified(audit.predictions, f"{attribute}_predicted", n, seed)
     files = chosen["file_name"].tolist()
     out.mkdir(parents=True, exist_ok=True)
-    items = [_item(audit.image_root, f, k) for k, f in enumerate(files)]
+    sources = toolkit.image_sources(audit.image_root, chosen)
+    items = [_item(source, f, k) for k, (source, f) in enumerate(zip(sources, files))]
     sheet = templates().get_template("label_sheet.html")
     page = sheet.render(attribute=attribute, values=values, audit=str(audit.folder), seed=seed,
                         answers_name=ANSWERS, items=items)  # fmt: skip
@@ -99,10 +100,10 @@ def _stratified(predictions: Any, column: str, n: int, seed: int) -> tuple[Any, 
     return sample.iloc[rng.permutation(len(sample))], quota
 
 
-def _item(root: pathlib.Path, file_name: str, key: int) -> dict[str, Any]:
+def _item(source: Any, file_name: str, key: int) -> dict[str, Any]:
     from PIL import Image
 
-    with Image.open(root / file_name) as image:
+    with toolkit.open_image(source) as image:
         image = image.convert("RGB")
     if max(image.size) < SHOWN:  # scaled up whole pixels: the browser keeps them sharp
         factor = max(1, SHOWN // max(image.size))

@@ -40,8 +40,10 @@ import toolkit
 
 __all__ = ["Report", "round_robin", "shown_path"]
 
-#: A gallery image: its path, or its path and the caption shown under it.
-GalleryItem = str | pathlib.Path | tuple[str | pathlib.Path, str]
+#: Where a gallery image is: a path, or a sample of a shard (`toolkit.image_sources`).
+ImageAt = str | pathlib.Path | toolkit.ShardedImage
+#: A gallery image: where it is, or that and the caption shown under it.
+GalleryItem = ImageAt | tuple[ImageAt, str]
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -176,14 +178,20 @@ def _png_size(png: bytes) -> tuple[int, int]:
     return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
 
 
-def _load_image(path: pathlib.Path) -> Image.Image:
-    with Image.open(path) as opened:
+def _load_image(source: ImageAt) -> Image.Image:
+    if not isinstance(source, toolkit.ShardedImage):
+        source = pathlib.Path(source)
+    with toolkit.open_image(source) as opened:
         opened.load()
         alpha = "A" in opened.getbands() or "transparency" in opened.info
         image = opened.convert("RGBA" if alpha else "RGB")
     if max(image.size) > THUMB_MAX:
         image.thumbnail((THUMB_MAX, THUMB_MAX), Image.Resampling.LANCZOS)
     return image
+
+
+def _shown_name(source: ImageAt) -> str:
+    return source.name if isinstance(source, toolkit.ShardedImage) else pathlib.Path(source).name
 
 
 def _encode_png(image: Image.Image) -> bytes:
@@ -523,9 +531,10 @@ class Report:
         max_per_group: int = 16,
         note: str = "",
     ) -> Report:
-        """Up to `max_per_group` images per group, in the order given; an item is a path or
-        a ``(path, caption)`` pair, the caption shown under the image. `note` (inline markup
-        as in `text`) says what the gallery shows. Unreadable files are skipped and noted."""
+        """Up to `max_per_group` images per group, in the order given; an item is where an
+        image is (`ImageAt`) or that and a caption, shown under the image. `note` (inline
+        markup as in `text`) says what the gallery shows. Unreadable images are skipped and
+        noted."""
         built = []
         for label, items in groups.items():
             images, captions, skipped = [], [], []
@@ -533,11 +542,12 @@ class Report:
             for item in items:
                 if len(images) >= max_per_group:
                     break
-                path, caption = item if isinstance(item, tuple) else (item, "")
+                source, caption = item if isinstance(item, tuple) else (item, "")
                 try:
-                    images.append(_load_image(pathlib.Path(path)))
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                    skipped.append(pathlib.Path(path).name)
+                    images.append(_load_image(source))
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                        toolkit.DtkError):  # fmt: skip
+                    skipped.append(_shown_name(source))
                     continue
                 captions.append(str(caption))
             built.append(

@@ -98,6 +98,9 @@ class SynthesisConfig:
     judge: str | None = None
     judge_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     judge_data: str | None = None
+    #: how the rounds and OUT/synthetic store their images (`toolkit.data.shards`)
+    format: str = "imagefolder"
+    shard_size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -227,6 +230,8 @@ def synthesize(
     engine: str = "local",
     workers: int | None = None,
     ray_address: str | None = None,
+    format: str = "imagefolder",
+    shard_size: int | None = None,
     progress: bool = True,
     report: bool = True,
     on_plan: Callable[[pandas.DataFrame], None] | None = None,
@@ -258,7 +263,10 @@ def synthesize(
     ``OUT/judge-reference``) with the default data, else to `data`.
 
     `engine` (``local`` or ``ray``, with `workers` and `ray_address`) is how each round is
-    generated (`toolkit.generate`): the same images either way.
+    generated (`toolkit.generate`): the same images either way. `format` (with
+    `shard_size`) is how the rounds and ``OUT/synthetic`` store them: one PNG per file, or
+    WebDataset or Parquet shards (`toolkit.data.shards`); ``combined.csv`` then names each
+    sharded row's ``shard`` and ``index``.
     """
     job = _Synthesis(
         out=pathlib.Path(out), data=data, model=model, attribute=attribute, by=by,
@@ -271,7 +279,7 @@ def synthesize(
         classifier_options=dict(classifier_options or {}), judge=judge,
         judge_options=dict(judge_options or {}), judge_data=judge_data,
         engine={"engine": engine, "workers": workers, "ray_address": ray_address},
-        progress=progress,
+        storage={"format": format, "shard_size": shard_size}, progress=progress,
     )  # fmt: skip
     # 1. the options, the model's attributes, the words, the filters and the judge: checked
     #    before the first file is written (the default data, or else plan.csv)
@@ -369,6 +377,8 @@ class _Synthesis:
     judge_data: str | pathlib.Path | None
     #: how each round generates: toolkit.generate's engine, workers and ray_address
     engine: dict[str, Any]
+    #: how the rounds and OUT/synthetic store the images: format and shard_size
+    storage: dict[str, Any]
     progress: bool
     #: attribute -> value -> its words in prompts (from the words file)
     spoken: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
@@ -394,6 +404,7 @@ class _Synthesis:
             raise toolkit.DtkError("--budget must be at least 1")
         if self.max_rounds < 1:
             raise toolkit.DtkError("--max-rounds must be at least 1")
+        toolkit.check_format(self.storage["format"], self.storage["shard_size"])
         unknown = sorted(set(self.filters) - set(DEFAULT_FILTERS))
         if unknown:
             raise toolkit.DtkError(f"unknown synthesis filter {unknown[0]!r}; choose from "
@@ -554,7 +565,7 @@ class _Synthesis:
                        "negative_prompt": self.negative_prompt}  # fmt: skip
         kept = toolkit.generate(self.model, out=folder, conditions=pending, n=len(pending),
                                 seed=seed, settings=settings, progress=self.progress,
-                                **prompts, **self.engine)  # fmt: skip
+                                **prompts, **self.engine, **self.storage)  # fmt: skip
         if "status" in kept.columns:  # an empty frame when every sample was rejected
             kept = kept[kept["status"] == "ok"]
         return kept.assign(round=index, folder=str(folder)), _rejected(folder).assign(round=index)
@@ -575,7 +586,7 @@ class _Synthesis:
         import pandas
 
         synthetic = _write_synthetic(self.out / "synthetic", rounds.accepted, self.attribute,
-                                     self.by)  # fmt: skip
+                                     self.by, **self.storage)  # fmt: skip
         rejected = (
             pandas.concat(rounds.rejected, ignore_index=True)
             if rounds.rejected
@@ -655,6 +666,7 @@ class _Synthesis:
             classifier_options=self.classifier_options, judge=self.judge,
             judge_options=self.judge_options,
             judge_data=None if self.judge is None else shown_path(self.judge_reference()),
+            format=self.storage["format"], shard_size=self.storage["shard_size"],
         )  # fmt: skip
 
     def plugins(self) -> list[dict[str, str]]:
@@ -726,30 +738,53 @@ def _rejected(folder: pathlib.Path) -> pandas.DataFrame:
 
 
 def _write_synthetic(
-    root: pathlib.Path, accepted: list[pandas.DataFrame], attribute: str, by: str | None
+    root: pathlib.Path,
+    accepted: list[pandas.DataFrame],
+    attribute: str,
+    by: str | None,
+    format: str = "imagefolder",
+    shard_size: int | None = None,
 ) -> pandas.DataFrame:
-    """Copy the accepted images into one dataset folder (atomically, metadata last)."""
+    """The accepted images of every round in one dataset folder of `format`, made whole
+    again on every run: its metadata.csv goes first and comes back last, so a folder cut
+    short is no dataset; the images are read a round's shard at a time."""
     import pandas
 
     frame = pandas.concat(accepted, ignore_index=True) if accepted else pandas.DataFrame()
-    rows = []
-    for _, row in frame.iterrows():
-        source = pathlib.Path(row["folder"]) / row["file_name"]
-        parent = pathlib.PurePosixPath(row["file_name"]).parent
-        name = f"{parent}/r{row['round']}-{int(row['index']):06d}.png"
-        toolkit.atomic_write(root / name, source.read_bytes())
-        record = {"file_name": name}
-        if by:
-            record[by] = row[by]
-        record[attribute] = row[attribute]
-        record["synthetic"] = True
-        record.update({k: row[k] for k in row.index if k.startswith("filter_")})
-        record.update({"seed": row["seed"], "round": row["round"], "sha256": row["sha256"]})
-        rows.append(record)
+    (root / "metadata.csv").unlink(missing_ok=True)
+    records = [_synthetic_record(row, attribute, by) for _, row in frame.iterrows()]
+    sources: list[Any] = [None] * len(frame)
+    for folder, rows in frame.groupby("folder", sort=False) if len(frame) else ():
+        for position, source in zip(rows.index, toolkit.image_sources(folder, rows)):
+            sources[position] = source
+    images = toolkit.iter_image_bytes(sources)
+    if format == "imagefolder":
+        for position, data in images:
+            toolkit.atomic_write(root / records[position]["file_name"], data)
+    else:
+        # an index per synthetic sample (the rounds' indices repeat), the shard's key
+        samples = (({**records[p], "index": p}, data) for p, data in images)
+        written = toolkit.write_shards(root, format, samples, part="synthetic",
+                                       shard_size=shard_size)  # fmt: skip
+        records = sorted(written, key=lambda r: r["index"])
     columns = ["file_name", *([by] if by else []), attribute, "synthetic"]
-    metadata = pandas.DataFrame(rows, columns=None if rows else columns)
+    metadata = pandas.DataFrame(records, columns=None if records else columns)
     write_csv(root / "metadata.csv", metadata)
     return metadata
+
+
+def _synthetic_record(row: pandas.Series, attribute: str, by: str | None) -> dict[str, Any]:
+    """An accepted sample's metadata row, named for its round and index in that round."""
+    parent = pathlib.PurePosixPath(row["file_name"]).parent
+    record = {"file_name": f"{parent}/r{row['round']}-{int(row['index']):06d}.png"}
+    if by:
+        record[by] = row[by]
+    record[attribute] = row[attribute]
+    record["synthetic"] = True
+    record.update({k: row[k] for k in row.index if k.startswith("filter_")})
+    # whole numbers, though a round that accepted nothing makes pandas read them as floats
+    record.update({"seed": int(row["seed"]), "round": int(row["round"]), "sha256": row["sha256"]})
+    return record
 
 
 def _combined(
@@ -760,23 +795,29 @@ def _combined(
     attribute: str,
     by: str | None,
 ) -> pandas.DataFrame:
-    """Real + synthetic rows, paths relative to `out`, ready for training."""
+    """Real + synthetic rows, paths relative to `out`, ready for training; rows of a
+    sharded folder also name their ``shard`` (relative to `out`) and ``index``."""
     import pandas
 
     columns = [*([by] if by else []), attribute]
-    relative = os.path.relpath(data.resolve(), out.resolve())
-    real_part = real[["file_name", *columns]].assign(
-        file_name=[(pathlib.PurePosixPath(relative) / f).as_posix() for f in real["file_name"]],
-        synthetic=False,
-    )
-    parts = [real_part]
+    relative = pathlib.PurePosixPath(os.path.relpath(data.resolve(), out.resolve()))
+    parts = [_relocated(real, relative, columns).assign(synthetic=False)]
     if len(synthetic):
-        parts.append(
-            synthetic[["file_name", *columns]].assign(
-                file_name=["synthetic/" + f for f in synthetic["file_name"]], synthetic=True
-            )
-        )
+        parts.append(_relocated(synthetic, pathlib.PurePosixPath("synthetic"), columns)
+                     .assign(synthetic=True))  # fmt: skip
     return pandas.concat(parts, ignore_index=True)
+
+
+def _relocated(rows: pandas.DataFrame, folder: pathlib.PurePosixPath, columns: list[str]
+               ) -> pandas.DataFrame:  # fmt: skip
+    """`rows` of the dataset folder `folder`, their paths made relative to its parent."""
+    kept = rows[["file_name", *columns]].assign(
+        file_name=[(folder / f).as_posix() for f in rows["file_name"]]
+    )
+    if "shard" in rows.columns and "index" in rows.columns:
+        kept = kept.assign(shard=[(folder / s).as_posix() for s in rows["shard"]],
+                           index=rows["index"].astype("Int64"))  # fmt: skip
+    return kept
 
 
 def _achieved(

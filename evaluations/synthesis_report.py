@@ -6,6 +6,7 @@ import dataclasses
 import pathlib
 from typing import TYPE_CHECKING
 
+import toolkit
 from evaluations.report import Report, round_robin, shown_interval
 
 if TYPE_CHECKING:
@@ -99,9 +100,7 @@ def add_synthetic_gallery(report: Report, out: pathlib.Path, result: SynthesisRe
         # the rows come class by class: take the classes in turn, or 16 would show one class
         rows = round_robin(rows, by)
         classes = rows[by] if by else [""] * len(rows)
-        gallery[str(value)] = [
-            (out / "synthetic" / f, f"{by} {c}" if by else "")
-            for f, c in zip(rows["file_name"], classes)
-        ]
+        captions = [f"{by} {c}" if by else "" for c in classes]
+        gallery[str(value)] = list(zip(toolkit.image_sources(out / "synthetic", rows), captions))
     title = f"Synthetic samples by {attribute}" + (f", each {by} in turn" if by else "")
     report.gallery(title, gallery, max_per_group=16)

@@ -224,7 +224,7 @@ def test_a_folder_resumes_only_with_the_same_loras(sd, tmp_path):
         result = dtk(*args, "-n", 3, *other)
         assert result.exit_code == 2, result.output
         [line] = result.stderr.splitlines()
-        assert "holds a different run (its loras differ)" in line, line
+        assert "holds a different run (differing in loras)" in line, line
 
 
 @pytest.fixture

@@ -192,7 +192,7 @@ def test_claiming_is_atomic(tmp_path, monkeypatch):
     for thread in threads:
         thread.join()
     assert outcomes.count("claimed") == 1
-    assert any("holds a different run (its seed differ)" in o for o in outcomes)
+    assert any("holds a different run (differing in seed)" in o for o in outcomes)
 
 
 # -- a failed run leaves nothing claimed ---------------------------------------------------

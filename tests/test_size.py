@@ -223,7 +223,7 @@ def test_a_folder_resumes_only_at_its_size(folders, tmp_path):
     other = dtk(*args, "-n", 3, "--width", 24)
     assert other.exit_code == 2
     [line] = other.stderr.splitlines()
-    assert "holds a different run (its size differ)" in line, line
+    assert "holds a different run (differing in size)" in line, line
     default = dtk(*args, "-n", 3)
     assert default.exit_code == 2 and "its size differ" in default.stderr
 

@@ -8,7 +8,12 @@ from typing import Any
 import click
 
 from toolkit import defaults
-from toolkit.cli.options import engine_options, generation_options, settings_from_cli
+from toolkit.cli.options import (
+    engine_options,
+    format_options,
+    generation_options,
+    settings_from_cli,
+)
 from toolkit.errors import DtkError
 
 
@@ -59,24 +64,8 @@ from toolkit.errors import DtkError
 @click.option(
     "--grid", type=click.Path(path_type=pathlib.Path), help="Also write a contact-sheet PNG."
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["imagefolder", "webdataset", "parquet"]),
-    default="imagefolder",
-    show_default=True,
-    help="imagefolder: a PNG per image in class folders. webdataset: tar shards "
-    "(OUT/train-PART-NNNNNN.tar, <key>.png and <key>.json per sample). parquet: Parquet "
-    "shards with an image column and every metadata column. All three load with datasets' "
-    "load_dataset(FORMAT, data_dir=OUT).",
-)
 @engine_options
-@click.option(
-    "--shard-size",
-    type=int,
-    help="webdataset and parquet: images per shard (default 1000; a shard also closes at "
-    "1 GiB). A killed run costs the shard being filled.",
-)
+@format_options
 @click.option(
     "--dry-run",
     is_flag=True,

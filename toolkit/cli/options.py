@@ -180,6 +180,24 @@ def _filter_options(pairs: tuple[str, ...], filters: tuple[str, ...]) -> dict:
     return result
 
 
+def format_options(function: Any) -> Any:
+    """``--format`` and ``--shard-size`` (`toolkit.data.shards`): how the images are stored."""
+    function = click.option(
+        "--shard-size", type=int,
+        help="webdataset and parquet: images per shard (default 1000; a shard also closes at "
+        "1 GiB). A killed run costs the shard being filled.",
+    )(function)  # fmt: skip
+    return click.option(
+        "--format", "fmt", type=click.Choice(["imagefolder", "webdataset", "parquet"]),
+        default="imagefolder", show_default=True,
+        help="imagefolder: a PNG per image in class folders. webdataset: tar shards "
+        "(train-PART-NNNNNN.tar, <key>.png and <key>.json per sample). parquet: Parquet "
+        "shards with an image column and every metadata column. All three load with "
+        "datasets' load_dataset(FORMAT, data_dir=FOLDER), and with every dtk command that "
+        "reads a dataset folder.",
+    )(function)  # fmt: skip
+
+
 def engine_options(function: Any) -> Any:
     """``--engine``, ``--workers`` and ``--ray-address`` (`toolkit.generation.engines`)."""
     function = click.option(

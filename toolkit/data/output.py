@@ -51,6 +51,12 @@ LOCKS = pathlib.Path(".dtk") / "locks"
 WRITTEN = ("ok", "tagged", "blank")  # statuses whose image is on disk
 
 
+def different_run(root: pathlib.Path, differing: list[str]) -> DtkError:
+    """The refusal of a folder that holds a run with other `differing` identity keys."""
+    return DtkError(f"{root} holds a different run (differing in {', '.join(differing)}); "
+                    "choose another --out, or rerun the original command to resume it")  # fmt: skip
+
+
 class OutputFolder:
     """One run's output folder (see the module docstring).
 
@@ -163,11 +169,7 @@ class OutputFolder:
             if existing is not None:
                 differing = [k for k in identity_keys if existing.get(k) != run.get(k)]
                 if differing:
-                    raise DtkError(
-                        f"{self.root} holds a different run (its {', '.join(differing)} "
-                        "differ); choose another --out, or rerun the original command to "
-                        "resume it"
-                    )
+                    raise different_run(self.root, differing)
                 if existing.get("n", 0) >= run.get("n", 0):
                     return
             atomic_write(self.run_file, text.encode())

@@ -33,7 +33,8 @@ import os
 import pathlib
 import re
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import IO, TYPE_CHECKING, Any
 
 from toolkit.data.atomic import fsync_path, replacing
@@ -57,11 +58,15 @@ PREFIX = "train"
 
 
 def check_format(name: str, shard_size: int | None = None) -> None:
-    """Refuse an unknown format, a shard size below 1, and parquet without pyarrow."""
+    """Refuse an unknown format, a shard size below 1 or for an imagefolder, and parquet
+    without pyarrow."""
     if name not in FORMATS:
         raise DtkError(f"unknown --format {name!r}; choose one of: {', '.join(FORMATS)}")
     if shard_size is not None and (not isinstance(shard_size, int) or shard_size < 1):
         raise DtkError(f"--shard-size must be a whole number >= 1, got {shard_size!r}")
+    if shard_size is not None and name == "imagefolder":
+        raise DtkError("--shard-size is for --format webdataset and parquet: an imagefolder "
+                       "holds one file per image")  # fmt: skip
     if name == "parquet":
         try:
             import pyarrow.parquet  # noqa: F401
@@ -84,52 +89,33 @@ def _number(name: str, part: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-class ShardWriter:
-    """Writes one part's samples into shards of `fmt` and their records to its part log
-    (the caller holds the part's lock); the `toolkit.data.output.PartWriter` interface.
+class ShardSequence:
+    """Images into shards of `fmt` in `root`: numbered ``train-<part>-NNNNNN`` from `first`,
+    each closed at `shard_size` images or `MAX_SHARD_BYTES`, or all into the one shard
+    `name`. `before_close(records)` runs before a closing shard is renamed into place."""
 
-    `write` adds an image to the open shard (records of samples without an image wait for
-    the batch's `flush`); `flush` ends a batch: it logs those records and, when the open
-    shard is full, closes it; `close` (the end of the run) closes a partly filled one.
-    """
-
-    def __init__(self, folder: OutputFolder, handle: Any, part: str, fmt: str,
-                 shard_size: int = SHARD_SIZE, name: str | None = None) -> None:  # fmt: skip
-        self.folder, self.handle, self.part, self.fmt = folder, handle, part, fmt
-        self.shard_size = shard_size
-        #: every image into this one shard, whatever its size (`toolkit.generation.ray`: a
-        #: shard named for its samples, so a retried batch writes the same shard again)
-        self.name = name
-        self._lines: list[str] = []
+    def __init__(self, root: pathlib.Path, fmt: str, part: str, *, first: int = 0,
+                 shard_size: int = SHARD_SIZE, name: str | None = None,
+                 before_close: Callable[[list[dict[str, Any]]], None] | None = None,
+                 ) -> None:  # fmt: skip
+        self.root, self.fmt, self.part, self.shard_size = root, fmt, part, shard_size
+        self.name, self._next, self._before_close = name, first, before_close
         self._open: _Shard | None = None
-        # numbering (a scan of the part log) only where shards are numbered, not per chunk
-        self._next = 0
-        if name is None:
-            self._next = self._first_free_number()
-            self._remove_leftovers()
 
-    def write(self, record: dict[str, Any], pixels: np.ndarray | None) -> dict[str, Any]:
-        if pixels is None:  # refused, dropped or failed: a record and no image
-            self._lines.append(json.dumps(record, default=str) + "\n")
-            return record
-        data = encode_png(pixels)
-        if self._full():  # a batch may straddle shards
-            self._close_shard()
+    def add(self, record: dict[str, Any], data: bytes) -> dict[str, Any]:
+        """Add an image to the open shard (first closing it if full, opening one if none);
+        returns `record` with the image's ``sha256`` and its ``shard``."""
+        if self.full():
+            self.close()
         if self._open is None:
             name = self.name or shard_name(self.fmt, self.part, self._next)
             self._next += self.name is None
-            self._open = _SHARDS[self.fmt](self.folder.path(name))
+            self._open = _SHARDS[self.fmt](self.root / name)
         record = {**record, "sha256": hashlib.sha256(data).hexdigest(), "shard": self._open.name}
         self._open.add(record, data)
         return record
 
-    def flush(self) -> None:
-        self._log(self._lines)
-        self._lines = []
-        if self._full():
-            self._close_shard()
-
-    def _full(self) -> bool:
+    def full(self) -> bool:
         shard = self._open
         return (
             self.name is None
@@ -138,24 +124,66 @@ class ShardWriter:
         )
 
     def close(self) -> None:
-        """The end of the run: log what is waiting and close the open shard."""
-        self._log(self._lines)
-        self._lines = []
-        if self._open is not None:
-            self._close_shard()
+        """Close the open shard, if any: `before_close`, then into place, durably."""
+        shard, self._open = self._open, None
+        if shard is not None:
+            if self._before_close is not None:
+                self._before_close(shard.records)
+            shard.finish()
 
-    def abandon(self) -> None:
-        """A failed run: the open shard's temporary file goes; its samples are not done."""
+    def discard(self) -> None:
+        """The open shard's temporary file goes; its images were never there."""
         if self._open is not None:
             self._open.discard()
             self._open = None
 
-    def _close_shard(self) -> None:
-        shard, self._open = self._open, None
-        assert shard is not None
+
+class ShardWriter:
+    """Writes one part's samples into shards of `fmt` and their records to its part log
+    (the caller holds the part's lock); the `toolkit.data.output.PartWriter` interface.
+
+    `write` adds an image to the open shard (records of samples without an image wait for
+    the batch's `flush`); `flush` ends a batch: it logs those records and, when the open
+    shard is full, closes it; `close` (the end of the run) closes a partly filled one.
+    `name`: every image into this one shard, whatever its size (`toolkit.generation.
+    ray_engine`: a shard named for its samples, so a retried batch writes the same shard).
+    """
+
+    def __init__(self, folder: OutputFolder, handle: Any, part: str, fmt: str,
+                 shard_size: int = SHARD_SIZE, name: str | None = None) -> None:  # fmt: skip
+        self.folder, self.handle, self.part = folder, handle, part
+        self._lines: list[str] = []
+        # numbering (a scan of the part log) only where shards are numbered, not per chunk
+        first = 0
+        if name is None:
+            first = self._first_free_number()
+            self._remove_leftovers()
         # records first, durably: a record whose shard never appears is simply not done
-        self._log([json.dumps(r, default=str) + "\n" for r in shard.records])
-        shard.finish()
+        self._shards = ShardSequence(
+            folder.root, fmt, part, first=first, shard_size=shard_size, name=name,
+            before_close=lambda records: self._log([_line(r) for r in records]),
+        )  # fmt: skip
+
+    def write(self, record: dict[str, Any], pixels: np.ndarray | None) -> dict[str, Any]:
+        if pixels is None:  # refused, dropped or failed: a record and no image
+            self._lines.append(_line(record))
+            return record
+        return self._shards.add(record, encode_png(pixels))
+
+    def flush(self) -> None:
+        self._log(self._lines)
+        self._lines = []
+        if self._shards.full():
+            self._shards.close()
+
+    def close(self) -> None:
+        """The end of the run: log what is waiting and close the open shard."""
+        self.flush()
+        self._shards.close()
+
+    def abandon(self) -> None:
+        """A failed run: the open shard's temporary file goes; its samples are not done."""
+        self._shards.discard()
 
     def _log(self, lines: list[str]) -> None:
         if lines:
@@ -184,6 +212,41 @@ class ShardWriter:
             if pattern.fullmatch(path.name):
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+
+def write_shards(
+    root: pathlib.Path,
+    fmt: str,
+    samples: Iterable[tuple[dict[str, Any], bytes]],
+    *,
+    part: str = "main",
+    shard_size: int | None = None,
+) -> list[dict[str, Any]]:
+    """Write `samples` (a record with a unique ``index`` and a ``file_name``, and its PNG
+    bytes) into numbered shards of `fmt` in `root`, each renamed into place when complete;
+    returns the records with their ``sha256`` and ``shard``. `shard_size` defaults to
+    `SHARD_SIZE`. Shards of `part` that these
+    do not replace are removed, so `root` holds exactly these samples (a dataset that is
+    made again whole, such as `dtk synthesize`'s synthetic folder, not a resumable run)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shards = ShardSequence(root, fmt, part, shard_size=shard_size or SHARD_SIZE)
+    records = []
+    try:
+        for record, data in samples:
+            records.append(shards.add(record, data))
+        shards.close()
+    except BaseException:
+        shards.discard()
+        raise
+    kept = {r["shard"] for r in records}
+    for path in root.iterdir():
+        if _number(path.name, part) is not None and path.name not in kept:
+            path.unlink()
+    return records
+
+
+def _line(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, default=str) + "\n"
 
 
 class _Shard:
@@ -325,30 +388,57 @@ def _schema(kinds: Mapping[str, str]) -> Any:
 # -- reading ---------------------------------------------------------------------------------
 
 
-def read_images(root: pathlib.Path, records: list[Mapping[str, Any]]) -> Iterator[bytes]:
-    """The PNG bytes of `records` (each naming its shard), in their order."""
-    by_shard: dict[str, list[int]] = {}
-    for record in records:
-        by_shard.setdefault(record["shard"], []).append(int(record["index"]))
-    found: dict[int, bytes] = {}
-    for name, indices in by_shard.items():
-        found.update(_read_shard(root / name, set(indices)))
-    for record in records:
-        index = int(record["index"])
-        if index not in found:
-            raise DtkError(f"{root / record['shard']} holds no image of sample {index}")
-        yield found[index]
+def shard_images(root: pathlib.Path, records: Sequence[Mapping[str, Any]]
+                 ) -> Iterator[tuple[int, bytes]]:  # fmt: skip
+    """``(position, PNG bytes)`` of each of `records` (each naming its ``shard`` and
+    ``index``), a shard at a time: each shard is opened once, and only the images of the
+    shard being read are held, whatever order the records come in."""
+    by_shard: dict[str, dict[int, int]] = {}
+    for position, record in enumerate(records):
+        by_shard.setdefault(str(record["shard"]), {})[int(record["index"])] = position
+    for name, positions in by_shard.items():
+        path = root / name
+        found: set[int] = set()
+        try:
+            for index, data in _read_shard(path, positions.keys()):
+                yield positions[index], data
+                found.add(index)
+        except (OSError, tarfile.TarError, ValueError) as exc:
+            raise DtkError(f"cannot read shard {path}: {exc}") from None
+        if len(found) < len(positions):
+            missing = min(positions.keys() - found)
+            raise DtkError(f"{path} holds no image of sample {missing}")
 
 
-def _read_shard(path: pathlib.Path, indices: set[int]) -> dict[int, bytes]:
+def read_images(root: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> list[bytes]:
+    """The PNG bytes of `records` (each naming its shard), in their order: for a few
+    records (a contact sheet's); `shard_images` streams."""
+    found: list[bytes] = [b""] * len(records)
+    for position, data in shard_images(root, records):
+        found[position] = data
+    return found
+
+
+def _read_shard(path: pathlib.Path, indices: AbstractSet[int]) -> Iterator[tuple[int, bytes]]:
+    """``(index, PNG bytes)`` of the samples of `indices` in the shard at `path`, read in
+    the shard's order (a parquet shard a row group at a time)."""
     if path.suffix == ".tar":
         with tarfile.open(path) as tar:
-            wanted = {f"{key(i)}.png": i for i in indices}
-            return {wanted[m.name]: tar.extractfile(m).read()  # type: ignore[union-attr]
-                    for m in tar.getmembers() if m.name in wanted}  # fmt: skip
+            for member in tar:
+                stem, _, suffix = member.name.partition(".")
+                if suffix == "png" and stem.isdigit() and int(stem) in indices:
+                    yield int(stem), tar.extractfile(member).read()  # type: ignore[union-attr]
+        return
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["image", "index"])
-    return {int(i): image["bytes"]
-            for image, i in zip(table["image"].to_pylist(), table["index"].to_pylist())
-            if int(i) in indices}  # fmt: skip
+    # a row group's indices first: the images of a group holding none are never read
+    with pq.ParquetFile(path) as shard:
+        for group in range(shard.num_row_groups):
+            held = [int(i) for i in shard.read_row_group(group, columns=["index"])["index"]
+                    .to_pylist()]  # fmt: skip
+            if not any(i in indices for i in held):
+                continue
+            images = shard.read_row_group(group, columns=["image"])["image"].to_pylist()
+            for index, image in zip(held, images):
+                if index in indices:
+                    yield index, image["bytes"]

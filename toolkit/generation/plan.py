@@ -21,7 +21,7 @@ from typing import Any
 
 from toolkit import defaults
 from toolkit.checks import check_positive, check_seed, check_writable
-from toolkit.data.output import OutputFolder
+from toolkit.data.output import OutputFolder, different_run
 from toolkit.errors import DtkError
 from toolkit.generation.distributed import Shard, parse_shard
 from toolkit.generation.record import IDENTITY, run_record
@@ -361,9 +361,6 @@ def _check_outputs(request: GenerationRequest) -> tuple[pathlib.Path, pathlib.Pa
     check_writable(out)
     check_format(request.format, request.shard_size)
     check_engine(request)
-    if request.shard_size is not None and request.format == "imagefolder":
-        raise DtkError("--shard-size is for --format webdataset and parquet: an imagefolder "
-                       "holds one file per image")  # fmt: skip
     if request.grid is None:
         return out, None
     grid = pathlib.Path(request.grid)
@@ -507,10 +504,7 @@ def _check_folder_state(plan: Plan) -> None:
     stored = json.loads(json.dumps(plan.record, default=str))
     differing = [k for k in IDENTITY if existing.get(k) != stored.get(k)]
     if differing:
-        raise DtkError(
-            f"{plan.out} holds a different run (its {', '.join(differing)} differ); choose "
-            "another --out, or rerun the original command to resume it"
-        )
+        raise different_run(plan.out, differing)
 
 
 # -- per-sample inputs -------------------------------------------------------------------
