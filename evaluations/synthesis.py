@@ -230,6 +230,7 @@ def synthesize(
     engine: str = "local",
     workers: int | None = None,
     ray_address: str | None = None,
+    threads: int | None = None,
     format: str = "imagefolder",
     shard_size: int | None = None,
     progress: bool = True,
@@ -262,8 +263,9 @@ def synthesize(
     judge. `judge_data` defaults to the colored-digits test split (written to
     ``OUT/judge-reference``) with the default data, else to `data`.
 
-    `engine` (``local`` or ``ray``, with `workers` and `ray_address`) is how each round is
-    generated (`toolkit.generate`): the same images either way. `format` (with
+    `engine` (``local`` or ``ray``, with `workers`, `ray_address` and `threads`) is how each
+    round is generated (`toolkit.generate`): the same images either way (on a CPU, at the
+    same `threads`). `format` (with
     `shard_size`) is how the rounds and ``OUT/synthetic`` store them: one PNG per file, or
     WebDataset or Parquet shards (`toolkit.data.shards`); ``combined.csv`` then names each
     sharded row's ``shard`` and ``index``.
@@ -278,7 +280,8 @@ def synthesize(
         negative_prompt=negative_prompt, words=words, classifier=classifier,
         classifier_options=dict(classifier_options or {}), judge=judge,
         judge_options=dict(judge_options or {}), judge_data=judge_data,
-        engine={"engine": engine, "workers": workers, "ray_address": ray_address},
+        engine={"engine": engine, "workers": workers, "ray_address": ray_address,
+                "threads": threads},
         storage={"format": format, "shard_size": shard_size}, progress=progress,
     )  # fmt: skip
     # 1. the options, the model's attributes, the words, the filters and the judge: checked
@@ -375,7 +378,7 @@ class _Synthesis:
     judge: str | None
     judge_options: dict[str, Any]
     judge_data: str | pathlib.Path | None
-    #: how each round generates: toolkit.generate's engine, workers and ray_address
+    #: how each round generates: toolkit.generate's engine, workers, ray_address, threads
     engine: dict[str, Any]
     #: how the rounds and OUT/synthetic store the images: format and shard_size
     storage: dict[str, Any]

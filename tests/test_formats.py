@@ -182,6 +182,7 @@ def test_a_killed_sharded_run_resumes_to_exactly_n_samples(model, tmp_path):
     (["--engine", "ray", "--shard", "0/2"], "--engine ray spreads the samples itself"),
     (["--engine", "ray", "--workers", "0"], "--workers must be at least 1"),
     (["--workers", "2"], "--workers and --ray-address are for --engine ray"),
+    (["--threads", "0"], "--threads must be a whole number >= 1"),
 ])  # fmt: skip
 def test_format_and_engine_mistakes_are_one_line_and_write_nothing(model, tmp_path, args,
                                                                    message):  # fmt: skip

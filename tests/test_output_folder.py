@@ -23,7 +23,7 @@ from tiny_models import ATTRIBUTES, save_pipeline
 
 import toolkit.generation.run as run_module
 from toolkit import DtkError
-from toolkit.data.locking import hold
+from toolkit.data.locking import hold, share
 from toolkit.data.output import OutputFolder
 from toolkit.data.paths import inside, safe_name
 from toolkit.generation.generate import generate
@@ -147,6 +147,31 @@ def test_wait_starts_when_the_holder_finishes(model, tmp_path):
     thread.join()
     assert time.monotonic() - started >= 0.4
     assert len(pandas.read_csv(out / "metadata.csv")) == 2
+
+
+def test_runs_that_divide_the_samples_otherwise_never_write_at_once(model, tmp_path):
+    """A Ray run (its driver's split lock), a one-process run and --shard K/N runs would
+    write the same indices: each is refused while another kind writes; parts of one
+    division run side by side."""
+    out = tmp_path / "out"
+    locks = out / ".dtk" / "locks"
+    with OutputFolder(out).hold("ray-driver", split="ray"):
+        for extra in ([], ["--shard", "1/2"]):
+            result = dtk("generate", "--model", model, "-n", 4, "--steps", 1, "--out", out,
+                         "-q", *extra)  # fmt: skip
+            assert result.exit_code == 2, result.output
+            assert "is being written by a Ray engine run, which divides the samples " \
+                "differently from this" in result.stderr  # fmt: skip
+        assert not (out / "run.json").exists() and not (out / ".dtk" / "parts").exists()
+    with share(locks / "split-2.lock"), hold(locks / "shard-0000-of-0002.lock", "held"):
+        result = dtk("generate", "--model", model, "-n", 4, "--steps", 1, "--out", out, "-q")
+        assert result.exit_code == 2 and "a run in 2 shards (--shard K/2" in result.stderr
+        result = dtk("generate", "--model", model, "-n", 4, "--steps", 1, "--out", out, "-q",
+                     "--shard", "1/2")  # fmt: skip
+        assert result.exit_code == 0, result.output  # the other part of the same division
+    result = dtk("generate", "--model", model, "-n", 4, "--steps", 1, "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert len(pandas.read_csv(out / "metadata.csv")) == 4
 
 
 def test_a_killed_holder_does_not_block_the_folder(model, tmp_path):

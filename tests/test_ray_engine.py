@@ -18,6 +18,7 @@ from invoke import dtk
 from threads import torch_threads
 from tiny_models import save_pipeline
 
+import toolkit
 from toolkit.errors import DtkError
 from toolkit.generation import engines
 
@@ -48,11 +49,10 @@ def ray_run(model, out, *args, timeout=300):
 
 @pytest.fixture(scope="module")
 def local(model, tmp_path_factory):
-    """The local engine's run, at one thread as each Ray worker has (on a CPU the sums of a
-    convolution depend on how many threads split them)."""
+    """The local engine's run, at one thread (``--threads 1``) as each Ray worker has by
+    default (on a CPU the sums of a convolution depend on how many threads split them)."""
     out = tmp_path_factory.mktemp("local") / "out"
-    with torch_threads(1):
-        result = dtk("generate", "--model", model, *COMMON, "--out", out, "-q")
+    result = dtk("generate", "--model", model, *COMMON, "--threads", 1, "--out", out, "-q")
     assert result.exit_code == 0, result.output
     return pandas.read_csv(out / "metadata.csv").set_index("index")["sha256"]
 
@@ -89,8 +89,7 @@ def test_two_workers_write_the_local_engines_bytes(model, local, tmp_path, fmt):
 def test_a_killed_worker_costs_its_chunk_and_a_rerun_ends_with_exactly_n(model, tmp_path):
     slow = [*COMMON, "--steps", "60", "--format", "webdataset", "--shard-size", "4"]
     reference = tmp_path / "local"
-    with torch_threads(1):
-        result = dtk("generate", "--model", model, *slow, "--out", reference, "-q")
+    result = dtk("generate", "--model", model, *slow, "--threads", 1, "--out", reference, "-q")
     assert result.exit_code == 0, result.output
     local = pandas.read_csv(reference / "metadata.csv").set_index("index")["sha256"]
 
@@ -149,8 +148,7 @@ def test_synthesize_rounds_on_ray_accept_the_local_images(tmp_path):
     )  # fmt: skip
     data = copy_subset(full, keep, tmp_path / "small")
     common = ["synthesize", "--data", str(data), "--steps", "6", "--judge", "none", "-q"]
-    with torch_threads(1):
-        result = dtk(*common, "--out", tmp_path / "local")
+    result = dtk(*common, "--threads", 1, "--out", tmp_path / "local")
     assert result.exit_code == 0, result.output
     ray = subprocess.run([DTK, *common, "--engine", "ray", "--workers", "2", "--out",
                           str(tmp_path / "ray")], capture_output=True, text=True,
@@ -160,3 +158,24 @@ def test_synthesize_rounds_on_ray_accept_the_local_images(tmp_path):
                     for name in ("ray", "local"))  # fmt: skip
     assert len(ours) == len(theirs) == 6
     assert list(ours["sha256"]) == list(theirs["sha256"])
+
+
+def test_threads_hold_for_the_local_run_and_are_given_back(model, tmp_path, monkeypatch):
+    """``threads``: torch's threads while the local engine runs, the caller's after."""
+    import torch
+
+    from toolkit.generation import generate as generation
+
+    seen, real_run = [], generation.run
+
+    def run(plan):
+        seen.append(torch.get_num_threads())
+        return real_run(plan)
+
+    monkeypatch.setattr(generation, "run", run)
+    with torch_threads(3):
+        toolkit.generate(model, out=tmp_path / "out", conditions={"digit": "1"}, n=2,
+                         steps=2, threads=1, progress=False)  # fmt: skip
+        toolkit.generate(model, out=tmp_path / "more", conditions={"digit": "1"}, n=2,
+                         steps=2, progress=False)  # fmt: skip
+        assert seen == [1, 3] and torch.get_num_threads() == 3

@@ -109,6 +109,7 @@ def generate_command(**kw: Any) -> None:
         settings=settings_from_cli(kw), shard=kw["shard"], grid=kw["grid"], wait=kw["wait"],
         progress=not kw["quiet"], format=kw["fmt"], shard_size=kw["shard_size"],
         engine=kw["engine"], workers=kw["workers"], ray_address=kw["ray_address"],
+        threads=kw["threads"],
     )  # fmt: skip
     plan = make_plan(request)
     if kw["dry_run"]:

@@ -199,7 +199,14 @@ def format_options(function: Any) -> Any:
 
 
 def engine_options(function: Any) -> Any:
-    """``--engine``, ``--workers`` and ``--ray-address`` (`toolkit.generation.engines`)."""
+    """``--engine``, ``--workers``, ``--ray-address`` and ``--threads``
+    (`toolkit.generation.engines`)."""
+    function = click.option(
+        "--threads", type=int,
+        help="torch's CPU threads per process: the local engine's (default: every core) or "
+        "each Ray worker's (default 1). On a CPU an image's bytes depend on it: give both "
+        "engines the same count for the same bytes.",
+    )(function)  # fmt: skip
     function = click.option(
         "--ray-address", metavar="ADDR",
         help="--engine ray: the cluster to join (as ray.init takes it: auto, "

@@ -78,3 +78,37 @@ def _write_holder(fd: int) -> None:
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
+
+
+@contextlib.contextmanager
+def share(path: pathlib.Path) -> Iterator[None]:
+    """Hold the lock file `path` shared, with every process that shares it too, for the
+    block; `in_use` tells others it is held."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        # only `in_use`'s probes hold it exclusively, for microseconds: waiting is brief
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def in_use(path: pathlib.Path) -> bool:
+    """Whether a process holds the lock file `path` now (shared or not)."""
+    if fcntl is None:  # pragma: no cover
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -31,6 +31,8 @@ import itertools
 import json
 import os
 import pathlib
+import sys
+import time
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -48,7 +50,17 @@ if TYPE_CHECKING:
 
 PARTS = pathlib.Path(".dtk") / "parts"
 LOCKS = pathlib.Path(".dtk") / "locks"
+#: the lock files naming how runs divide the sample indices (`OutputFolder.hold`'s `split`)
+SPLIT = "split-"
 WRITTEN = ("ok", "tagged", "blank")  # statuses whose image is on disk
+
+
+def _split_words(split: str) -> str:
+    if split == "ray":
+        return "Ray engine run"
+    if split == "1":
+        return "one-process run"
+    return f"run in {split} shards (--shard K/{split}, or {split} torchrun ranks)"
 
 
 def different_run(root: pathlib.Path, differing: list[str]) -> DtkError:
@@ -97,17 +109,23 @@ class OutputFolder:
         return self.root / LOCKS / f"{name}.lock"
 
     @contextlib.contextmanager
-    def hold(self, part: str, *, wait: bool = False) -> Iterator[None]:
+    def hold(self, part: str, *, wait: bool = False, split: str | None = None
+             ) -> Iterator[None]:  # fmt: skip
         """Hold `part`'s lock for a run: a second run of the same part is refused (or, with
         `wait`, waits). If the run fails before any sample is recorded, what it created is
-        removed again, so a failed command leaves no claimed folder behind."""
+        removed again, so a failed command leaves no claimed folder behind.
+
+        `split` is how the run divides the sample indices between its parts (`splitting`):
+        runs that divide them otherwise would write the same samples, so one is refused
+        while the other writes (or, with `wait`, waits)."""
         existed = self.root.exists()
         created = [p for p in (self.root, *self.root.parents) if not p.exists()]
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             with locking.hold(self._lock_file(part), f"{self.root} ({part})", wait=wait):
                 try:
-                    yield
+                    with self._splitting(split, wait):
+                        yield
                 except BaseException:
                     self._undo_claim(part, existed)
                     raise
@@ -118,6 +136,34 @@ class OutputFolder:
                     with contextlib.suppress(OSError):
                         parent.rmdir()
             raise
+
+    @contextlib.contextmanager
+    def _splitting(self, split: str | None, wait: bool) -> Iterator[None]:
+        """Share `split`'s lock with the runs that divide the indices the same way (the
+        parts of ``--shard K/N`` or of N torchrun ranks: ``N``; the Ray engine: ``ray``),
+        once no run that divides them otherwise holds its own."""
+        if split is None:
+            yield
+            return
+        with locking.share(self._lock_file(SPLIT + split)):
+            told = False
+            while others := [lock.stem[len(SPLIT):] for lock in self._split_locks(split)
+                             if locking.in_use(lock)]:  # fmt: skip
+                message = (f"{self.root} is being written by a {_split_words(others[0])}, which "
+                           f"divides the samples differently from this {_split_words(split)}: "
+                           "both would write the same samples")  # fmt: skip
+                if not wait:
+                    raise locking.FolderBusyError(f"{message}; wait for it to finish, or "
+                                                  "rerun with --wait")  # fmt: skip
+                if not told:
+                    print(f"dtk: waiting, {message}", file=sys.stderr)
+                    told = True
+                time.sleep(1)
+            yield
+
+    def _split_locks(self, split: str) -> list[pathlib.Path]:
+        return [lock for lock in (self.root / LOCKS).glob(f"{SPLIT}*.lock")
+                if lock.stem != SPLIT + split]  # fmt: skip
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -146,7 +192,8 @@ class OutputFolder:
     def _others_active(self, part: str) -> bool:
         """Whether another run holds a part lock of this folder now."""
         for lock in (self.root / LOCKS).glob("*.lock"):
-            if lock.stem in (part, "folder"):
+            # a run's split lock goes with its part lock (and this run holds its own)
+            if lock.stem in (part, "folder") or lock.stem.startswith(SPLIT):
                 continue
             try:
                 with locking.hold(lock, str(lock)):

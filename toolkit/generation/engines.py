@@ -29,6 +29,9 @@ def check_engine(request: GenerationRequest) -> None:
 
     if request.engine not in ENGINES:
         raise DtkError(f"unknown --engine {request.engine!r}; choose one of: {', '.join(ENGINES)}")
+    if request.threads is not None and (not isinstance(request.threads, int)
+                                        or request.threads < 1):  # fmt: skip
+        raise DtkError(f"--threads must be a whole number >= 1, got {request.threads!r}")
     if request.engine == "local":
         if request.workers is not None or request.ray_address is not None:
             raise DtkError("--workers and --ray-address are for --engine ray")

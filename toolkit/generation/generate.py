@@ -6,8 +6,9 @@ plan (`toolkit.generation.plan`: configs only) and runs the plan
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from toolkit import defaults
@@ -25,12 +26,30 @@ if TYPE_CHECKING:
 
 
 def execute(plan: Plan) -> Merged | None:
-    """Run `plan` with its engine: `run` (local) or `toolkit.generation.ray_engine`."""
+    """Run `plan` with its engine: `run` (local, at the request's `threads`) or
+    `toolkit.generation.ray_engine`."""
     if plan.request.engine == "ray":
         from toolkit.generation.ray_engine import run_ray
 
         return run_ray(plan)
-    return run(plan)
+    with torch_threads(plan.request.threads):
+        return run(plan)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` (None: left alone) in the block, then back."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def default_model() -> pathlib.Path | None:
@@ -58,6 +77,7 @@ def generate(
     engine: str = "local",
     workers: int | None = None,
     ray_address: str | None = None,
+    threads: int | None = None,
     settings: GenerationSettings | None = None,
     **options: Any,
 ) -> pandas.DataFrame:
@@ -89,7 +109,8 @@ def generate(
     ``webdataset`` tar shards or ``parquet`` shards of `shard_size` images
     (`toolkit.data.shards`). ``engine="ray"`` generates with a Ray Data actor pool of
     `workers` on the cluster at `ray_address` (default: a local one), the same bytes per
-    sample (`toolkit.generation.ray_engine`).
+    sample (`toolkit.generation.ray_engine`) where `threads` is the same: torch's CPU
+    threads per process (default: every core for the local engine, 1 per Ray worker).
 
     Sample ``i`` starts from
     ``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i))``.
@@ -106,6 +127,7 @@ def generate(
         settings=GenerationSettings.from_mapping(settings or options),
         shard=shard, grid=grid, wait=wait, progress=progress, format=format,
         shard_size=shard_size, engine=engine, workers=workers, ray_address=ray_address,
+        threads=threads,
     )  # fmt: skip
     plan = make_plan(request)
     if execute(plan) is None:  # a torchrun rank that did not merge

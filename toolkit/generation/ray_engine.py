@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 
 #: samples per chunk of an imagefolder run, rounded to whole batches
 IMAGEFOLDER_CHUNK = 256
-#: CPUs Ray reserves for each actor, and torch's threads in it: fixed, because on a CPU a
-#: convolution's sums (so a sample's bytes) depend on how many threads split them
+#: CPUs Ray reserves for each actor, and torch's threads in it, unless ``--threads`` says:
+#: fixed, because on a CPU a convolution's sums (so a sample's bytes) depend on how many
+#: threads split them
 WORKER_CPUS = 1
 
 
@@ -79,7 +80,7 @@ def run_ray(plan: Plan) -> Merged:
     ray = import_ray()
     request = plan.request
     folder = OutputFolder(plan.out)
-    with folder.hold("ray-driver", wait=request.wait):
+    with folder.hold("ray-driver", wait=request.wait, split="ray"):
         folder.claim(plan.record, IDENTITY)
         _remove_leftovers(folder)
         done = folder.done(below=plan.samples.n)
@@ -128,13 +129,12 @@ def _stream(ray: Any, plan: Plan, chunks: list[np.ndarray], terminal: Any) -> li
     request = plan.request
     worker_request = _for_workers(plan)
     gpus = 1 if _uses_cuda(request.settings.device) else 0
-    workers = request.workers or 1
+    workers, threads = request.workers or 1, request.threads or WORKER_CPUS
     items = ray.data.from_items([{"indices": c} for c in chunks],
                                 override_num_blocks=len(chunks))  # fmt: skip
     results = items.map_batches(
         GenerationWorker, batch_size=1, concurrency=workers, num_gpus=gpus,
-        num_cpus=WORKER_CPUS,
-        fn_constructor_kwargs={"request": worker_request, "threads": WORKER_CPUS},
+        num_cpus=threads, fn_constructor_kwargs={"request": worker_request, "threads": threads},
     )  # fmt: skip
     sigmas: list[float] = []
     total = sum(len(c) for c in chunks)
@@ -158,7 +158,7 @@ def _start_ray(ray: Any, request: GenerationRequest) -> None:
     if request.ray_address is not None:
         options["address"] = request.ray_address
     else:
-        options["num_cpus"] = (request.workers or 1) * WORKER_CPUS + 1  # and the driver
+        options["num_cpus"] = (request.workers or 1) * (request.threads or WORKER_CPUS) + 1
     # Ray reports its own progress and advice; dtk's bar and errors are what the user reads
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -118,3 +118,7 @@ class GenerationRequest:
     engine: str = "local"
     workers: int | None = None
     ray_address: str | None = None
+    #: torch's CPU threads per process: the local engine's (None: torch's default, every
+    #: core) and each Ray worker's (None: `ray_engine.WORKER_CPUS`); on a CPU a sample's
+    #: bytes depend on it (a convolution's sums are split over the threads)
+    threads: int | None = None

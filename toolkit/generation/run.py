@@ -93,7 +93,7 @@ def run(plan: Plan) -> Merged | None:
     The local engine's; `toolkit.generation.generate.execute` picks the plan's."""
     runner = _start(plan)
     folder = OutputFolder(plan.out)
-    with folder.hold(runner.shard.name, wait=plan.request.wait):
+    with folder.hold(runner.shard.name, wait=plan.request.wait, split=str(runner.shard.count)):
         if runner.shard.is_main or not runner.shard.distributed:
             folder.claim({**plan.record, "sigmas": [float(s) for s in runner.sigmas]}, IDENTITY)
         barrier(runner.shard)
