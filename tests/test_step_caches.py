@@ -337,9 +337,9 @@ def test_run_json_and_metadata_record_the_cache_and_resuming_keeps_it(sd, tmp_pa
     assert json.loads(metadata["step_cache_options"][0]) == {"interval": 2}
     # the cache changes the images: another cache is another run
     other = dtk(*args[:-2], "interval=3", "-q")
-    assert other.exit_code == 2 and "its step_cache differ" in other.stderr
+    assert other.exit_code == 2 and "differing in step_cache" in other.stderr
     plain = dtk(*args[:-5], "-q")
-    assert plain.exit_code == 2 and "its step_cache differ" in plain.stderr
+    assert plain.exit_code == 2 and "differing in step_cache" in plain.stderr
     assert dtk(*args[:6], 3, *args[7:]).exit_code == 0  # the same run grown to 3
     assert len(pandas.read_csv(out / "metadata.csv")) == 3
     assert sorted(pixels(out)) == [0, 1, 2]
