@@ -183,6 +183,8 @@ def test_a_killed_sharded_run_resumes_to_exactly_n_samples(model, tmp_path):
     (["--engine", "ray", "--workers", "0"], "--workers must be at least 1"),
     (["--workers", "2"], "--workers and --ray-address are for --engine ray"),
     (["--threads", "0"], "--threads must be a whole number >= 1"),
+    (["--engine", "ray", "--ray-address", "127.0.0.1:1"],
+     "--ray-address 127.0.0.1:1: no Ray cluster answers there"),
 ])  # fmt: skip
 def test_format_and_engine_mistakes_are_one_line_and_write_nothing(model, tmp_path, args,
                                                                    message):  # fmt: skip

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 import time
@@ -179,3 +180,33 @@ def test_threads_hold_for_the_local_run_and_are_given_back(model, tmp_path, monk
         toolkit.generate(model, out=tmp_path / "more", conditions={"digit": "1"}, n=2,
                          steps=2, progress=False)  # fmt: skip
         assert seen == [1, 3] and torch.get_num_threads() == 3
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_run_joins_a_running_cluster_at_its_address(model, local, tmp_path):
+    """How ``ray job submit`` and KubeRay run it: the driver joins a cluster that is already
+    up (``--ray-address``) instead of starting one; the same bytes."""
+    ray_cli = shutil.which("ray")
+    assert ray_cli is not None, "ray[data] installs the ray command"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a local test cluster, no token
+    port = free_port()
+    head = [ray_cli, "start", "--head", "--num-cpus", "3", "--include-dashboard=false",
+            "--port", str(port), "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(head, capture_output=True, text=True, timeout=120, env=env, check=True)
+    try:
+        out = tmp_path / "out"
+        result = subprocess.run([DTK, "generate", "--model", str(model), *COMMON, "--engine",
+                                 "ray", "--workers", "2", "--ray-address", f"127.0.0.1:{port}",
+                                 "--format", "webdataset", "--shard-size", "8", "--out",
+                                 str(out), "-q"], capture_output=True, text=True, timeout=300,
+                                env=env)  # fmt: skip
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = pandas.read_csv(out / "metadata.csv").set_index("index")
+    pandas.testing.assert_series_equal(metadata["sha256"], local)

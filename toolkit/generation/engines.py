@@ -3,6 +3,7 @@ torchrun's ranks: `toolkit.generation.run`) and ``ray`` (`toolkit.generation.ray
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import DtkError
@@ -43,3 +44,19 @@ def check_engine(request: GenerationRequest) -> None:
     if request.workers is not None and request.workers < 1:
         raise DtkError(f"--workers must be at least 1, got {request.workers}")
     import_ray()
+    if request.ray_address is not None:
+        check_reachable(request.ray_address)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse a ``HOST:PORT`` (or ``ray://HOST:PORT``) where nothing listens, at once: Ray
+    itself retries such an address for many minutes before it gives up."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():  # "auto", or a form Ray reads itself
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise DtkError(
+            f"--ray-address {address}: no Ray cluster answers there ({exc.strerror or exc})"
+        ) from None

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from toolkit.data.output import Merged, OutputFolder
 from toolkit.data.paths import safe_name
+from toolkit.errors import DtkError
 from toolkit.generation.engines import import_ray
 
 if TYPE_CHECKING:
@@ -163,7 +164,17 @@ def _start_ray(ray: Any, request: GenerationRequest) -> None:
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"ray\..*")
-    ray.init(**options)
+    try:
+        ray.init(**options)
+    except Exception as exc:  # an address with no cluster, a refused token, ...: the user's
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if request.ray_address is None:
+            raise DtkError(f"--engine ray: cannot start Ray: {reason}") from None
+        raise DtkError(
+            f"--engine ray: cannot join the Ray cluster at {request.ray_address}: "
+            f"{reason} (a cluster with token authentication also needs "
+            "RAY_AUTH_MODE=token and its token in this environment)"
+        ) from None
 
 
 def _uses_cuda(device: str) -> bool:
