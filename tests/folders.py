@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -115,3 +115,28 @@ def made_once(root: pathlib.Path, save: Callable[[str, pathlib.Path], Any] = sav
         return made[name]
 
     return folder
+
+
+def raw_shard_images(paths: Iterable[pathlib.Path]) -> dict[int, bytes]:
+    """index -> PNG bytes of the WebDataset or Parquet shards at `paths`, read straight out
+    of the files (no dtk code); a sample found twice fails."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    found: dict[int, bytes] = {}
+
+    def add(index: int, data: bytes) -> None:
+        assert index not in found, f"sample {index} twice"
+        found[index] = data
+
+    for path in paths:
+        if path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                for member in tar.getmembers():
+                    if member.name.endswith(".png"):
+                        add(int(member.name.split(".")[0]), tar.extractfile(member).read())
+        else:
+            for row in pq.read_table(path, columns=["image", "index"]).to_pylist():
+                add(row["index"], row["image"]["bytes"])
+    return found

@@ -9,13 +9,13 @@ import json
 import shutil
 import signal
 import subprocess
-import tarfile
 import time
 
 import datasets
 import numpy as np
 import pandas
 import pytest
+from folders import raw_shard_images
 from invoke import dtk
 from PIL import Image
 from tiny_models import save_pipeline
@@ -49,24 +49,8 @@ def reference(model, tmp_path_factory):
 
 
 def shard_images(out):
-    """index -> PNG bytes, read straight out of the shard files (no dtk code)."""
-    found = {}
-    for path in sorted(out.glob("train-*")):
-        if path.suffix == ".tar":
-            with tarfile.open(path) as tar:
-                for member in tar.getmembers():
-                    if member.name.endswith(".png"):
-                        index = int(member.name.split(".")[0])
-                        assert index not in found, f"sample {index} twice"
-                        found[index] = tar.extractfile(member).read()
-        else:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path).to_pylist()
-            for row in table:
-                assert row["index"] not in found, f"sample {row['index']} twice"
-                found[row["index"]] = row["image"]["bytes"]
-    return found
+    """index -> PNG bytes of every shard in `out`, read without dtk's code."""
+    return raw_shard_images(sorted(out.glob("train-*")))
 
 
 @pytest.mark.parametrize("fmt", SHARDED)

@@ -8,14 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tarfile
 
 import datasets
 import numpy as np
 import pandas
-import pyarrow.parquet as pq
 import pytest
-from folders import copy_subset
+from folders import copy_subset, raw_shard_images
 from invoke import dtk
 from PIL import Image
 from threads import torch_threads
@@ -29,24 +27,6 @@ SHARDED = ("webdataset", "parquet")
 def raw_images(folder):
     """index -> PNG bytes of every shard in `folder`, read without dtk's code."""
     return raw_shard_images(sorted(folder.glob("train-*")))
-
-
-def raw_shard_images(paths):
-    found = {}
-    for path in paths:
-        if path.suffix == ".tar":
-            with tarfile.open(path) as tar:
-                for member in tar.getmembers():
-                    if member.name.endswith(".png"):
-                        index = int(member.name.split(".")[0])
-                        assert index not in found, f"sample {index} twice"
-                        found[index] = tar.extractfile(member).read()
-        else:
-            table = pq.read_table(path, columns=["image", "index"]).to_pylist()
-            for row in table:
-                assert row["index"] not in found, f"sample {row['index']} twice"
-                found[row["index"]] = row["image"]["bytes"]
-    return found
 
 
 def shard_copy(source, out, fmt, shard_size=7, reverse=False):

@@ -50,12 +50,10 @@ def hold(path: pathlib.Path, what: str, *, wait: bool = False) -> Iterator[None]
     Taken: refused with a `FolderBusyError` naming the holder, or, with `wait`, waited for.
     `what` names the locked thing in messages.
     """
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    with _lock_file(path) as fd:
+        if fd is None:  # pragma: no cover
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -69,8 +67,21 @@ def hold(path: pathlib.Path, what: str, *, wait: bool = False) -> Iterator[None]
             fcntl.flock(fd, fcntl.LOCK_EX)
         _write_holder(fd)
         yield
+
+
+@contextlib.contextmanager
+def _lock_file(path: pathlib.Path) -> Iterator[int | None]:
+    """A descriptor of the lock file `path` (made if missing) for the block; closing it
+    releases any lock taken through it. None where locks are not available."""
+    if fcntl is None:  # pragma: no cover
+        yield None
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        yield fd
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        os.close(fd)
 
 
 def _write_holder(fd: int) -> None:
@@ -84,17 +95,11 @@ def _write_holder(fd: int) -> None:
 def share(path: pathlib.Path) -> Iterator[None]:
     """Hold the lock file `path` shared, with every process that shares it too, for the
     block; `in_use` tells others it is held."""
-    if fcntl is None:  # pragma: no cover
+    with _lock_file(path) as fd:
+        if fd is not None:
+            # only `in_use`'s probes hold it exclusively, for microseconds: waiting is brief
+            fcntl.flock(fd, fcntl.LOCK_SH)
         yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        # only `in_use`'s probes hold it exclusively, for microseconds: waiting is brief
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
 
 
 def in_use(path: pathlib.Path) -> bool:
