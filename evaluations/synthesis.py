@@ -408,6 +408,7 @@ class _Synthesis:
         if self.max_rounds < 1:
             raise toolkit.DtkError("--max-rounds must be at least 1")
         toolkit.check_format(self.storage["format"], self.storage["shard_size"])
+        toolkit.check_engine(**self.engine)
         unknown = sorted(set(self.filters) - set(DEFAULT_FILTERS))
         if unknown:
             raise toolkit.DtkError(f"unknown synthesis filter {unknown[0]!r}; choose from "

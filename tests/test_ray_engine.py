@@ -190,23 +190,46 @@ def free_port():
 
 def test_a_run_joins_a_running_cluster_at_its_address(model, local, tmp_path):
     """How ``ray job submit`` and KubeRay run it: the driver joins a cluster that is already
-    up (``--ray-address``) instead of starting one; the same bytes."""
+    up (``--ray-address``) instead of starting one; the same bytes. The cluster's workers
+    start in the head's directory, not the driver's: a relative path the run was given (a
+    filter's data folder here) still means what it meant to the driver."""
     ray_cli = shutil.which("ray")
     assert ray_cli is not None, "ray[data] installs the ray command"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a local test cluster, no token
+    data = dtk("generate", "--model", model, "-n", 2, "--steps", 1, "--out",
+               tmp_path / "data", "-q")  # fmt: skip
+    assert data.exit_code == 0, data.output
+    (tmp_path / "head").mkdir()
     port = free_port()
     head = [ray_cli, "start", "--head", "--num-cpus", "3", "--include-dashboard=false",
             "--port", str(port), "--disable-usage-stats"]  # fmt: skip
-    subprocess.run(head, capture_output=True, text=True, timeout=120, env=env, check=True)
+    subprocess.run(head, capture_output=True, text=True, timeout=120, env=env, check=True,
+                   cwd=tmp_path / "head")  # fmt: skip
     try:
-        out = tmp_path / "out"
         result = subprocess.run([DTK, "generate", "--model", str(model), *COMMON, "--engine",
                                  "ray", "--workers", "2", "--ray-address", f"127.0.0.1:{port}",
-                                 "--format", "webdataset", "--shard-size", "8", "--out",
-                                 str(out), "-q"], capture_output=True, text=True, timeout=300,
-                                env=env)  # fmt: skip
+                                 "--filter", "memorization", "--filter-option", "data=data",
+                                 "--filter-option", "threshold=0", "--format", "webdataset",
+                                 "--shard-size", "8", "--out", "out", "-q"],
+                                capture_output=True, text=True, timeout=300, env=env,
+                                cwd=tmp_path)  # fmt: skip
     finally:
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    metadata = pandas.read_csv(out / "metadata.csv").set_index("index")
+    metadata = pandas.read_csv(tmp_path / "out" / "metadata.csv").set_index("index")
     pandas.testing.assert_series_equal(metadata["sha256"], local)
+    assert (metadata["filter_memorization_score"] > 0).all()  # the workers read data/
+
+
+def test_a_mistake_a_worker_finds_is_one_line(model, tmp_path):
+    """A plugin option only a worker can check (the filter's data folder, read when the
+    filter is made): the driver says the worker's one line, Ray's retries stay off the
+    terminal, and the folder is left as it was."""
+    result = subprocess.run([DTK, "generate", "--model", str(model), *COMMON, "--engine", "ray",
+                             "--filter", "memorization", "--filter-option", "data=nothere",
+                             "--out", str(tmp_path / "out"), "-q"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr == "Error: nothere is not a dataset folder: no metadata.csv\n"
+    assert result.stdout == ""
+    assert not (tmp_path / "out").exists()

@@ -203,13 +203,6 @@ def _check_combined(out, synthetic_rows):
             assert (out / row.file_name).is_file()
 
 
-def test_synthesize_format_mistakes_are_one_line(digits, tmp_path):
-    result = dtk(*synthesize_args(digits["imagefolder"], tmp_path / "s", "--shard-size", 4))
-    assert result.exit_code == 2, result.output
-    assert "--shard-size is for --format webdataset and parquet" in result.stderr
-    assert not (tmp_path / "s").exists()
-
-
 def test_a_classifier_trained_on_a_sharded_folder_is_the_imagefolder_one(digits, tmp_path):
     """`dtk train-classifier` reads the shards: the same images in the same order give the
     same weights, byte for byte."""

@@ -135,13 +135,17 @@ def test_rejected_samples_are_retried_and_a_shortfall_is_reported(small_data, tm
         (["--budget", "0"], "--budget"),
         (["--target", "light=0.9"], "sum to 1"),
         (["--filters", "nsfw"], "unknown synthesis filter 'nsfw'"),
+        (["--engine", "ray", "--workers", "0"], "--workers must be at least 1"),
+        (["--threads", "0"], "--threads must be a whole number >= 1"),
+        (["--format", "parquet", "--shard-size", "0"], "--shard-size must be a whole number"),
+        (["--shard-size", "4"], "--shard-size is for --format webdataset and parquet"),
     ],
 )
 def test_user_mistakes(small_data, tmp_path, args, message):
     result = dtk("synthesize", "--data", small_data, *args, "--out", tmp_path / "s", "-q")
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "s" / "rounds").exists()
+    assert not (tmp_path / "s").exists()  # refused before anything is written
 
 
 def test_a_text_to_image_model_synthesizes_from_a_prompt_template(small_data, tmp_path):

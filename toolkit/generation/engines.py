@@ -26,26 +26,35 @@ def import_ray() -> Any:
 
 def check_engine(request: GenerationRequest) -> None:
     """What ``--engine`` can check before the folder is touched."""
+    check_engine_options(request.engine, workers=request.workers,
+                         ray_address=request.ray_address, threads=request.threads,
+                         shard=request.shard)  # fmt: skip
+
+
+def check_engine_options(engine: str, *, workers: int | None = None,
+                         ray_address: str | None = None, threads: int | None = None,
+                         shard: Any = None) -> None:  # fmt: skip
+    """The engine options (`toolkit.generate`'s) checked together: a run's, or those a
+    command such as ``dtk synthesize`` passes on to every run it makes."""
     from toolkit.generation.distributed import torchrun_world
 
-    if request.engine not in ENGINES:
-        raise DtkError(f"unknown --engine {request.engine!r}; choose one of: {', '.join(ENGINES)}")
-    if request.threads is not None and (not isinstance(request.threads, int)
-                                        or request.threads < 1):  # fmt: skip
-        raise DtkError(f"--threads must be a whole number >= 1, got {request.threads!r}")
-    if request.engine == "local":
-        if request.workers is not None or request.ray_address is not None:
+    if engine not in ENGINES:
+        raise DtkError(f"unknown --engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise DtkError(f"--threads must be a whole number >= 1, got {threads!r}")
+    if engine == "local":
+        if workers is not None or ray_address is not None:
             raise DtkError("--workers and --ray-address are for --engine ray")
         return
-    if request.shard is not None:
+    if shard is not None:
         raise DtkError("--engine ray spreads the samples itself; leave out --shard")
     if torchrun_world() > 1:
         raise DtkError("--engine ray runs from one process, not under torchrun")
-    if request.workers is not None and request.workers < 1:
-        raise DtkError(f"--workers must be at least 1, got {request.workers}")
+    if workers is not None and workers < 1:
+        raise DtkError(f"--workers must be at least 1, got {workers}")
     import_ray()
-    if request.ray_address is not None:
-        check_reachable(request.ray_address)
+    if ray_address is not None:
+        check_reachable(ray_address)
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import socket
 import sys
 import warnings
@@ -102,25 +103,39 @@ def _run_chunks(ray: Any, plan: Plan, chunks: list[np.ndarray]) -> list[float]:
     request = plan.request
     with _terminal() as terminal:
         _start_ray(ray, request)
-        return _stream(ray, plan, chunks, terminal)
+        try:
+            return _stream(ray, plan, chunks, terminal)
+        except Exception as exc:
+            raise _worker_mistake(exc) or exc from None
+
+
+def _worker_mistake(exc: Exception) -> DtkError | None:
+    """The one-line `DtkError` a worker raised (a data folder it cannot read, say), out of
+    the Ray error that carries it back with the worker's traceback; None for other
+    errors."""
+    found = re.findall(r"toolkit\.errors\.\w*Error: (.+)", str(exc))
+    return DtkError(found[-1].strip()) if found else None
 
 
 @contextlib.contextmanager
 def _terminal() -> Any:
-    """Ray's C++ core writes its advice straight to file descriptor 2 (Ray's log files keep
-    it): while Ray runs, descriptor 2 goes to /dev/null and dtk's progress bar to a copy
-    of the real one. Python's errors are raised after it is back."""
+    """Ray's C++ core writes its advice straight to file descriptor 2, and its error
+    listener retries of worker tasks to descriptor 1 (Ray's log files keep both): while Ray
+    runs, both go to /dev/null and dtk's progress bar to a copy of the real stderr.
+    Python's errors are raised after they are back."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
-    terminal = os.fdopen(os.dup(saved), "w")
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    terminal = os.fdopen(os.dup(saved[2]), "w")
     with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
+        for fd in saved:
+            os.dup2(null.fileno(), fd)
     try:
         yield terminal
     finally:
-        terminal.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
         terminal.close()
 
 
@@ -135,7 +150,9 @@ def _stream(ray: Any, plan: Plan, chunks: list[np.ndarray], terminal: Any) -> li
                                 override_num_blocks=len(chunks))  # fmt: skip
     results = items.map_batches(
         GenerationWorker, batch_size=1, concurrency=workers, num_gpus=gpus,
-        num_cpus=threads, fn_constructor_kwargs={"request": worker_request, "threads": threads},
+        num_cpus=threads,
+        fn_constructor_kwargs={"request": worker_request, "threads": threads,
+                               "directory": os.getcwd()},
     )  # fmt: skip
     sigmas: list[float] = []
     total = sum(len(c) for c in chunks)
@@ -206,13 +223,18 @@ class GenerationWorker:
     """One actor of the pool: the plan made again here and the model loaded once; each call
     generates one chunk into this actor's part log (and the chunk's shard)."""
 
-    def __init__(self, request: GenerationRequest, threads: int) -> None:
+    def __init__(self, request: GenerationRequest, threads: int, directory: str) -> None:
         import torch
 
         from toolkit.generation.plan import make_plan
         from toolkit.generation.run import _start
 
         torch.set_num_threads(threads)
+        # a cluster starts its workers in the head's directory: relative paths of the request
+        # (a LoRA, a plugin's data) mean what they meant to the driver where it is shared;
+        # elsewhere (`ray job submit --working-dir`) the job's own copy is the directory
+        if os.path.isdir(directory):
+            os.chdir(directory)
         self.plan = make_plan(request)
         self.runner = _start(self.plan)
         self.folder = OutputFolder(self.plan.out)
