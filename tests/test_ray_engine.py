@@ -4,8 +4,10 @@ exactly n samples."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -41,6 +43,26 @@ def png_members(shards):
     return names
 
 
+def ray_processes():
+    """The pids of Ray's processes (``ray::...``) alive now."""
+    found = set()
+    for entry in pathlib.Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":  # a zombie holds nothing
+                    found.add(int(entry.name))
+    return found
+
+
+def left_behind(before, wait=10.0):
+    """Ray processes a run started that are still alive `wait` seconds after it ended."""
+    deadline = time.monotonic() + wait
+    while (extra := ray_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return extra
+
+
 def ray_run(model, out, *args, timeout=300):
     """The real executable: Ray's processes start and end with it."""
     return subprocess.run([DTK, "generate", "--model", str(model), *COMMON, "--engine", "ray",
@@ -62,8 +84,10 @@ def local(model, tmp_path_factory):
 def test_two_workers_write_the_local_engines_bytes(model, local, tmp_path, fmt):
     out = tmp_path / fmt
     extra = [] if fmt == "imagefolder" else ["--format", fmt, "--shard-size", "8"]
+    before = ray_processes()
     result = ray_run(model, out, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not left_behind(before), "the run left Ray's processes running"
     assert result.stderr.strip() == "24 images in " + str(out)  # Ray's own chatter kept out
     metadata = pandas.read_csv(out / "metadata.csv").set_index("index")
     assert list(metadata.index) == list(range(24))
@@ -225,6 +249,7 @@ def test_a_mistake_a_worker_finds_is_one_line(model, tmp_path):
     """A plugin option only a worker can check (the filter's data folder, read when the
     filter is made): the driver says the worker's one line, Ray's retries stay off the
     terminal, and the folder is left as it was."""
+    before = ray_processes()
     result = subprocess.run([DTK, "generate", "--model", str(model), *COMMON, "--engine", "ray",
                              "--filter", "memorization", "--filter-option", "data=nothere",
                              "--out", str(tmp_path / "out"), "-q"], capture_output=True,
@@ -233,3 +258,4 @@ def test_a_mistake_a_worker_finds_is_one_line(model, tmp_path):
     assert result.stderr == "Error: nothere is not a dataset folder: no metadata.csv\n"
     assert result.stdout == ""
     assert not (tmp_path / "out").exists()
+    assert not left_behind(before), "the failed run left Ray's processes running"

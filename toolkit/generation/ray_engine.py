@@ -102,11 +102,16 @@ def _run_chunks(ray: Any, plan: Plan, chunks: list[np.ndarray]) -> list[float]:
     """The chunks through the actor pool; returns the sigmas the workers sampled with."""
     request = plan.request
     with _terminal() as terminal:
-        _start_ray(ray, request)
+        started = _start_ray(ray, request)
         try:
             return _stream(ray, plan, chunks, terminal)
         except Exception as exc:
             raise _worker_mistake(exc) or exc from None
+        finally:
+            # Ray's own exit hook leaves the agents of a local instance running (orphans of
+            # every run); a run that started Ray ends it, with the terminal still quiet
+            if started:
+                ray.shutdown()
 
 
 def _worker_mistake(exc: Exception) -> DtkError | None:
@@ -164,10 +169,11 @@ def _stream(ray: Any, plan: Plan, chunks: list[np.ndarray], terminal: Any) -> li
     return sigmas
 
 
-def _start_ray(ray: Any, request: GenerationRequest) -> None:
-    """Join the cluster at `ray_address`, or start a local one; quietly."""
+def _start_ray(ray: Any, request: GenerationRequest) -> bool:
+    """Join the cluster at `ray_address`, or start a local one, quietly; whether this call
+    connected (False when this process already was)."""
     if ray.is_initialized():
-        return
+        return False
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -192,6 +198,7 @@ def _start_ray(ray: Any, request: GenerationRequest) -> None:
             f"{reason} (a cluster with token authentication also needs "
             "RAY_AUTH_MODE=token and its token in this environment)"
         ) from None
+    return True
 
 
 def _uses_cuda(device: str) -> bool:
