@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,61 @@ def test_runs_that_divide_the_samples_otherwise_never_write_at_once(model, tmp_p
     result = dtk("generate", "--model", model, "-n", 4, "--steps", 1, "--out", out, "-q")
     assert result.exit_code == 0, result.output
     assert len(pandas.read_csv(out / "metadata.csv")) == 4
+
+
+@pytest.mark.skipif(shutil.which("dtk") is None, reason="the dtk console script is installed")
+def test_two_kinds_of_run_waiting_on_each_other_both_finish(model, tmp_path):
+    """--wait on both sides: a one-process run and a --shard 0/2 run started together on
+    one folder take turns (neither holds its split while it waits), and every sample is
+    written once."""
+    out = tmp_path / "out"
+    common = [shutil.which("dtk"), "generate", "--model", str(model), "-n", "8", "--steps", "20",
+              "--out", str(out), "--wait", "-q"]  # fmt: skip
+    runs = [subprocess.Popen(common + extra, stderr=subprocess.PIPE, text=True)
+            for extra in ([], ["--shard", "0/2"])]  # fmt: skip
+    said = []
+    for run in runs:
+        _, stderr = run.communicate(timeout=240)
+        assert run.returncode == 0, stderr
+        said.append(stderr)
+    assert any("dtk: waiting, " in text and "divides the samples differently" in text
+               for text in said), said  # fmt: skip
+    metadata = pandas.read_csv(out / "metadata.csv")
+    assert sorted(metadata["index"]) == list(range(8))
+
+
+def test_two_kinds_that_look_at_the_same_moment_take_turns(tmp_path, monkeypatch):
+    """The worst timing: a one-process run and a Ray run each share their split lock before
+    either looks at the other's. Both wait (--wait); neither may wait for ever."""
+    from toolkit.data import locking
+
+    folder, both_hold = OutputFolder(tmp_path / "out"), threading.Barrier(2)
+    real_in_use, looked = locking.in_use, threading.local()
+
+    def in_use(path):
+        if not getattr(looked, "once", False):  # each run's first look: after both hold
+            looked.once = True
+            both_hold.wait(10)
+        return real_in_use(path)
+
+    monkeypatch.setattr(locking, "in_use", in_use)
+    (tmp_path / "out" / ".dtk" / "locks").mkdir(parents=True)
+    for split in ("1", "ray"):  # each kind's lock file exists, as after earlier runs
+        (tmp_path / "out" / ".dtk" / "locks" / f"split-{split}.lock").touch()
+    done = []
+
+    def run(part, split):
+        with folder.hold(part, split=split, wait=True):
+            done.append(split)
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=run, args=args, daemon=True)
+               for args in (("shard-0000-of-0001", "1"), ("ray-driver", "ray"))]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(done) == ["1", "ray"], "the two runs waited on each other"
 
 
 def test_a_killed_holder_does_not_block_the_folder(model, tmp_path):

@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import pathlib
+import random
 import sys
 import time
 from array import array
@@ -141,25 +142,30 @@ class OutputFolder:
     def _splitting(self, split: str | None, wait: bool) -> Iterator[None]:
         """Share `split`'s lock with the runs that divide the indices the same way (the
         parts of ``--shard K/N`` or of N torchrun ranks: ``N``; the Ray engine: ``ray``),
-        once no run that divides them otherwise holds its own."""
+        once no run that divides them otherwise holds its own. A waiting run lets go of its
+        own between looks (two kinds waiting on each other would wait for ever), after a
+        random pause (so they do not keep looking at the same moments)."""
         if split is None:
             yield
             return
-        with locking.share(self._lock_file(SPLIT + split)):
-            told = False
-            while others := [lock.stem[len(SPLIT):] for lock in self._split_locks(split)
-                             if locking.in_use(lock)]:  # fmt: skip
-                message = (f"{self.root} is being written by a {_split_words(others[0])}, which "
-                           f"divides the samples differently from this {_split_words(split)}: "
-                           "both would write the same samples")  # fmt: skip
-                if not wait:
-                    raise locking.FolderBusyError(f"{message}; wait for it to finish, or "
-                                                  "rerun with --wait")  # fmt: skip
-                if not told:
-                    print(f"dtk: waiting, {message}", file=sys.stderr)
-                    told = True
-                time.sleep(1)
-            yield
+        told = False
+        while True:
+            with locking.share(self._lock_file(SPLIT + split)):
+                others = [lock.stem[len(SPLIT):] for lock in self._split_locks(split)
+                          if locking.in_use(lock)]  # fmt: skip
+                if not others:
+                    yield
+                    return
+            message = (f"{self.root} is being written by a {_split_words(others[0])}, which "
+                       f"divides the samples differently from this {_split_words(split)}: "
+                       "both would write the same samples")  # fmt: skip
+            if not wait:
+                raise locking.FolderBusyError(f"{message}; wait for it to finish, or rerun "
+                                              "with --wait")  # fmt: skip
+            if not told:
+                print(f"dtk: waiting, {message}", file=sys.stderr)
+                told = True
+            time.sleep(random.uniform(0.5, 1.5))
 
     def _split_locks(self, split: str) -> list[pathlib.Path]:
         return [lock for lock in (self.root / LOCKS).glob(f"{SPLIT}*.lock")
