@@ -265,10 +265,9 @@ def synthesize(
 
     `engine` (``local`` or ``ray``, with `workers`, `ray_address` and `threads`) is how each
     round is generated (`toolkit.generate`): the same images either way (on a CPU, at the
-    same `threads`). `format` (with
-    `shard_size`) is how the rounds and ``OUT/synthetic`` store them: one PNG per file, or
-    WebDataset or Parquet shards (`toolkit.data.shards`); ``combined.csv`` then names each
-    sharded row's ``shard`` and ``index``.
+    same `threads`). `format` (with `shard_size`) is how the rounds and ``OUT/synthetic``
+    store them: one PNG per file, or WebDataset or Parquet shards (`toolkit.data.shards`);
+    ``combined.csv`` then names each sharded row's ``shard`` and ``index``.
     """
     job = _Synthesis(
         out=pathlib.Path(out), data=data, model=model, attribute=attribute, by=by,

@@ -191,13 +191,16 @@ def _decode_all(sources: Sequence[ImageSource], size: tuple[int, int] | None,
     from PIL import Image
 
     mode = {1: "L", 3: "RGB"}[channels]
-    if size is None and sources:  # shards are read in their own order: ask the first
+    # files come out in their order, a shard's samples in the shard's: the first source's
+    # size is looked up first only when it is a shard's sample
+    if size is None and sources and isinstance(sources[0], ShardedImage):
         size = _size(sources[0])
     arrays: list[Any] = [None] * len(sources)
     for position, data in iter_image_bytes(sources):
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image = image.convert(mode)
+                size = size or image.size
                 if image.size != size:
                     image = image.resize(size, Image.BILINEAR)
                 arrays[position] = np.asarray(image, dtype=np.uint8)

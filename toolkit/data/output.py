@@ -201,10 +201,7 @@ class OutputFolder:
             # a run's split lock goes with its part lock (and this run holds its own)
             if lock.stem in (part, "folder") or lock.stem.startswith(SPLIT):
                 continue
-            try:
-                with locking.hold(lock, str(lock)):
-                    pass
-            except locking.FolderBusyError:
+            if locking.in_use(lock):
                 return True
         return False
 

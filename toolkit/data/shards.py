@@ -225,9 +225,9 @@ def write_shards(
     """Write `samples` (a record with a unique ``index`` and a ``file_name``, and its PNG
     bytes) into numbered shards of `fmt` in `root`, each renamed into place when complete;
     returns the records with their ``sha256`` and ``shard``. `shard_size` defaults to
-    `SHARD_SIZE`. Shards of `part` that these
-    do not replace are removed, so `root` holds exactly these samples (a dataset that is
-    made again whole, such as `dtk synthesize`'s synthetic folder, not a resumable run)."""
+    `SHARD_SIZE`. Shards of `part` that these do not replace are removed, so `root` holds
+    exactly these samples (a dataset that is made again whole, such as `dtk synthesize`'s
+    synthetic folder, not a resumable run)."""
     root.mkdir(parents=True, exist_ok=True)
     shards = ShardSequence(root, fmt, part, shard_size=shard_size or SHARD_SIZE)
     records = []

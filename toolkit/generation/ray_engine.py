@@ -150,7 +150,7 @@ def _stream(ray: Any, plan: Plan, chunks: list[np.ndarray], terminal: Any) -> li
     request = plan.request
     worker_request = _for_workers(plan)
     gpus = 1 if _uses_cuda(request.settings.device) else 0
-    workers, threads = request.workers or 1, request.threads or WORKER_CPUS
+    workers, threads = request.workers or 1, _worker_threads(request)
     items = ray.data.from_items([{"indices": c} for c in chunks],
                                 override_num_blocks=len(chunks))  # fmt: skip
     results = items.map_batches(
@@ -182,7 +182,7 @@ def _start_ray(ray: Any, request: GenerationRequest) -> bool:
     if request.ray_address is not None:
         options["address"] = request.ray_address
     else:
-        options["num_cpus"] = (request.workers or 1) * (request.threads or WORKER_CPUS) + 1
+        options["num_cpus"] = (request.workers or 1) * _worker_threads(request) + 1  # + driver
     # Ray reports its own progress and advice; dtk's bar and errors are what the user reads
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -199,6 +199,11 @@ def _start_ray(ray: Any, request: GenerationRequest) -> bool:
             "RAY_AUTH_MODE=token and its token in this environment)"
         ) from None
     return True
+
+
+def _worker_threads(request: GenerationRequest) -> int:
+    """torch's threads in each actor, and the CPUs Ray reserves for it."""
+    return request.threads or WORKER_CPUS
 
 
 def _uses_cuda(device: str) -> bool:
